@@ -1,0 +1,508 @@
+//! Configuration: plain data read by every layer, and its loading.
+//!
+//! Layers, later ones winning: compiled defaults (the `Default` impls here, mirrored key by key
+//! in `configs/default.toml`) → `--config FILE` (TOML) → `--profile NAME`
+//! (`configs/profiles/NAME.toml`, or the copy compiled into the binary) → environment variables
+//! `SHARDMQ_` + the key path with `__` between levels (`SHARDMQ_MQTT__MAX_INFLIGHT=64`).
+//! Unknown keys and bad values are errors that name the key. Only [`load`] touches the file
+//! system; everything else is plain data.
+
+pub mod values;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+pub use values::{ByteSize, Duration, Selection};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `node.*`
+    pub node: NodeConfig,
+    /// `log.*`
+    pub log: LogConfig,
+    /// `shards.*`: executors, placement, cross-shard channels.
+    pub shards: ShardsConfig,
+    /// `listener.*`
+    pub listener: ListenersConfig,
+    /// `mqtt.*`: protocol and session limits.
+    pub mqtt: MqttConfig,
+    /// `retainer.*`: retained messages.
+    pub retainer: RetainerConfig,
+}
+
+/// `node.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Node name, used in logs and (later) $SYS topics. EMQX: `node.name`.
+    pub name: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: "shardmq@127.0.0.1".into(),
+        }
+    }
+}
+
+/// `log.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or a tracing directive
+    /// list such as `info,shardmq::shard=debug`. `RUST_LOG`, when set, wins. EMQX: `log.level`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// `shards.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardsConfig {
+    /// CPU ids, one shard (glommio executor) pinned to each; "all" = every CPU this process may
+    /// run on.
+    pub cpus: Selection,
+    /// Indexes into `cpus` of the shards that bind the MQTT listeners; "all" = every shard.
+    pub mqtt: Selection,
+    /// Memory glommio registers with io_uring per shard. The broker does no DMA file I/O, so a
+    /// small value keeps locked memory low.
+    pub io_memory: ByteSize,
+    /// Batches in flight per ordered pair of shards before the sender waits.
+    pub channel_capacity: usize,
+    /// Most messages in one cross-shard batch.
+    pub batch_size: usize,
+    /// Messages waiting for one destination shard before the overload policy applies: QoS 0
+    /// dropped and counted, QoS 1/2 pause the publishing connection.
+    pub max_pending: usize,
+    /// Size of each shard's read scratch buffer.
+    pub read_buffer: ByteSize,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        ShardsConfig {
+            cpus: Selection::All,
+            mqtt: Selection::All,
+            io_memory: ByteSize(512 << 10),
+            channel_capacity: 256,
+            batch_size: 256,
+            max_pending: 65_536,
+            read_buffer: ByteSize(64 << 10),
+        }
+    }
+}
+
+/// `listener.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenersConfig {
+    /// `listener.tcp.<name>`: plain MQTT over TCP. The default has one, `external`.
+    pub tcp: BTreeMap<String, TcpListenerConfig>,
+}
+
+impl Default for ListenersConfig {
+    fn default() -> Self {
+        ListenersConfig {
+            tcp: BTreeMap::from([("external".to_string(), TcpListenerConfig::default())]),
+        }
+    }
+}
+
+/// `listener.tcp.<name>.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpListenerConfig {
+    /// Whether the listener is started.
+    pub enable: bool,
+    /// Address to listen on; port 0 picks a free port (the log shows the real one).
+    /// EMQX: `listener.tcp.external`.
+    pub bind: SocketAddr,
+    /// Listen backlog. EMQX: `listener.tcp.external.backlog`.
+    pub backlog: u32,
+    /// Connections this listener accepts per shard; further ones are closed at once and
+    /// counted. EMQX: `listener.tcp.external.max_connections` (per node there).
+    pub max_connections: usize,
+    /// TCP_NODELAY on accepted sockets. EMQX: `listener.tcp.external.nodelay`.
+    pub nodelay: bool,
+}
+
+impl Default for TcpListenerConfig {
+    fn default() -> Self {
+        TcpListenerConfig {
+            enable: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            backlog: 1024,
+            max_connections: 1_000_000,
+            nodelay: true,
+        }
+    }
+}
+
+/// `mqtt.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Largest packet accepted, checked before it is buffered. EMQX: `mqtt.max_packet_size`.
+    pub max_packet_size: ByteSize,
+    /// Longest client id accepted under 3.1.1. EMQX: `mqtt.max_clientid_len`.
+    pub max_clientid_len: usize,
+    /// Longest client id accepted under 3.1, whose spec says 23; raise it to relax the rule.
+    pub v31_max_clientid_len: usize,
+    /// A connection that sends no CONNECT within this time is closed. EMQX: `mqtt.idle_timeout`.
+    pub idle_timeout: Duration,
+    /// No packet for `keepalive_multiplier` × keepalive closes the connection.
+    pub keepalive_multiplier: f64,
+    /// Unacknowledged QoS 1/2 deliveries per session. EMQX: `zone.external.max_inflight`.
+    pub max_inflight: usize,
+    /// Inbound QoS 2 packet ids waiting for PUBREL per session; more closes the connection.
+    /// EMQX: `zone.external.max_awaiting_rel`.
+    pub max_awaiting_rel: usize,
+    /// An inbound QoS 2 packet id waiting for PUBREL longer than this is forgotten.
+    /// EMQX: `zone.external.await_rel_timeout`.
+    pub await_rel_timeout: Duration,
+    /// Unacknowledged deliveries are resent (DUP) after this; "0s" resends only on reconnect.
+    /// EMQX: `zone.external.retry_interval`.
+    pub retry_interval: Duration,
+    /// Messages queued per session while the inflight window is full or the client is offline;
+    /// the oldest is dropped (and counted) beyond it. EMQX: `zone.external.max_mqueue_len`.
+    pub max_mqueue_len: usize,
+    /// Whether QoS 0 messages are queued for offline persistent sessions.
+    /// EMQX: `zone.external.mqueue_store_qos0`.
+    pub mqueue_store_qos0: bool,
+    /// An offline persistent session is freed after this. EMQX:
+    /// `zone.external.session_expiry_interval`.
+    pub session_expiry_interval: Duration,
+    /// Bytes waiting to be written to one connection above which QoS 0 deliveries to it are
+    /// dropped and counted (a slow consumer).
+    pub max_write_buffer: ByteSize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_packet_size: ByteSize(1 << 20),
+            max_clientid_len: 65_535,
+            v31_max_clientid_len: 23,
+            idle_timeout: Duration::secs(15),
+            keepalive_multiplier: 1.5,
+            max_inflight: 32,
+            max_awaiting_rel: 100,
+            await_rel_timeout: Duration::secs(300),
+            retry_interval: Duration::secs(30),
+            max_mqueue_len: 1000,
+            mqueue_store_qos0: true,
+            session_expiry_interval: Duration::secs(7200),
+            max_write_buffer: ByteSize(4 << 20),
+        }
+    }
+}
+
+/// `retainer.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetainerConfig {
+    /// Whether retained messages are stored; when off, the retain flag is ignored.
+    pub enable: bool,
+    /// A retained message is dropped this long after it was stored; "0s" = never.
+    /// EMQX: `retainer.expiry_interval`.
+    pub expiry_interval: Duration,
+    /// Most retained messages kept (0 = unlimited); a new topic beyond it is not stored
+    /// (replacing an existing one still works). EMQX: `retainer.max_retained_messages`.
+    pub max_retained_messages: u64,
+    /// Retained messages with a larger payload are delivered but not stored.
+    /// EMQX: `retainer.max_payload_size`.
+    pub max_payload_size: ByteSize,
+}
+
+impl Default for RetainerConfig {
+    fn default() -> Self {
+        RetainerConfig {
+            enable: true,
+            expiry_interval: Duration::secs(0),
+            max_retained_messages: 0,
+            max_payload_size: ByteSize(1 << 20),
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Parsing or merging failed (unknown key, wrong type, bad value).
+    #[error("{0}")]
+    Figment(String),
+    /// A file named on the command line does not exist or cannot be read.
+    #[error("config file {0}: {1}")]
+    File(PathBuf, String),
+    /// `--profile NAME` names no file and no built-in profile.
+    #[error("unknown profile {0:?}: no {1} and no built-in profile of that name")]
+    UnknownProfile(String, PathBuf),
+    /// A value that parses but is not usable.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid {
+        /// Key path.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Where [`load`] looks.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--config FILE`.
+    pub config_file: Option<PathBuf>,
+    /// `--profile NAME`.
+    pub profile: Option<String>,
+    /// Directory of profiles; `configs/profiles` when not given.
+    pub profiles_dir: Option<PathBuf>,
+    /// Whether `SHARDMQ_*` environment variables are read.
+    pub use_env: bool,
+}
+
+/// The profiles shipped with the broker, used when `configs/profiles/NAME.toml` is not found.
+pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
+    (
+        "dev-2core",
+        include_str!("../../../configs/profiles/dev-2core.toml"),
+    ),
+    (
+        "baremetal-16core",
+        include_str!("../../../configs/profiles/baremetal-16core.toml"),
+    ),
+];
+
+/// The documented default configuration file, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../../../configs/default.toml");
+
+/// Loads, merges and validates the configuration.
+pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = &opts.config_file {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(ConfigError::File(path.clone(), e.to_string()));
+        }
+        fig = fig.merge(Toml::file(path));
+    }
+    if let Some(name) = &opts.profile {
+        let dir = opts
+            .profiles_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("configs/profiles"));
+        let path = dir.join(format!("{name}.toml"));
+        if path.is_file() {
+            fig = fig.merge(Toml::file(&path));
+        } else if let Some((_, text)) = BUILTIN_PROFILES.iter().find(|(n, _)| n == name) {
+            fig = fig.merge(Toml::string(text));
+        } else {
+            return Err(ConfigError::UnknownProfile(name.clone(), path));
+        }
+    }
+    if opts.use_env {
+        fig = fig.merge(Env::prefixed("SHARDMQ_").split("__"));
+    }
+    let cfg = from_figment(fig)?;
+    cfg.check_host()?;
+    Ok(cfg)
+}
+
+/// Parses one TOML document on top of the compiled defaults (used by tests and tools).
+pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+    from_figment(Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)))
+}
+
+fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
+    let cfg: Config = fig.extract().map_err(|e| {
+        let msgs: Vec<String> = e
+            .into_iter()
+            .map(|e| {
+                let key = e.path.join(".");
+                let source = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.source.as_ref())
+                    .map(|s| format!(" (from {s})"))
+                    .unwrap_or_default();
+                if key.is_empty() {
+                    format!("{}{source}", e.kind)
+                } else {
+                    format!("invalid value for `{key}`: {}{source}", e.kind)
+                }
+            })
+            .collect();
+        ConfigError::Figment(msgs.join("; "))
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// CPUs this process may run on.
+pub fn available_cpus() -> Vec<usize> {
+    // SAFETY: `set` is a plain bitmask that sched_getaffinity fills for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect();
+            if !cpus.is_empty() {
+                return cpus;
+            }
+        }
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..n).collect()
+}
+
+/// The most shards a broker runs (the width of the route table's shard sets).
+pub const MAX_SHARDS: usize = 128;
+
+impl Config {
+    /// CPU ids of the shards, in shard order.
+    pub fn shard_cpus(&self) -> Vec<usize> {
+        match &self.shards.cpus {
+            Selection::All => available_cpus().into_iter().take(MAX_SHARDS).collect(),
+            Selection::List(v) => v.clone(),
+        }
+    }
+
+    /// Indexes of the shards that bind MQTT listeners.
+    pub fn mqtt_shards(&self) -> Vec<usize> {
+        match &self.shards.mqtt {
+            Selection::All => (0..self.shard_cpus().len()).collect(),
+            Selection::List(v) => v.clone(),
+        }
+    }
+
+    /// Checks the values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.name.trim().is_empty() {
+            return Err(invalid("node.name", "must not be empty"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", format!("{:?} is not a log filter", self.log.level)));
+        }
+        let cpus = self.shard_cpus();
+        if cpus.is_empty() {
+            return Err(invalid("shards.cpus", "needs at least one CPU"));
+        }
+        if cpus.len() > MAX_SHARDS {
+            return Err(invalid("shards.cpus", format!("at most {MAX_SHARDS} shards")));
+        }
+        for (i, c) in cpus.iter().enumerate() {
+            if cpus[..i].contains(c) {
+                return Err(invalid("shards.cpus", format!("CPU {c} is listed twice")));
+            }
+        }
+        let mqtt = self.mqtt_shards();
+        if mqtt.is_empty() {
+            return Err(invalid("shards.mqtt", "needs at least one shard"));
+        }
+        for s in &mqtt {
+            if *s >= cpus.len() {
+                return Err(invalid(
+                    "shards.mqtt",
+                    format!("shard index {s} does not exist ({} shards)", cpus.len()),
+                ));
+            }
+        }
+        let s = &self.shards;
+        for (key, v) in [
+            ("shards.channel_capacity", s.channel_capacity),
+            ("shards.batch_size", s.batch_size),
+            ("shards.max_pending", s.max_pending),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if s.read_buffer.0 < 1024 {
+            return Err(invalid("shards.read_buffer", "must be at least 1KB"));
+        }
+        if s.io_memory.0 < 64 << 10 {
+            return Err(invalid("shards.io_memory", "must be at least 64KB"));
+        }
+        for (name, l) in &self.listener.tcp {
+            if l.backlog == 0 {
+                return Err(invalid(&format!("listener.tcp.{name}.backlog"), "must be at least 1"));
+            }
+            if l.max_connections == 0 {
+                return Err(invalid(
+                    &format!("listener.tcp.{name}.max_connections"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size.0 < 16 || m.max_packet_size.0 > 268_435_460 {
+            return Err(invalid("mqtt.max_packet_size", "must be between 16B and 256MB"));
+        }
+        if m.max_inflight == 0 || m.max_inflight > 65_535 {
+            return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
+        }
+        if m.max_clientid_len == 0 || m.max_clientid_len > 65_535 {
+            return Err(invalid("mqtt.max_clientid_len", "must be between 1 and 65535"));
+        }
+        if m.v31_max_clientid_len == 0 || m.v31_max_clientid_len > 65_535 {
+            return Err(invalid("mqtt.v31_max_clientid_len", "must be between 1 and 65535"));
+        }
+        if !(m.keepalive_multiplier.is_finite() && m.keepalive_multiplier >= 1.0) {
+            return Err(invalid("mqtt.keepalive_multiplier", "must be a number ≥ 1.0"));
+        }
+        if m.idle_timeout.enabled().is_none() {
+            return Err(invalid("mqtt.idle_timeout", "must be more than 0s"));
+        }
+        if m.max_awaiting_rel == 0 {
+            return Err(invalid("mqtt.max_awaiting_rel", "must be at least 1"));
+        }
+        if m.max_mqueue_len == 0 {
+            return Err(invalid("mqtt.max_mqueue_len", "must be at least 1"));
+        }
+        if m.max_write_buffer.0 < 1024 {
+            return Err(invalid("mqtt.max_write_buffer", "must be at least 1KB"));
+        }
+        Ok(())
+    }
+
+    /// Checks what depends on this machine: every CPU in `shards.cpus` must be available.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        let available = available_cpus();
+        for c in self.shard_cpus() {
+            if !available.contains(&c) {
+                return Err(invalid(
+                    "shards.cpus",
+                    format!("CPU {c} is not available to this process (available: {available:?})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (`shardmq --print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

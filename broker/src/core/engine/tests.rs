@@ -1,0 +1,604 @@
+//! Engine tests: a simulated cluster of shards stepped by hand on a simulated clock, so every
+//! cross-shard interleaving can be tried without threads or sockets.
+
+use super::*;
+use crate::protocol::mqtt::{decode, Connect, Publish};
+use proptest::prelude::*;
+
+struct Cluster {
+    engines: Vec<Engine>,
+    now: Timestamp,
+    /// Messages in flight between shards: (from, to) → FIFO.
+    wires: AHashMap<(usize, usize), VecDeque<ShardMsg>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    shard: usize,
+    id: ConnId,
+}
+
+fn peer() -> SocketAddr {
+    "127.0.0.1:40000".parse().unwrap()
+}
+
+fn config(shards: usize, shard: usize) -> EngineConfig {
+    let mut cfg = Config::default();
+    cfg.mqtt.retry_interval = crate::config::Duration::secs(0);
+    cfg.mqtt.max_inflight = 4;
+    cfg.mqtt.max_mqueue_len = 100;
+    EngineConfig::from_config(&cfg, shard, shards)
+}
+
+impl Cluster {
+    fn new(shards: usize) -> Self {
+        Self::with(shards, |_| {})
+    }
+
+    fn with(shards: usize, tweak: impl Fn(&mut EngineConfig)) -> Self {
+        let now = Timestamp(1_000_000);
+        let engines = (0..shards)
+            .map(|s| {
+                let mut c = config(shards, s);
+                tweak(&mut c);
+                Engine::new(c, now)
+            })
+            .collect();
+        Cluster { engines, now, wires: AHashMap::new() }
+    }
+
+    /// Moves every queued outgoing message onto its wire.
+    fn collect(&mut self) {
+        for from in 0..self.engines.len() {
+            for to in 0..self.engines.len() {
+                if from == to {
+                    continue;
+                }
+                loop {
+                    let batch = self.engines[from].take_outgoing(to);
+                    if batch.is_empty() {
+                        break;
+                    }
+                    self.wires.entry((from, to)).or_default().extend(batch);
+                }
+            }
+        }
+    }
+
+    /// Delivers one message from the wire (from, to), if any.
+    fn deliver_one(&mut self, from: usize, to: usize) -> bool {
+        self.collect();
+        let Some(msg) = self.wires.get_mut(&(from, to)).and_then(|w| w.pop_front()) else {
+            return false;
+        };
+        self.engines[to].handle_shard_msg(from, msg, self.now);
+        true
+    }
+
+    /// Runs until no message is in flight.
+    fn settle(&mut self) {
+        loop {
+            self.collect();
+            let pairs: Vec<(usize, usize)> = self.wires.iter().filter(|(_, w)| !w.is_empty()).map(|(k, _)| *k).collect();
+            if pairs.is_empty() {
+                return;
+            }
+            for (from, to) in pairs {
+                while self.deliver_one(from, to) {}
+            }
+        }
+    }
+
+    fn open(&mut self, shard: usize) -> Client {
+        let id = self.engines[shard].open_conn(peer(), self.now);
+        Client { shard, id }
+    }
+
+    fn input(&mut self, c: Client, p: Packet) {
+        self.engines[c.shard].handle_packet(c.id, p, self.now);
+    }
+
+    fn send(&mut self, c: Client, p: Packet) {
+        self.input(c, p);
+        self.settle();
+    }
+
+    fn connect_with(&mut self, shard: usize, client_id: &str, clean: bool, level: ProtocolLevel, will: Option<LastWill>) -> (Client, Vec<Packet>) {
+        let c = self.open(shard);
+        self.send(
+            c,
+            Packet::Connect(Box::new(Connect {
+                level,
+                client_id: client_id.into(),
+                clean_session: clean,
+                keep_alive: 10,
+                will,
+                username: None,
+                password: None,
+            })),
+        );
+        let out = self.recv(c);
+        (c, out)
+    }
+
+    fn connect(&mut self, shard: usize, client_id: &str, clean: bool) -> Client {
+        let (c, out) = self.connect_with(shard, client_id, clean, ProtocolLevel::V311, None);
+        assert!(matches!(out.first(), Some(Packet::Connack(Connack { code: ConnectReturnCode::Accepted, .. }))), "{client_id}: {out:?}");
+        c
+    }
+
+    fn recv(&mut self, c: Client) -> Vec<Packet> {
+        let opts = self.engines[c.shard].decode_options(c.id);
+        let Some(out) = self.engines[c.shard].conn_outbox(c.id) else {
+            return Vec::new();
+        };
+        let mut v = Vec::new();
+        while let Some(p) = decode(out, &opts).expect("engine wrote an invalid packet") {
+            v.push(p);
+        }
+        v
+    }
+
+    fn closing(&self, c: Client) -> bool {
+        self.engines[c.shard].conn_status(c.id).is_none_or(|s| s.close)
+    }
+
+    fn drop_conn(&mut self, c: Client) {
+        self.engines[c.shard].conn_closed(c.id, self.now);
+        self.settle();
+    }
+
+    fn subscribe(&mut self, c: Client, filters: &[(&str, QoS)]) -> Vec<SubackCode> {
+        self.send(c, Packet::Subscribe(Subscribe { packet_id: 1, filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect() }));
+        let out = self.recv(c);
+        let suback = out.iter().find_map(|p| match p {
+            Packet::Suback(s) => Some(s.codes.clone()),
+            _ => None,
+        });
+        suback.expect("no SUBACK")
+    }
+
+    fn publish(&mut self, c: Client, topic: &str, payload: &str, qos: QoS, retain: bool, pid: u16) {
+        self.send(c, Packet::Publish(Publish { dup: false, qos, retain, topic: topic.into(), packet_id: pid, payload: Bytes::copy_from_slice(payload.as_bytes()) }));
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now = self.now.after(d);
+        for e in &mut self.engines {
+            e.handle_timeout(self.now);
+        }
+        self.settle();
+    }
+}
+
+fn publishes(packets: &[Packet]) -> Vec<(String, String, QoS, bool)> {
+    packets
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some((p.topic.to_string(), String::from_utf8_lossy(&p.payload).into_owned(), p.qos, p.retain)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ack_all(cl: &mut Cluster, c: Client, packets: &[Packet]) {
+    for p in packets {
+        if let Packet::Publish(p) = p {
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => cl.input(c, Packet::Puback(p.packet_id)),
+                QoS::ExactlyOnce => cl.input(c, Packet::Pubrec(p.packet_id)),
+            }
+        }
+        if let Packet::Pubrel(id) = p {
+            cl.input(c, Packet::Pubcomp(*id));
+        }
+    }
+    cl.settle();
+}
+
+#[test]
+fn qos_downgrade_table() {
+    // Delivered QoS = min(publish QoS, subscription QoS), every combination.
+    let mut cl = Cluster::new(1);
+    let p = cl.connect(0, "pub", true);
+    let qs = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    let subs: Vec<Client> = qs
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let c = cl.connect(0, &format!("sub{i}"), true);
+            assert_eq!(cl.subscribe(c, &[("t", *q)]), vec![SubackCode::Granted(*q)]);
+            c
+        })
+        .collect();
+    for (pid, pq) in qs.iter().enumerate() {
+        cl.publish(p, "t", "x", *pq, false, pid as u16 + 1);
+        let acks = cl.recv(p);
+        match pq {
+            QoS::AtMostOnce => assert!(acks.is_empty()),
+            QoS::AtLeastOnce => assert_eq!(acks, vec![Packet::Puback(2)]),
+            QoS::ExactlyOnce => assert_eq!(acks, vec![Packet::Pubrec(3)]),
+        }
+        for (s, sq) in subs.iter().zip(qs) {
+            let got = cl.recv(*s);
+            assert_eq!(publishes(&got), vec![("t".into(), "x".into(), (*pq).min(sq), false)], "pub {pq:?} sub {sq:?}");
+            ack_all(&mut cl, *s, &got);
+        }
+    }
+}
+
+#[test]
+fn qos2_inbound_is_routed_once() {
+    let mut cl = Cluster::new(1);
+    let p = cl.connect(0, "pub", true);
+    let s = cl.connect(0, "sub", true);
+    cl.subscribe(s, &[("t", QoS::ExactlyOnce)]);
+    cl.publish(p, "t", "once", QoS::ExactlyOnce, false, 9);
+    cl.send(p, Packet::Publish(Publish { dup: true, qos: QoS::ExactlyOnce, retain: false, topic: "t".into(), packet_id: 9, payload: Bytes::from_static(b"once") }));
+    assert_eq!(cl.recv(p), vec![Packet::Pubrec(9), Packet::Pubrec(9)]);
+    cl.send(p, Packet::Pubrel(9));
+    assert_eq!(cl.recv(p), vec![Packet::Pubcomp(9)]);
+    let got = cl.recv(s);
+    assert_eq!(publishes(&got).len(), 1);
+    // Outbound QoS 2: PUBREC → PUBREL → PUBCOMP.
+    let Packet::Publish(pp) = &got[0] else { panic!() };
+    cl.send(s, Packet::Pubrec(pp.packet_id));
+    assert_eq!(cl.recv(s), vec![Packet::Pubrel(pp.packet_id)]);
+    cl.send(s, Packet::Pubcomp(pp.packet_id));
+    assert!(cl.recv(s).is_empty());
+}
+
+#[test]
+fn overlapping_subscriptions_get_one_copy_at_highest_qos() {
+    let mut cl = Cluster::new(1);
+    let s = cl.connect(0, "sub", true);
+    cl.subscribe(s, &[("a/+", QoS::AtMostOnce), ("a/#", QoS::ExactlyOnce), ("a/b", QoS::AtLeastOnce)]);
+    let p = cl.connect(0, "pub", true);
+    cl.publish(p, "a/b", "x", QoS::ExactlyOnce, false, 1);
+    assert_eq!(publishes(&cl.recv(s)), vec![("a/b".into(), "x".into(), QoS::ExactlyOnce, false)]);
+}
+
+#[test]
+fn suback_waits_for_every_shard_and_cross_shard_delivery_works() {
+    let mut cl = Cluster::new(3);
+    let s = cl.connect(0, "sub", true);
+    cl.input(s, Packet::Subscribe(Subscribe { packet_id: 5, filters: vec![("x/#".into(), QoS::AtLeastOnce)] }));
+    assert!(cl.recv(s).is_empty(), "SUBACK before the route reached the other shards");
+    // Shard 1 applies and acks; shard 2 not yet.
+    assert!(cl.deliver_one(0, 1));
+    assert!(cl.deliver_one(1, 0));
+    assert!(cl.recv(s).is_empty());
+    assert!(cl.deliver_one(0, 2));
+    assert!(cl.deliver_one(2, 0));
+    assert_eq!(cl.recv(s), vec![Packet::Suback(Suback { packet_id: 5, codes: vec![SubackCode::Granted(QoS::AtLeastOnce)] })]);
+    // A publish on any shard after SUBACK reaches the subscriber.
+    for shard in 0..3 {
+        let p = cl.connect(shard, &format!("pub{shard}"), true);
+        cl.publish(p, "x/y", &shard.to_string(), QoS::AtLeastOnce, false, 1);
+        let got = cl.recv(s);
+        assert_eq!(publishes(&got), vec![("x/y".into(), shard.to_string(), QoS::AtLeastOnce, false)]);
+        ack_all(&mut cl, s, &got);
+    }
+    // Unsubscribe removes the route everywhere.
+    cl.send(s, Packet::Unsubscribe(Unsubscribe { packet_id: 6, filters: vec!["x/#".into()] }));
+    assert_eq!(cl.recv(s), vec![Packet::Unsuback(6)]);
+    for e in &cl.engines {
+        assert!(e.routes.is_empty() && e.local.is_empty());
+    }
+}
+
+#[test]
+fn shared_subscriptions_are_refused() {
+    let mut cl = Cluster::new(1);
+    let s = cl.connect(0, "sub", true);
+    assert_eq!(cl.subscribe(s, &[("$share/g/t", QoS::AtLeastOnce), ("t", QoS::AtMostOnce)]), vec![SubackCode::Failure, SubackCode::Granted(QoS::AtMostOnce)]);
+    let (c31, _) = cl.connect_with(0, "old", true, ProtocolLevel::V31, None);
+    cl.send(c31, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("$queue/t".into(), QoS::AtMostOnce)] }));
+    assert!(cl.closing(c31), "3.1 has no SUBACK failure: the connection closes");
+}
+
+#[test]
+fn sys_topics_are_not_matched_by_wildcards() {
+    let mut cl = Cluster::new(2);
+    let all = cl.connect(0, "all", true);
+    cl.subscribe(all, &[("#", QoS::AtMostOnce), ("+/x", QoS::AtMostOnce)]);
+    let sys = cl.connect(1, "sys", true);
+    cl.subscribe(sys, &[("$SYS/#", QoS::AtMostOnce)]);
+    let p = cl.connect(1, "p", true);
+    cl.publish(p, "$SYS/x", "s", QoS::AtMostOnce, false, 0);
+    assert!(publishes(&cl.recv(all)).is_empty());
+    assert_eq!(publishes(&cl.recv(sys)).len(), 1);
+}
+
+#[test]
+fn retained_set_replace_clear_and_wildcards_across_shards() {
+    let mut cl = Cluster::new(3);
+    let p = cl.connect(1, "p", true);
+    for (i, t) in ["r/a", "r/b", "r/c/d", "q"].iter().enumerate() {
+        cl.publish(p, t, &format!("v{i}"), QoS::AtLeastOnce, true, i as u16 + 1);
+    }
+    cl.publish(p, "r/a", "v9", QoS::AtMostOnce, true, 0);
+    cl.publish(p, "r/b", "", QoS::AtMostOnce, true, 0);
+    let total: u64 = cl.engines.iter().map(|e| e.retained_count()).sum();
+    assert_eq!(total, 3);
+    let s = cl.connect(2, "s", true);
+    cl.send(s, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("r/#".into(), QoS::ExactlyOnce)] }));
+    let mut got = publishes(&cl.recv(s));
+    got.sort();
+    assert_eq!(got, vec![("r/a".into(), "v9".into(), QoS::AtMostOnce, true), ("r/c/d".into(), "v2".into(), QoS::AtLeastOnce, true)]);
+    let s2 = cl.connect(0, "s2", true);
+    cl.send(s2, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("q".into(), QoS::AtMostOnce)] }));
+    assert_eq!(publishes(&cl.recv(s2)), vec![("q".into(), "v3".into(), QoS::AtMostOnce, true)]);
+    // Live deliveries to existing subscribers carry retain = 0.
+    cl.publish(p, "q", "live", QoS::AtMostOnce, true, 0);
+    assert_eq!(publishes(&cl.recv(s2)), vec![("q".into(), "live".into(), QoS::AtMostOnce, false)]);
+}
+
+fn will(topic: &str) -> Option<LastWill> {
+    Some(LastWill { topic: topic.into(), payload: Bytes::from_static(b"gone"), qos: QoS::AtLeastOnce, retain: false })
+}
+
+#[test]
+fn will_on_abnormal_close_not_on_disconnect() {
+    let mut cl = Cluster::new(2);
+    let w = cl.connect(1, "watcher", true);
+    cl.subscribe(w, &[("will/#", QoS::AtLeastOnce)]);
+    let (a, _) = cl.connect_with(0, "a", true, ProtocolLevel::V311, will("will/a"));
+    cl.drop_conn(a);
+    assert_eq!(publishes(&cl.recv(w)).len(), 1, "socket closed without DISCONNECT: will");
+    let (b, _) = cl.connect_with(0, "b", true, ProtocolLevel::V311, will("will/b"));
+    cl.send(b, Packet::Disconnect);
+    assert!(cl.closing(b));
+    cl.drop_conn(b);
+    let got = cl.recv(w);
+    ack_all(&mut cl, w, &got);
+    assert!(publishes(&got).iter().all(|(t, ..)| t != "will/b"), "DISCONNECT discards the will");
+    let (c, _) = cl.connect_with(0, "c", true, ProtocolLevel::V311, will("will/c"));
+    cl.send(c, Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::Accepted }));
+    assert!(cl.closing(c));
+    assert_eq!(publishes(&cl.recv(w)).iter().filter(|(t, ..)| t == "will/c").count(), 1, "protocol violation: will");
+    let (d, _) = cl.connect_with(0, "d", true, ProtocolLevel::V311, will("will/d"));
+    let _ = cl.connect(1, "d", true);
+    assert!(cl.closing(d));
+    assert_eq!(publishes(&cl.recv(w)).iter().filter(|(t, ..)| t == "will/d").count(), 1, "takeover: will");
+}
+
+#[test]
+fn connect_timeout_and_keepalive_expire() {
+    let mut cl = Cluster::new(1);
+    let idle = cl.open(0);
+    let c = cl.connect(0, "ka", true);
+    cl.advance(Duration::from_secs(10));
+    cl.send(c, Packet::Pingreq);
+    assert_eq!(cl.recv(c), vec![Packet::Pingresp]);
+    cl.engines[0].conn_timeout(idle.id, cl.now);
+    assert!(!cl.closing(idle), "15s idle_timeout not reached");
+    cl.advance(Duration::from_secs(5));
+    cl.engines[0].conn_timeout(idle.id, cl.now);
+    assert!(cl.closing(idle));
+    assert_eq!(cl.engines[0].metrics.connect_timeouts, 1);
+    // PINGREQ came at +10s: the deadline is +25s.
+    cl.advance(Duration::from_millis(9_999));
+    cl.engines[0].conn_timeout(c.id, cl.now);
+    assert!(!cl.closing(c), "PINGREQ reset the keepalive");
+    cl.advance(Duration::from_millis(1));
+    cl.engines[0].conn_timeout(c.id, cl.now);
+    assert!(cl.closing(c));
+    assert_eq!(cl.engines[0].metrics.keepalive_timeouts, 1);
+}
+
+#[test]
+fn client_id_rules() {
+    let mut cl = Cluster::new(1);
+    let (_, out) = cl.connect_with(0, "", true, ProtocolLevel::V311, None);
+    assert!(matches!(out[0], Packet::Connack(Connack { code: ConnectReturnCode::Accepted, .. })));
+    let (c, out) = cl.connect_with(0, "", false, ProtocolLevel::V311, None);
+    assert_eq!(out, vec![Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::IdentifierRejected })]);
+    assert!(cl.closing(c));
+    let (_, out) = cl.connect_with(0, "", true, ProtocolLevel::V31, None);
+    assert_eq!(out, vec![Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::IdentifierRejected })]);
+    let (_, out) = cl.connect_with(0, "a23456789012345678901234", true, ProtocolLevel::V31, None);
+    assert_eq!(out, vec![Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::IdentifierRejected })]);
+    let (_, out) = cl.connect_with(0, "a2345678901234567890123", false, ProtocolLevel::V31, None);
+    assert!(matches!(out[0], Packet::Connack(Connack { code: ConnectReturnCode::Accepted, session_present: false })));
+    let (_, out) = cl.connect_with(0, "a2345678901234567890123", false, ProtocolLevel::V31, None);
+    assert!(matches!(out[0], Packet::Connack(Connack { code: ConnectReturnCode::Accepted, session_present: false })), "3.1 has no session-present bit");
+}
+
+#[test]
+fn persistent_session_queues_offline_and_resends_on_reconnect() {
+    let mut cl = Cluster::new(2);
+    let s = cl.connect(0, "dev", false);
+    cl.subscribe(s, &[("d/#", QoS::ExactlyOnce)]);
+    let p = cl.connect(1, "p", true);
+    cl.publish(p, "d/1", "inflight", QoS::AtLeastOnce, false, 1);
+    let got = cl.recv(s);
+    assert_eq!(publishes(&got).len(), 1); // not acknowledged
+    cl.drop_conn(s);
+    for i in 0..3 {
+        cl.publish(p, "d/1", &format!("q{i}"), QoS::from_u8(i as u8).unwrap(), false, 10 + i);
+    }
+    let s2 = cl.open(1);
+    cl.send(s2, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "dev".into(), clean_session: false, keep_alive: 0, will: None, username: None, password: None })));
+    let out = cl.recv(s2);
+    assert_eq!(out[0], Packet::Connack(Connack { session_present: true, code: ConnectReturnCode::Accepted }));
+    let Packet::Publish(first) = &out[1] else { panic!("{out:?}") };
+    assert!(first.dup && &first.payload[..] == b"inflight");
+    let rest: Vec<String> = publishes(&out[2..]).into_iter().map(|p| p.1).collect();
+    assert_eq!(rest, vec!["q0", "q1", "q2"]);
+    // The subscriptions moved with the session.
+    ack_all(&mut cl, s2, &out);
+    cl.publish(p, "d/2", "after", QoS::AtLeastOnce, false, 20);
+    assert_eq!(publishes(&cl.recv(s2)).len(), 1);
+    assert!(cl.engines[0].local.is_empty() && cl.engines[0].forwarders.is_empty(), "old holder cleaned up");
+    // A clean reconnect discards it.
+    let s3 = cl.open(0);
+    cl.send(s3, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "dev".into(), clean_session: true, keep_alive: 0, will: None, username: None, password: None })));
+    assert_eq!(cl.recv(s3)[0], Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::Accepted }));
+    assert!(cl.closing(s2));
+    cl.publish(p, "d/3", "gone", QoS::AtLeastOnce, false, 21);
+    assert!(publishes(&cl.recv(s3)).is_empty());
+}
+
+#[test]
+fn offline_sessions_expire() {
+    let mut cl = Cluster::with(1, |c| c.session_expiry = Some(Duration::from_secs(60)));
+    let s = cl.connect(0, "dev", false);
+    cl.subscribe(s, &[("t", QoS::AtLeastOnce)]);
+    cl.drop_conn(s);
+    assert_eq!(cl.engines[0].session_count(), 1);
+    cl.advance(Duration::from_secs(59));
+    assert_eq!(cl.engines[0].session_count(), 1);
+    cl.advance(Duration::from_secs(1));
+    assert_eq!(cl.engines[0].session_count(), 0);
+    assert_eq!(cl.engines[0].metrics.sessions_expired, 1);
+    assert!(cl.engines[0].registry.is_empty());
+    assert!(cl.engines[0].local.is_empty());
+}
+
+#[test]
+fn clean_sessions_leave_nothing_behind() {
+    let mut cl = Cluster::new(3);
+    for i in 0..20 {
+        let c = cl.connect(i % 3, &format!("c{i}"), true);
+        cl.subscribe(c, &[("a/#", QoS::AtLeastOnce), (&format!("own/{i}"), QoS::AtMostOnce)]);
+        cl.drop_conn(c);
+    }
+    for e in &cl.engines {
+        assert_eq!(e.session_count(), 0);
+        assert!(e.registry.is_empty() && e.local.is_empty() && e.routes.is_empty() && e.sessions.is_empty() && e.conns.is_empty());
+    }
+}
+
+#[test]
+fn concurrent_connects_with_one_client_id_leave_one_winner() {
+    let mut cl = Cluster::new(3);
+    let clients: Vec<Client> = (0..3).map(|s| cl.open(s)).collect();
+    for c in &clients {
+        cl.input(*c, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "same".into(), clean_session: false, keep_alive: 0, will: None, username: None, password: None })));
+    }
+    cl.settle();
+    let alive: Vec<_> = clients.iter().filter(|c| !cl.closing(**c)).collect();
+    assert_eq!(alive.len(), 1);
+    let total: usize = cl.engines.iter().map(|e| e.session_count()).sum();
+    assert_eq!(total, 1);
+}
+
+#[test]
+fn retry_interval_resends_on_simulated_clock() {
+    let mut cl = Cluster::with(1, |c| c.limits.retry_interval = Some(Duration::from_secs(5)));
+    let s = cl.connect(0, "s", true);
+    cl.subscribe(s, &[("t", QoS::AtLeastOnce)]);
+    let p = cl.connect(0, "p", true);
+    cl.publish(p, "t", "x", QoS::AtLeastOnce, false, 1);
+    let Packet::Publish(first) = cl.recv(s).remove(0) else { panic!() };
+    cl.advance(Duration::from_millis(4_999));
+    assert!(cl.recv(s).is_empty());
+    cl.advance(Duration::from_millis(1));
+    let Packet::Publish(again) = cl.recv(s).remove(0) else { panic!() };
+    assert!(again.dup && again.packet_id == first.packet_id);
+    cl.send(s, Packet::Puback(first.packet_id));
+    cl.advance(Duration::from_secs(10));
+    assert!(cl.recv(s).is_empty());
+}
+
+#[test]
+fn cross_shard_overload_drops_qos0_and_pauses_qos1_publishers() {
+    let mut cl = Cluster::with(2, |c| c.max_pending = 4);
+    let s = cl.connect(1, "s", true);
+    cl.subscribe(s, &[("t", QoS::AtLeastOnce)]);
+    let p = cl.connect(0, "p", true);
+    for _ in 0..6 {
+        cl.input(p, Packet::Publish(Publish { dup: false, qos: QoS::AtMostOnce, retain: false, topic: "t".into(), packet_id: 0, payload: Bytes::new() }));
+    }
+    assert_eq!(cl.engines[0].metrics.dropped_overload, 2);
+    cl.input(p, Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: false, topic: "t".into(), packet_id: 1, payload: Bytes::new() }));
+    assert!(!cl.engines[0].conn_status(p.id).unwrap().readable, "QoS 1 publisher paused");
+    cl.settle();
+    assert!(cl.engines[0].conn_status(p.id).unwrap().readable, "resumed once the queue drained");
+    assert_eq!(publishes(&cl.recv(s)).len(), 5);
+}
+
+/// A persistent subscriber is taken over from one shard to another while publishers on every
+/// shard keep publishing, under random interleavings of the cross-shard wires: every message
+/// reaches the client (old connection or new), and the new connection never gets one twice
+/// except as a DUP resend of an unacknowledged delivery.
+fn takeover_under_load(seed_steps: Vec<(u8, u8)>, from_shard: usize, to_shard: usize) {
+    let mut cl = Cluster::new(3);
+    let old = cl.connect(from_shard, "mover", false);
+    cl.subscribe(old, &[("load/#", QoS::AtLeastOnce)]);
+    let pubs: Vec<Client> = (0..3).map(|s| cl.connect(s, &format!("pub{s}"), true)).collect();
+    let mut seen_old = Vec::new();
+    let mut n = 0u32;
+    let mut publish_some = |cl: &mut Cluster, k: usize| {
+        for _ in 0..k {
+            let c = pubs[n as usize % 3];
+            n += 1;
+            cl.input(c, Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: false, topic: "load/x".into(), packet_id: 1, payload: Bytes::from(n.to_string()) }));
+        }
+    };
+    publish_some(&mut cl, 6);
+    let newc = cl.open(to_shard);
+    cl.input(newc, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "mover".into(), clean_session: false, keep_alive: 0, will: None, username: None, password: None })));
+    for (a, b) in seed_steps {
+        let (from, to) = (a as usize % 3, b as usize % 3);
+        if from != to {
+            cl.deliver_one(from, to);
+        }
+        if a % 4 == 0 {
+            publish_some(&mut cl, 1);
+        }
+        // The old client acknowledges what it gets until it is closed.
+        if !cl.closing(old) {
+            let got = cl.recv(old);
+            ack_all(&mut cl, old, &got);
+            seen_old.extend(publishes(&got).into_iter().map(|p| p.1));
+        }
+    }
+    let total = n;
+    cl.settle();
+    if !cl.closing(old) {
+        seen_old.extend(publishes(&cl.recv(old)).into_iter().map(|p| p.1));
+    }
+    let mut seen_new: Vec<(String, bool)> = Vec::new();
+    loop {
+        let got = cl.recv(newc);
+        if got.is_empty() {
+            break;
+        }
+        for p in &got {
+            if let Packet::Publish(p) = p {
+                seen_new.push((String::from_utf8_lossy(&p.payload).into_owned(), p.dup));
+            }
+        }
+        ack_all(&mut cl, newc, &got);
+    }
+    let mut all: AHashSet<String> = seen_old.iter().cloned().collect();
+    all.extend(seen_new.iter().map(|(p, _)| p.clone()));
+    for i in 1..=total {
+        assert!(all.contains(&i.to_string()), "message {i} of {total} lost (old {seen_old:?}, new {seen_new:?})");
+    }
+    let mut fresh: Vec<&String> = seen_new.iter().filter(|(_, dup)| !dup).map(|(p, _)| p).collect();
+    let before = fresh.len();
+    fresh.sort();
+    fresh.dedup();
+    assert_eq!(before, fresh.len(), "duplicate non-DUP delivery on the new connection: {seen_new:?}");
+    for e in &cl.engines {
+        assert!(e.forwarders.is_empty(), "forwarder left behind");
+    }
+}
+
+#[test]
+fn takeover_moves_session_without_loss_in_order() {
+    takeover_under_load(vec![], 0, 1);
+    takeover_under_load((0..200u8).map(|i| (i, i.wrapping_mul(7))).collect(), 2, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn takeover_random_interleavings(steps in prop::collection::vec((any::<u8>(), any::<u8>()), 0..120), from in 0usize..3, to in 0usize..3) {
+        takeover_under_load(steps, from, to);
+    }
+}

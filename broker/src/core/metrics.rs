@@ -1,0 +1,88 @@
+//! Per-shard counters: plain integers owned by the shard, summed on request.
+
+use serde::Serialize;
+
+macro_rules! metrics {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Counters of one shard (or the sum over shards).
+        #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+        pub struct Metrics {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Metrics {
+            /// Adds `other` into `self`.
+            pub fn merge(&mut self, other: &Metrics) {
+                $(self.$name += other.$name;)*
+            }
+
+            /// (name, value) pairs, in declaration order.
+            pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+metrics! {
+    /// Connections accepted.
+    connections_accepted,
+    /// Connections refused by `max_connections`.
+    connections_refused,
+    /// Connections ended.
+    connections_closed,
+    /// CONNECTs accepted (CONNACK 0).
+    connects_accepted,
+    /// CONNECTs refused with a CONNACK error code.
+    connects_refused,
+    /// Connections closed for sending no CONNECT in time.
+    connect_timeouts,
+    /// Connections closed by keepalive.
+    keepalive_timeouts,
+    /// Connections closed because a newer one took the client id.
+    takeovers,
+    /// Packets that failed to decode (connection closed).
+    malformed_packets,
+    /// Decodable packets that broke the protocol (connection closed).
+    protocol_errors,
+    /// Packets received.
+    packets_received,
+    /// Bytes received.
+    bytes_received,
+    /// Bytes sent.
+    bytes_sent,
+    /// PUBLISH packets received from clients (and wills published).
+    messages_received,
+    /// PUBLISH packets written to clients.
+    messages_sent,
+    /// Messages that matched no subscriber anywhere.
+    messages_no_subscribers,
+    /// Deliveries dropped because a session queue was full (oldest dropped).
+    dropped_queue_full,
+    /// QoS 0 deliveries dropped for offline sessions.
+    dropped_qos0_offline,
+    /// QoS 0 deliveries dropped for slow consumers.
+    dropped_slow_consumer,
+    /// QoS 0 messages dropped by the cross-shard overload policy.
+    dropped_overload,
+    /// Deliveries dropped as duplicates while a session moved between shards.
+    dropped_duplicates,
+    /// Inbound QoS 2 ids forgotten after `await_rel_timeout`.
+    awaiting_rel_expired,
+    /// Acknowledgements for unknown packet ids (ignored).
+    unknown_acks,
+    /// Deliveries resent after `retry_interval`.
+    retries,
+    /// Wills published.
+    wills_published,
+    /// Retained messages stored or replaced.
+    retained_stored,
+    /// Retained messages not stored (partition full or payload too large).
+    retained_refused,
+    /// Persistent sessions freed by `session_expiry_interval`.
+    sessions_expired,
+    /// Times reading from a publisher paused for cross-shard back-pressure.
+    backpressure_pauses,
+    /// Accept errors (such as EMFILE) that made a listener back off.
+    accept_errors,
+}

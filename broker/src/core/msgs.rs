@@ -1,0 +1,138 @@
+//! `ShardMsg`: everything one shard tells another. Plain data that crosses threads in batches
+//! over one ordered channel per pair of shards, so messages between two shards keep their order.
+
+use super::message::{MessageId, SharedMessage};
+use super::session::Session;
+use crate::protocol::bytestr::ByteStr;
+use crate::protocol::mqtt::QoS;
+
+/// A connection on a given shard, named across shards (slab index plus generation, so a reused
+/// slot is never mistaken for the old one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    /// Shard that holds the connection or session.
+    pub shard: usize,
+    /// Slot index on that shard.
+    pub idx: u32,
+    /// Slot generation.
+    pub gen: u32,
+}
+
+/// A message between shards.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Match against the receiver's local subscriptions and deliver.
+    Deliver(SharedMessage),
+    /// The sender's first subscriber on `add` filters arrived and its last one on `remove`
+    /// filters left. Answered with [`ShardMsg::RouteAck`] once applied. An empty delta is a
+    /// barrier: its ack proves every earlier message from the receiver has arrived.
+    Route {
+        /// Sender's delta sequence number.
+        seq: u64,
+        /// Filters gained.
+        add: Vec<ByteStr>,
+        /// Filters lost.
+        remove: Vec<ByteStr>,
+    },
+    /// The receiver's route delta `seq` (and every earlier one) is applied.
+    RouteAck {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// To the owner of `client_id`: a CONNECT for it arrived at `ticket`.
+    Register {
+        /// Client id.
+        client_id: ByteStr,
+        /// The connecting connection.
+        ticket: Ticket,
+        /// Clean session flag of the new CONNECT.
+        clean: bool,
+    },
+    /// New holder → owner: the registration `epoch` is complete; the next waiting CONNECT for
+    /// this client id may proceed.
+    ConnectDone {
+        /// Client id.
+        client_id: ByteStr,
+        /// Registration epoch.
+        epoch: u64,
+    },
+    /// Owner → current holder: close the old connection and hand the session to `ticket`.
+    Takeover {
+        /// Client id.
+        client_id: ByteStr,
+        /// The connecting connection.
+        ticket: Ticket,
+        /// Registration epoch of the new holder.
+        epoch: u64,
+        /// Clean session flag of the new CONNECT.
+        clean: bool,
+    },
+    /// To the connecting shard: the session (if one is kept) and the registration epoch.
+    Handover {
+        /// Client id.
+        client_id: ByteStr,
+        /// The connecting connection.
+        ticket: Ticket,
+        /// Registration epoch.
+        epoch: u64,
+        /// The session moving, if the old one is kept.
+        session: Option<Box<Session>>,
+        /// Message ids already delivered during an earlier move still in progress.
+        dedup: Vec<MessageId>,
+        /// Whether the sender forwards deliveries that still reach it until released.
+        forwarding: bool,
+    },
+    /// Holder → owner: the session is gone (if the registration is still `epoch`).
+    Unregister {
+        /// Client id.
+        client_id: ByteStr,
+        /// Registration epoch the holder had.
+        epoch: u64,
+    },
+    /// A delivery for a session that moved: the old holder passes it on.
+    Forward {
+        /// Client id.
+        client_id: ByteStr,
+        /// The message.
+        msg: SharedMessage,
+        /// Delivery QoS computed by the forwarder.
+        qos: QoS,
+    },
+    /// New holder → old holder: every shard now routes to the new holder; remove your routes.
+    ReleaseForward {
+        /// Client id.
+        client_id: ByteStr,
+    },
+    /// Old holder → new holder: nothing more will be forwarded.
+    ForwardDone {
+        /// Client id.
+        client_id: ByteStr,
+    },
+    /// Store as the retained message of its topic (sent to the topic's owner shard).
+    RetainedSet(SharedMessage),
+    /// Retained messages matching `filter`, for a new subscription of `session`.
+    RetainedQuery {
+        /// The subscribing session.
+        session: Ticket,
+        /// Filter subscribed.
+        filter: ByteStr,
+        /// Granted QoS.
+        qos: QoS,
+    },
+    /// The answer to a [`ShardMsg::RetainedQuery`].
+    RetainedReply {
+        /// The subscribing session.
+        session: Ticket,
+        /// Granted QoS.
+        qos: QoS,
+        /// Matching messages.
+        msgs: Vec<SharedMessage>,
+    },
+}
+
+impl ShardMsg {
+    /// Whether the overload policy may drop it (only QoS 0 deliveries).
+    pub fn droppable(&self) -> bool {
+        matches!(self, ShardMsg::Deliver(m) if m.qos == QoS::AtMostOnce)
+    }
+}

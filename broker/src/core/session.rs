@@ -1,0 +1,355 @@
+//! The MQTT session: subscriptions, the outbound inflight window, the message queue and the
+//! inbound QoS 2 packet ids. Plain, serializable data with methods that take the time and an
+//! optional connection outbox; no I/O, no clock.
+//!
+//! Outbound flow: a delivery goes straight to the connection when the window has room and the
+//! queue is empty, otherwise into the queue (bounded, oldest dropped). A QoS 1/2 delivery takes a
+//! packet id and waits in the inflight window for PUBACK, or for PUBREC then (after our PUBREL)
+//! PUBCOMP. Acknowledgements free the window and pull from the queue, so messages leave in the
+//! order they arrived. On reconnect ([`Session::resume`]) the window is resent first (PUBLISH
+//! with DUP, or PUBREL), then the queue drains. With `retry_interval` set, an unacknowledged
+//! entry is resent the same way after that interval.
+//!
+//! Inbound QoS 2: a packet id is remembered from PUBLISH until PUBREL, so a resent PUBLISH is
+//! acknowledged but not routed twice (exactly once).
+
+use super::message::SharedMessage;
+use super::time::Timestamp;
+use crate::protocol::bytestr::ByteStr;
+use crate::protocol::mqtt::{self, QoS};
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// Session limits (from `mqtt.*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionLimits {
+    /// Inflight window size.
+    pub max_inflight: usize,
+    /// Queue length.
+    pub max_mqueue_len: usize,
+    /// Queue QoS 0 for offline sessions.
+    pub mqueue_store_qos0: bool,
+    /// Resend interval for unacknowledged deliveries; `None` = only on reconnect.
+    pub retry_interval: Option<Duration>,
+    /// Inbound QoS 2 ids awaiting PUBREL.
+    pub max_awaiting_rel: usize,
+    /// How long an inbound QoS 2 id may wait for PUBREL.
+    pub await_rel_timeout: Option<Duration>,
+    /// Outbox size above which QoS 0 deliveries are dropped.
+    pub max_write_buffer: usize,
+}
+
+/// Where an inflight delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+/// One delivery in the inflight window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InflightEntry {
+    /// Packet id.
+    pub packet_id: u16,
+    /// The message.
+    pub msg: SharedMessage,
+    /// QoS of this delivery (1 or 2).
+    pub qos: QoS,
+    /// Retain flag of this delivery.
+    pub retain: bool,
+    /// Where the handshake stands.
+    pub phase: Phase,
+    /// When it was last sent.
+    pub sent_at: Timestamp,
+}
+
+/// A queued delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Queued {
+    /// The message.
+    pub msg: SharedMessage,
+    /// QoS of this delivery.
+    pub qos: QoS,
+    /// Retain flag of this delivery.
+    pub retain: bool,
+}
+
+/// What happened to a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written to the connection's outbox.
+    Sent,
+    /// Queued; `dropped_oldest` when the queue was full and lost its oldest message.
+    Queued {
+        /// The queue overflowed.
+        dropped_oldest: bool,
+    },
+    /// QoS 0 for an offline session with `mqueue_store_qos0 = false`.
+    DroppedQos0Offline,
+    /// QoS 0 to a connection whose outbox is over `max_write_buffer`.
+    DroppedSlowConsumer,
+}
+
+/// An acknowledgement that matches no inflight delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownPacketId(pub u16);
+
+/// Too many inbound QoS 2 messages wait for PUBREL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwaitingRelFull;
+
+/// An MQTT session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// Client id.
+    pub client_id: ByteStr,
+    /// Clean session flag of the CONNECT that created it.
+    pub clean_session: bool,
+    /// Topic filter → granted QoS.
+    pub subscriptions: BTreeMap<String, QoS>,
+    /// Outbound deliveries waiting for acknowledgement, in send order.
+    pub inflight: VecDeque<InflightEntry>,
+    /// Deliveries waiting for window room or for the client to come back.
+    pub queue: VecDeque<Queued>,
+    /// Inbound QoS 2 packet ids waiting for PUBREL, with their arrival time.
+    pub awaiting_rel: BTreeMap<u16, Timestamp>,
+    /// Last packet id used.
+    pub last_packet_id: u16,
+    /// When the session was created.
+    pub created_at: Timestamp,
+}
+
+impl Session {
+    /// A new, empty session.
+    pub fn new(client_id: ByteStr, clean_session: bool, now: Timestamp) -> Self {
+        Session {
+            client_id,
+            clean_session,
+            subscriptions: BTreeMap::new(),
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            awaiting_rel: BTreeMap::new(),
+            last_packet_id: 0,
+            created_at: now,
+        }
+    }
+
+    /// Offers a delivery. `out` is the outbox of the attached connection, `None` when offline.
+    pub fn deliver(
+        &mut self,
+        msg: &SharedMessage,
+        qos: QoS,
+        retain: bool,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: Option<&mut BytesMut>,
+    ) -> Delivery {
+        match out {
+            None => {
+                if qos == QoS::AtMostOnce && !lim.mqueue_store_qos0 {
+                    return Delivery::DroppedQos0Offline;
+                }
+                self.enqueue(msg, qos, retain, lim)
+            }
+            Some(out) => {
+                if !self.queue.is_empty() {
+                    return self.enqueue(msg, qos, retain, lim);
+                }
+                if qos == QoS::AtMostOnce {
+                    if out.len() >= lim.max_write_buffer {
+                        return Delivery::DroppedSlowConsumer;
+                    }
+                    mqtt::encode_publish(false, qos, retain, msg.topic.as_bytes(), 0, &msg.payload, out);
+                    return Delivery::Sent;
+                }
+                if self.inflight.len() < lim.max_inflight {
+                    self.send_new(msg.clone(), qos, retain, now, out);
+                    Delivery::Sent
+                } else {
+                    self.enqueue(msg, qos, retain, lim)
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, msg: &SharedMessage, qos: QoS, retain: bool, lim: &SessionLimits) -> Delivery {
+        let dropped_oldest = self.queue.len() >= lim.max_mqueue_len;
+        if dropped_oldest {
+            self.queue.pop_front();
+        }
+        self.queue.push_back(Queued {
+            msg: msg.clone(),
+            qos,
+            retain,
+        });
+        Delivery::Queued { dropped_oldest }
+    }
+
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            self.last_packet_id = self.last_packet_id.wrapping_add(1).max(1);
+            let id = self.last_packet_id;
+            if !self.inflight.iter().any(|e| e.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    fn send_new(&mut self, msg: SharedMessage, qos: QoS, retain: bool, now: Timestamp, out: &mut BytesMut) {
+        let packet_id = self.next_packet_id();
+        mqtt::encode_publish(false, qos, retain, msg.topic.as_bytes(), packet_id, &msg.payload, out);
+        self.inflight.push_back(InflightEntry {
+            packet_id,
+            msg,
+            qos,
+            retain,
+            phase: Phase::Published,
+            sent_at: now,
+        });
+    }
+
+    /// Moves queued deliveries to the connection while the window has room. Returns how many
+    /// messages were written.
+    pub fn drain(&mut self, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> usize {
+        let mut sent = 0;
+        while let Some(front) = self.queue.front() {
+            if front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight {
+                break;
+            }
+            let Some(q) = self.queue.pop_front() else { break };
+            if q.qos == QoS::AtMostOnce {
+                mqtt::encode_publish(false, q.qos, q.retain, q.msg.topic.as_bytes(), 0, &q.msg.payload, out);
+            } else {
+                self.send_new(q.msg, q.qos, q.retain, now, out);
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    fn resend(entry: &mut InflightEntry, now: Timestamp, out: &mut BytesMut) {
+        match entry.phase {
+            Phase::Published => mqtt::encode_publish(
+                true,
+                entry.qos,
+                entry.retain,
+                entry.msg.topic.as_bytes(),
+                entry.packet_id,
+                &entry.msg.payload,
+                out,
+            ),
+            Phase::Released => mqtt::encode(&mqtt::Packet::Pubrel(entry.packet_id), out),
+        }
+        entry.sent_at = now;
+    }
+
+    /// A connection attached: resend the window (DUP / PUBREL), then drain the queue. Returns
+    /// the number of PUBLISH packets written.
+    pub fn resume(&mut self, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> usize {
+        let mut n = 0;
+        for e in self.inflight.iter_mut() {
+            Self::resend(e, now, out);
+            n += (e.phase == Phase::Published) as usize;
+        }
+        n + self.drain(now, lim, out)
+    }
+
+    /// PUBACK for a QoS 1 delivery. Frees its slot and drains the queue (count returned).
+    pub fn on_puback(&mut self, id: u16, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> Result<usize, UnknownPacketId> {
+        let pos = self
+            .inflight
+            .iter()
+            .position(|e| e.packet_id == id && e.qos == QoS::AtLeastOnce)
+            .ok_or(UnknownPacketId(id))?;
+        self.inflight.remove(pos);
+        Ok(self.drain(now, lim, out))
+    }
+
+    /// PUBREC for a QoS 2 delivery: answer PUBREL and wait for PUBCOMP.
+    pub fn on_pubrec(&mut self, id: u16, now: Timestamp, out: &mut BytesMut) -> Result<(), UnknownPacketId> {
+        let e = self
+            .inflight
+            .iter_mut()
+            .find(|e| e.packet_id == id && e.qos == QoS::ExactlyOnce)
+            .ok_or(UnknownPacketId(id))?;
+        e.phase = Phase::Released;
+        e.sent_at = now;
+        mqtt::encode(&mqtt::Packet::Pubrel(id), out);
+        Ok(())
+    }
+
+    /// PUBCOMP for a QoS 2 delivery. Frees its slot and drains the queue (count returned).
+    pub fn on_pubcomp(&mut self, id: u16, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> Result<usize, UnknownPacketId> {
+        let pos = self
+            .inflight
+            .iter()
+            .position(|e| e.packet_id == id && e.phase == Phase::Released)
+            .ok_or(UnknownPacketId(id))?;
+        self.inflight.remove(pos);
+        Ok(self.drain(now, lim, out))
+    }
+
+    /// An inbound QoS 2 PUBLISH: `Ok(true)` if it is new and must be routed, `Ok(false)` if it
+    /// is a resend of one not yet released.
+    pub fn on_inbound_qos2(&mut self, id: u16, now: Timestamp, lim: &SessionLimits) -> Result<bool, AwaitingRelFull> {
+        if self.awaiting_rel.contains_key(&id) {
+            return Ok(false);
+        }
+        if self.awaiting_rel.len() >= lim.max_awaiting_rel {
+            return Err(AwaitingRelFull);
+        }
+        self.awaiting_rel.insert(id, now);
+        Ok(true)
+    }
+
+    /// PUBREL from the client: forget the id. The caller answers PUBCOMP either way.
+    pub fn on_pubrel(&mut self, id: u16) -> bool {
+        self.awaiting_rel.remove(&id).is_some()
+    }
+
+    /// The next time [`Session::on_timeout`] has work: a retry (only when `online`) or an
+    /// inbound QoS 2 id expiring.
+    pub fn next_deadline(&self, online: bool, lim: &SessionLimits) -> Option<Timestamp> {
+        let retry = match lim.retry_interval {
+            Some(r) if online => self.inflight.iter().map(|e| e.sent_at.after(r)).min(),
+            _ => None,
+        };
+        let rel = lim
+            .await_rel_timeout
+            .and_then(|t| self.awaiting_rel.values().map(|at| at.after(t)).min());
+        match (retry, rel) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Resends what is due (when `out` is given) and forgets expired inbound QoS 2 ids.
+    /// Returns (deliveries resent, QoS 2 ids expired).
+    pub fn on_timeout(&mut self, now: Timestamp, lim: &SessionLimits, out: Option<&mut BytesMut>) -> (usize, usize) {
+        let mut resent = 0;
+        if let (Some(r), Some(out)) = (lim.retry_interval, out) {
+            for e in self.inflight.iter_mut() {
+                if e.sent_at.after(r) <= now {
+                    Self::resend(e, now, out);
+                    resent += 1;
+                }
+            }
+        }
+        let mut expired = 0;
+        if let Some(t) = lim.await_rel_timeout {
+            self.awaiting_rel.retain(|_, at| {
+                let keep = at.after(t) > now;
+                expired += (!keep) as usize;
+                keep
+            });
+        }
+        (resent, expired)
+    }
+}
+
+#[cfg(test)]
+mod tests;

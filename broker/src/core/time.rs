@@ -1,0 +1,32 @@
+//! Time as the core sees it: milliseconds since the Unix epoch, passed in by the caller.
+//!
+//! The core never reads a clock. The shard layer passes the current time into every
+//! `handle_*` call; tests pass a simulated time. Timestamps are plain integers so that session
+//! state stays serializable.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Milliseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The timestamp `d` later (saturating).
+    pub fn after(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(d.as_millis().min(u64::MAX as u128) as u64))
+    }
+
+    /// Time from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+
+    /// The current wall-clock time. Only the shard layer calls this.
+    pub fn now() -> Timestamp {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(d.as_millis() as u64)
+    }
+}
