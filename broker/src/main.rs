@@ -1,1 +1,90 @@
-fn main() {}
+//! `shardmq`: runs the broker (default), or prints the effective configuration.
+
+use clap::Parser;
+use shardmq::config::{self, LoadOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// ShardMQ, an MQTT broker on a sharded thread-per-core runtime.
+#[derive(Parser, Debug)]
+#[command(name = "shardmq", version, about)]
+struct Cli {
+    /// TOML configuration file, on top of the compiled defaults.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Per-core profile: configs/profiles/NAME.toml (or the built-in one of that name).
+    #[arg(long, short = 'p', value_name = "NAME")]
+    profile: Option<String>,
+    /// Directory of profiles.
+    #[arg(long, value_name = "DIR")]
+    profiles_dir: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match config::load(&LoadOptions {
+        config_file: cli.config,
+        profile: cli.profile,
+        profiles_dir: cli.profiles_dir,
+        use_env: true,
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shardmq: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log.level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let handle = match shardmq::shard::start(&cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("shardmq: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let flag = handle.shutdown_flag();
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shardmq: cannot install signal handlers: {e}");
+            let _ = handle.stop();
+            return ExitCode::FAILURE;
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "shutting down");
+            flag.store(true, Ordering::Release);
+        }
+        // A second signal ends the process at once.
+        if signals.forever().next().is_some() {
+            std::process::exit(130);
+        }
+    });
+    match handle.wait() {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardmq: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1362,6 +1362,7 @@ impl Engine {
         };
         self.by_client.remove(&client_id);
         self.forwarders.insert(client_id.clone(), key);
+        self.metrics.sessions_moved += 1;
         let dedup = a.dedup.map(|d| d.into_iter().collect()).unwrap_or_default();
         self.send(
             ticket.shard,

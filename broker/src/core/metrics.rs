@@ -41,6 +41,8 @@ metrics! {
     keepalive_timeouts,
     /// Connections closed because a newer one took the client id.
     takeovers,
+    /// Sessions handed over to another shard.
+    sessions_moved,
     /// Packets that failed to decode (connection closed).
     malformed_packets,
     /// Decodable packets that broke the protocol (connection closed).

@@ -1,1 +1,14 @@
 //! Layer 3: the glommio runtime.
+//!
+//! One executor per configured CPU ([`runtime`]), each owning an [`crate::core::engine::Engine`]
+//! behind an `Rc<RefCell<_>>` that only its own tasks touch: the accept loops ([`listener`]),
+//! one driver task per connection ([`connection`]), the cross-shard receive and flush tasks
+//! ([`mesh`]), a timer task and a stats task. Nothing is shared between shards except the
+//! channels, the shutdown flag and the stats snapshots.
+
+pub mod connection;
+pub mod listener;
+pub mod mesh;
+pub mod runtime;
+
+pub use runtime::{start, BrokerHandle, ShardStats, StartError};

@@ -1,0 +1,213 @@
+//! The driver task of one MQTT connection: read → decode → feed the engine → write the outbox
+//! → sleep until the next event or deadline.
+//!
+//! One hand-written future per connection does it all, so an idle connection is just that
+//! future: the socket, a timer and an empty partial-frame buffer. Reads go into the shard's
+//! shared scratch buffer; only the tail of an incomplete packet is copied into the
+//! connection's own buffer, which is freed once it empties. Writes send the whole outbox (many
+//! deliveries, one `send`) whenever it has bytes.
+
+use crate::core::engine::{ConnId, Engine};
+use crate::core::time::Timestamp;
+use crate::protocol::mqtt;
+use bytes::{Buf, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Reads handled per wake-up before yielding to the other tasks of the shard.
+const READS_PER_POLL: usize = 8;
+/// Outbox capacity kept between writes; larger buffers are freed once flushed.
+const KEEP_OUTBOX: usize = 16 * 1024;
+
+struct Driver {
+    engine: Rc<RefCell<Engine>>,
+    scratch: Rc<RefCell<Vec<u8>>>,
+    stream: TcpStream,
+    id: ConnId,
+    partial: BytesMut,
+    timer: Option<(Timestamp, Timer)>,
+}
+
+/// Why the driver stopped.
+enum End {
+    /// The engine asked to close (after flushing).
+    Closed,
+    /// The peer closed or the socket failed.
+    Transport,
+}
+
+/// Runs the connection until it ends, then closes the socket and tells the engine.
+pub async fn drive(engine: Rc<RefCell<Engine>>, scratch: Rc<RefCell<Vec<u8>>>, stream: TcpStream, id: ConnId) {
+    let mut d = Driver {
+        engine,
+        scratch,
+        stream,
+        id,
+        partial: BytesMut::new(),
+        timer: None,
+    };
+    let end = poll_fn(|cx| d.poll(cx)).await;
+    if let End::Closed = end {
+        let _ = d.stream.shutdown(Shutdown::Both).await;
+    }
+    d.engine.borrow_mut().conn_closed(d.id, Timestamp::now());
+}
+
+impl Driver {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        for _ in 0..READS_PER_POLL {
+            if let Some(end) = self.flush(cx) {
+                return Poll::Ready(end);
+            }
+            let engine = self.engine.clone();
+            let mut e = engine.borrow_mut();
+            let Some(status) = e.conn_status(self.id) else {
+                return Poll::Ready(End::Transport);
+            };
+            if status.close {
+                // flush() found bytes it could not write yet; wait for the socket.
+                e.set_conn_waker(self.id, cx.waker());
+                return Poll::Pending;
+            }
+            let now = Timestamp::now();
+            if let Some(deadline) = status.deadline {
+                if now >= deadline {
+                    e.conn_timeout(self.id, now);
+                    continue;
+                }
+            }
+            if status.readable && !self.partial.is_empty() && self.process(&mut e, None, now) {
+                continue;
+            }
+            if status.readable {
+                let mut scratch = self.scratch.borrow_mut();
+                match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Transport),
+                    Poll::Ready(Ok(n)) => {
+                        e.count_io(n, 0);
+                        drop(scratch);
+                        let scratch = self.scratch.clone();
+                        let data = scratch.borrow();
+                        self.process(&mut e, Some(&data[..n]), now);
+                        continue;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            e.set_conn_waker(self.id, cx.waker());
+            drop(e);
+            if let Some(deadline) = status.deadline {
+                if self.wait_until(cx, deadline, now) {
+                    continue;
+                }
+            } else {
+                self.timer = None;
+            }
+            return Poll::Pending;
+        }
+        // Busy connection: let the other tasks of the shard run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Arms the timer for `deadline`; true if it already fired.
+    fn wait_until(&mut self, cx: &mut Context<'_>, deadline: Timestamp, now: Timestamp) -> bool {
+        if self.timer.as_ref().is_none_or(|(d, _)| *d != deadline) {
+            let wait = deadline.since(now) + Duration::from_millis(1);
+            self.timer = Some((deadline, Timer::new(wait)));
+        }
+        let Some((_, timer)) = self.timer.as_mut() else {
+            return false;
+        };
+        if Pin::new(timer).poll(cx).is_ready() {
+            self.timer = None;
+            return true;
+        }
+        false
+    }
+
+    /// Writes as much of the outbox as the socket takes. `Some` when the connection ends.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Option<End> {
+        let mut e = self.engine.borrow_mut();
+        let Some(out) = e.conn_outbox(self.id) else {
+            return Some(End::Transport);
+        };
+        let mut sent = 0;
+        let mut failed = false;
+        while !out.is_empty() {
+            match Pin::new(&mut self.stream).poll_write(cx, &out[..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    failed = true;
+                    break;
+                }
+                Poll::Ready(Ok(n)) => {
+                    out.advance(n);
+                    sent += n;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let empty = out.is_empty();
+        if empty && out.capacity() > KEEP_OUTBOX {
+            *out = BytesMut::new();
+        }
+        e.count_io(0, sent);
+        if failed {
+            return Some(End::Transport);
+        }
+        let close = e.conn_status(self.id).is_none_or(|s| s.close);
+        (close && empty).then_some(End::Closed)
+    }
+
+    /// Decodes and handles complete packets from the partial buffer followed by `fresh`.
+    /// Returns whether any packet was handled.
+    fn process(&mut self, e: &mut Engine, fresh: Option<&[u8]>, now: Timestamp) -> bool {
+        let use_partial = !self.partial.is_empty();
+        if let (true, Some(f)) = (use_partial, fresh) {
+            self.partial.extend_from_slice(f);
+        }
+        let data: &[u8] = if use_partial {
+            &self.partial
+        } else {
+            fresh.unwrap_or(&[])
+        };
+        let mut used = 0;
+        let mut handled = false;
+        loop {
+            if !e.conn_status(self.id).is_some_and(|s| s.readable) {
+                break;
+            }
+            let opts = e.decode_options(self.id);
+            match mqtt::decode_slice(&data[used..], &opts) {
+                Ok(Some((packet, n))) => {
+                    used += n;
+                    handled = true;
+                    e.handle_packet(self.id, packet, now);
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    e.handle_decode_error(self.id, &err, now);
+                    used = data.len();
+                    break;
+                }
+            }
+        }
+        if use_partial {
+            self.partial.advance(used);
+            if self.partial.is_empty() {
+                self.partial = BytesMut::new();
+            }
+        } else if let Some(rest) = fresh.and_then(|f| f.get(used..)).filter(|r| !r.is_empty()) {
+            self.partial.extend_from_slice(rest);
+        }
+        handled
+    }
+}

@@ -1,0 +1,80 @@
+//! MQTT listeners: the socket (SO_REUSEPORT, so every MQTT shard binds the same port and the
+//! kernel spreads connections), the probe that refuses to share a port with another process,
+//! and the accept loop.
+
+use super::connection;
+use crate::config::TcpListenerConfig;
+use crate::core::engine::Engine;
+use crate::core::time::Timestamp;
+use glommio::net::TcpListener;
+use glommio::timer::sleep;
+use glommio::{spawn_local, Task};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::time::Duration;
+use tracing::warn;
+
+/// Checks, before any shard binds, that no other process listens on `addr` (glommio-style
+/// SO_REUSEPORT would otherwise silently share the port with it), and resolves port 0 to a
+/// free port. Returns the address the shards must bind.
+pub fn probe(addr: SocketAddr) -> io::Result<SocketAddr> {
+    // No SO_REUSEPORT here: the bind fails if anyone listens on the port.
+    let probe = std::net::TcpListener::bind(addr)?;
+    probe.local_addr()
+}
+
+/// Binds one shard's socket for a listener.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_port(true)?;
+    sock.set_reuse_address(true)?;
+    sock.set_cloexec(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket that we own and hand over.
+    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+}
+
+/// Accepts connections until the task is dropped.
+pub fn spawn_accept(
+    name: String,
+    listener: TcpListener,
+    cfg: TcpListenerConfig,
+    engine: Rc<RefCell<Engine>>,
+    scratch: Rc<RefCell<Vec<u8>>>,
+) -> Task<()> {
+    spawn_local(async move {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(10);
+                    let mut e = engine.borrow_mut();
+                    if e.connection_count() >= cfg.max_connections {
+                        e.metrics.connections_refused += 1;
+                        drop(stream);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(cfg.nodelay);
+                    let peer = stream
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    let id = e.open_conn(peer, Timestamp::now());
+                    drop(e);
+                    spawn_local(connection::drive(engine.clone(), scratch.clone(), stream, id)).detach();
+                }
+                Err(err) => {
+                    // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.
+                    engine.borrow_mut().metrics.accept_errors += 1;
+                    warn!(listener = %name, error = %err, retry_in = ?backoff, "accept failed");
+                    sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,375 @@
+//! Starting and stopping the shards.
+//!
+//! [`start`] checks what can fail before any thread starts (ports held by another process,
+//! memlock), creates the cross-shard channels, spawns one glommio executor per entry of
+//! `shards.cpus` pinned to that CPU, and waits until every shard reports its listeners bound.
+//! Each shard then runs its engine, connection drivers, mesh tasks and timers until the
+//! shutdown flag is raised; it closes its listeners and connections and exits.
+
+use super::listener;
+use super::mesh::{self, MeshEnds};
+use crate::config::{Config, TcpListenerConfig};
+use crate::core::engine::{Engine, EngineConfig};
+use crate::core::metrics::Metrics;
+use crate::core::time::Timestamp;
+use glommio::timer::sleep;
+use glommio::{spawn_local, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use serde::Serialize;
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::info;
+
+/// Why the broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another process listens on the port.
+    #[error("listener {name}: {addr} is already in use by another process")]
+    PortInUse {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: SocketAddr,
+    },
+    /// The address cannot be bound.
+    #[error("listener {name}: cannot bind {addr}: {error}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        error: std::io::Error,
+    },
+    /// RLIMIT_MEMLOCK is below what glommio needs.
+    #[error("RLIMIT_MEMLOCK is {have} bytes; glommio needs at least {need} bytes ({shards} shards); raise it with `ulimit -l` or LimitMEMLOCK=")]
+    Memlock {
+        /// Current soft limit.
+        have: u64,
+        /// Needed.
+        need: u64,
+        /// Shards.
+        shards: usize,
+    },
+    /// No MQTT listener is enabled.
+    #[error("no listener is enabled (listener.tcp.*.enable)")]
+    NoListener,
+    /// A shard could not start.
+    #[error("shard {shard} (CPU {cpu}) failed to start: {error}")]
+    Shard {
+        /// Shard index.
+        shard: usize,
+        /// CPU.
+        cpu: usize,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// A snapshot of one shard's counters and sizes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardStats {
+    /// Counters.
+    pub metrics: Metrics,
+    /// Open connections.
+    pub connections: usize,
+    /// Sessions held.
+    pub sessions: usize,
+    /// Filters in the local index.
+    pub local_filters: usize,
+    /// Retained messages in this shard's partition.
+    pub retained: u64,
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    listeners: Vec<(String, SocketAddr)>,
+    shutdown: Arc<AtomicBool>,
+    joins: Vec<(usize, usize, ExecutorJoinHandle<Result<(), String>>)>,
+    stats: Arc<Vec<Mutex<ShardStats>>>,
+}
+
+/// Memory glommio needs locked per executor.
+const MEMLOCK_PER_SHARD: u64 = 512 * 1024;
+/// How often each shard publishes its [`ShardStats`].
+const STATS_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a shard waits for its connections to close at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct ShardCtx {
+    shard: usize,
+    shards: usize,
+    cfg: Config,
+    mqtt: bool,
+    listeners: Vec<(String, SocketAddr, TcpListenerConfig)>,
+    ends: MeshEnds,
+    shutdown: Arc<AtomicBool>,
+    report: mpsc::Sender<Result<(), String>>,
+    stats: Arc<Vec<Mutex<ShardStats>>>,
+}
+
+fn memlock_soft_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } == 0;
+    (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+}
+
+/// Starts the broker described by `cfg` (already validated).
+pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
+    let cpus = cfg.shard_cpus();
+    let shards = cpus.len();
+    let mqtt_shards = cfg.mqtt_shards();
+    if let Some(have) = memlock_soft_limit() {
+        let need = MEMLOCK_PER_SHARD * shards as u64;
+        if have < need {
+            return Err(StartError::Memlock { have, need, shards });
+        }
+    }
+    let mut listeners = Vec::new();
+    for (name, l) in cfg.listener.tcp.iter().filter(|(_, l)| l.enable) {
+        let addr = listener::probe(l.bind).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::AddrInUse {
+                StartError::PortInUse { name: name.clone(), addr: l.bind }
+            } else {
+                StartError::Bind { name: name.clone(), addr: l.bind, error }
+            }
+        })?;
+        listeners.push((name.clone(), addr, l.clone()));
+    }
+    if listeners.is_empty() {
+        return Err(StartError::NoListener);
+    }
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new((0..shards).map(|_| Mutex::new(ShardStats::default())).collect::<Vec<_>>());
+    let mut joins = Vec::new();
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for (shard, ends) in mesh::full_mesh(shards, cfg.shards.channel_capacity).into_iter().enumerate() {
+        let cpu = cpus[shard];
+        let (tx, rx) = mpsc::channel();
+        let ctx = ShardCtx {
+            shard,
+            shards,
+            cfg: cfg.clone(),
+            mqtt: mqtt_shards.contains(&shard),
+            listeners: listeners.clone(),
+            ends,
+            shutdown: shutdown.clone(),
+            report: tx,
+            stats: stats.clone(),
+        };
+        let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard{shard}"))
+            .io_memory(cfg.shards.io_memory.as_usize())
+            .spawn(move || shard_main(ctx));
+        match spawned {
+            Ok(j) => {
+                joins.push((shard, cpu, j));
+                reports.push((shard, cpu, rx));
+            }
+            Err(e) => {
+                failure = Some(StartError::Shard { shard, cpu, error: e.to_string() });
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        for (shard, cpu, rx) in &reports {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    failure = Some(StartError::Shard { shard: *shard, cpu: *cpu, error });
+                    break;
+                }
+                Err(_) => {
+                    failure = Some(StartError::Shard { shard: *shard, cpu: *cpu, error: String::new() });
+                    break;
+                }
+            }
+        }
+    }
+    let names = listeners.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
+    let handle = BrokerHandle { listeners: names, shutdown, joins, stats };
+    if let Some(mut err) = failure {
+        let results = handle.stop_collect();
+        if let StartError::Shard { shard, error, .. } = &mut err {
+            if error.is_empty() {
+                *error = results
+                    .into_iter()
+                    .find(|(s, _)| s == shard)
+                    .map(|(_, e)| e)
+                    .unwrap_or_else(|| "the executor exited".into());
+                if error.contains("memlock") || error.contains("Cannot allocate memory") {
+                    error.push_str(" (check RLIMIT_MEMLOCK: ulimit -l)");
+                }
+            }
+        }
+        return Err(err);
+    }
+    for (name, addr) in &handle.listeners {
+        info!(listener = %name, %addr, shards = mqtt_shards.len(), "listening for MQTT over TCP");
+    }
+    info!(shards, cpus = ?cpus, node = %cfg.node.name, "broker started");
+    Ok(handle)
+}
+
+impl BrokerHandle {
+    /// (listener name, bound address) of every listener.
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// The bound address of listener `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    /// The flag that stops the broker when raised.
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    /// The latest snapshot of every shard (at most 100 ms old).
+    pub fn stats(&self) -> Vec<ShardStats> {
+        self.stats
+            .iter()
+            .map(|m| m.lock().map(|s| s.clone()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Counters summed over shards.
+    pub fn metrics(&self) -> Metrics {
+        let mut total = Metrics::default();
+        for s in self.stats() {
+            total.merge(&s.metrics);
+        }
+        total
+    }
+
+    /// Stops the broker and waits for every shard; errors name the shards that failed.
+    pub fn stop(self) -> Result<(), String> {
+        let errors: Vec<String> = self
+            .stop_collect()
+            .into_iter()
+            .map(|(shard, e)| format!("shard {shard}: {e}"))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Waits until the shutdown flag is raised (by a signal handler or another thread), then
+    /// stops.
+    pub fn wait(self) -> Result<(), String> {
+        while !self.shutdown.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop()
+    }
+
+    fn stop_collect(self) -> Vec<(usize, String)> {
+        self.shutdown.store(true, Ordering::Release);
+        let mut errors = Vec::new();
+        for (shard, _, j) in self.joins {
+            match j.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push((shard, e)),
+                Err(e) => errors.push((shard, e.to_string())),
+            }
+        }
+        errors
+    }
+}
+
+async fn wait_for_shutdown(flag: &AtomicBool) {
+    while !flag.load(Ordering::Acquire) {
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
+    let ShardCtx { shard, shards, cfg, mqtt, listeners, ends, shutdown, report, stats } = ctx;
+    let connected = futures_lite::future::or(async { Some(mesh::connect(ends).await) }, async {
+        wait_for_shutdown(&shutdown).await;
+        None
+    })
+    .await;
+    let Some(connected) = connected else {
+        return Ok(());
+    };
+    let engine = Rc::new(RefCell::new(Engine::new(EngineConfig::from_config(&cfg, shard, shards), Timestamp::now())));
+    let scratch = Rc::new(RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]));
+    let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
+    let timer_task = spawn_local({
+        let engine = engine.clone();
+        async move {
+            loop {
+                let now = Timestamp::now();
+                let next = engine.borrow().poll_timeout();
+                let wait = next.map_or(Duration::from_secs(1), |t| t.since(now).min(Duration::from_secs(1)));
+                sleep(wait.max(Duration::from_millis(1))).await;
+                engine.borrow_mut().handle_timeout(Timestamp::now());
+            }
+        }
+    });
+    let publish_stats = {
+        let engine = engine.clone();
+        let stats = stats.clone();
+        move || {
+            let e = engine.borrow();
+            if let Ok(mut s) = stats[shard].lock() {
+                *s = ShardStats {
+                    metrics: e.metrics.clone(),
+                    connections: e.connection_count(),
+                    sessions: e.session_count(),
+                    local_filters: e.local_filter_count(),
+                    retained: e.retained_count(),
+                };
+            }
+        }
+    };
+    let stats_task = spawn_local({
+        let publish_stats = publish_stats.clone();
+        async move {
+            loop {
+                sleep(STATS_INTERVAL).await;
+                publish_stats();
+            }
+        }
+    });
+    let mut accept_tasks = Vec::new();
+    if mqtt {
+        for (name, addr, lcfg) in &listeners {
+            match listener::bind(*addr, lcfg.backlog) {
+                Ok(l) => accept_tasks.push(listener::spawn_accept(name.clone(), l, lcfg.clone(), engine.clone(), scratch.clone())),
+                Err(e) => {
+                    let msg = format!("listener {name}: cannot bind {addr}: {e}");
+                    let _ = report.send(Err(msg.clone()));
+                    return Err(msg);
+                }
+            }
+        }
+    }
+    let _ = report.send(Ok(()));
+    wait_for_shutdown(&shutdown).await;
+    drop(accept_tasks);
+    engine.borrow_mut().close_all(Timestamp::now());
+    let started = Instant::now();
+    while engine.borrow().connection_count() > 0 && started.elapsed() < DRAIN_TIMEOUT {
+        sleep(Duration::from_millis(10)).await;
+    }
+    publish_stats();
+    drop(stats_task);
+    drop(timer_task);
+    drop(mesh_tasks);
+    Ok(())
+}
