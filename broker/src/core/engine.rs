@@ -390,13 +390,14 @@ impl Engine {
 
     /// How to decode this connection's input.
     pub fn decode_options(&self, id: ConnId) -> DecodeOptions {
-        let level = self
+        let (level, expect_connect) = self
             .conns
             .get(id.idx as usize)
-            .map_or(ProtocolLevel::V311, |c| c.level);
+            .map_or((ProtocolLevel::V311, false), |c| (c.level, c.phase == ConnPhase::AwaitingConnect));
         DecodeOptions {
             max_packet_size: self.cfg.max_packet_size,
             level,
+            expect_connect,
         }
     }
 

@@ -20,6 +20,9 @@ pub enum DecodeError {
     /// The remaining-length field uses more than four bytes.
     #[error("[MQTT-2.2.3] remaining length field longer than four bytes")]
     RemainingLengthTooLong,
+    /// The first packet of a connection is not CONNECT.
+    #[error("[MQTT-3.1.0-1] the first packet must be CONNECT, not packet type {0}")]
+    NotConnect(u8),
     /// The packet is larger than `mqtt.max_packet_size`; detected before buffering it.
     #[error("packet of {size} bytes exceeds the maximum packet size of {max} bytes")]
     PacketTooLarge {

@@ -145,6 +145,9 @@ pub struct DecodeOptions {
     pub max_packet_size: usize,
     /// Protocol level negotiated by CONNECT; before CONNECT, 3.1.1 rules apply.
     pub level: ProtocolLevel,
+    /// The connection has not sent CONNECT yet: any other packet type is refused from its
+    /// first byte, without waiting for the rest of it.
+    pub expect_connect: bool,
 }
 
 impl Default for DecodeOptions {
@@ -152,6 +155,7 @@ impl Default for DecodeOptions {
         DecodeOptions {
             max_packet_size: 1024 * 1024,
             level: ProtocolLevel::V311,
+            expect_connect: false,
         }
     }
 }
@@ -175,6 +179,11 @@ pub fn decode_slice(
     buf: &[u8],
     opts: &DecodeOptions,
 ) -> Result<Option<(Packet, usize)>, DecodeError> {
+    if let (true, Some(&first)) = (opts.expect_connect, buf.first()) {
+        if first >> 4 != 1 {
+            return Err(DecodeError::NotConnect(first >> 4));
+        }
+    }
     let Some(header) = fixed::FixedHeader::check(buf, opts.max_packet_size)? else {
         return Ok(None);
     };

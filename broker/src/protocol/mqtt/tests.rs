@@ -235,6 +235,13 @@ fn v31_accepts_qos1_headers_with_dup() {
 }
 
 #[test]
+fn non_connect_first_packet_refused_from_its_first_byte() {
+    let o = DecodeOptions { expect_connect: true, ..opts() };
+    assert_eq!(decode_slice(b"GET / HTTP/1.1", &o), Err(DecodeError::NotConnect(4)));
+    assert_eq!(decode_slice(&[0x10], &o), Ok(None));
+}
+
+#[test]
 fn decode_consumes_exactly_one_packet() {
     let mut buf = BytesMut::from(&[0xC0, 0x00, 0xE0, 0x00, 0x40][..]);
     assert_eq!(decode(&mut buf, &opts()).unwrap(), Some(Packet::Pingreq));
@@ -317,7 +324,7 @@ proptest! {
 
     #[test]
     fn decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512), v31 in any::<bool>(), max in 2usize..600) {
-        let o = DecodeOptions { max_packet_size: max, level: if v31 { ProtocolLevel::V31 } else { ProtocolLevel::V311 } };
+        let o = DecodeOptions { max_packet_size: max, level: if v31 { ProtocolLevel::V31 } else { ProtocolLevel::V311 }, expect_connect: max % 2 == 0 };
         let mut buf = BytesMut::from(&bytes[..]);
         // Keep decoding until the input is exhausted, an error occurs or more bytes are needed.
         while let Ok(Some(_)) = decode(&mut buf, &o) {}

@@ -1,0 +1,162 @@
+//! The `shardmq` binary: configuration printing and errors, start failures with one clear line,
+//! the logged listen address, and graceful shutdown on SIGTERM/SIGINT.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shardmq"));
+    c.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHARDMQ_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn print_config_shows_the_effective_configuration() {
+    let out = bin()
+        .args(["--print-config"])
+        .env("SHARDMQ_MQTT__MAX_INFLIGHT", "77")
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:11883")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let parsed = shardmq::config::from_toml_str(&text).expect("printed config parses back");
+    assert_eq!(parsed.mqtt.max_inflight, 77);
+    assert_eq!(parsed.listener.tcp["external"].bind.to_string(), "127.0.0.1:11883");
+}
+
+#[test]
+fn bad_configuration_exits_with_one_line_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("shardmq-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[mqtt]\nretry_interval = \"soon\"\n").unwrap();
+    let out = bin().arg("--config").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("mqtt.retry_interval"), "{err}");
+
+    let out = bin().env("SHARDMQ_MQTT__NOPE", "1").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+
+    let out = bin().args(["--profile", "no-such-profile"]).output().unwrap();
+    assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn shipped_profile_loads_by_name() {
+    let out = bin().args(["--profile", "dev-2core", "--print-config"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = shardmq::config::from_toml_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(cfg.shards.channel_capacity, 64);
+}
+
+fn spawn_broker(bind: &str) -> Child {
+    bin()
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", bind)
+        .env("SHARDMQ_LOG__LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the log until the listen line and returns the address it names.
+fn listen_addr(child: &mut Child) -> (std::net::SocketAddr, BufReader<std::process::ChildStderr>) {
+    let mut r = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "broker exited before listening");
+        if line.contains("listening for MQTT") {
+            let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+            return (addr.parse().unwrap(), r);
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > within {
+            let _ = child.kill();
+            panic!("broker did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn port_zero_logs_the_real_port_and_sigterm_stops_within_5s() {
+    let mut child = spawn_broker("127.0.0.1:0");
+    let (addr, _log) = listen_addr(&mut child);
+    assert_ne!(addr.port(), 0);
+    let mut c = common::Raw::ok(addr, "cli-client");
+    c.ping();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    assert!(c.expect_closed().is_empty(), "connections closed at shutdown");
+}
+
+#[test]
+fn sigint_stops_gracefully() {
+    let mut child = spawn_broker("127.0.0.1:0");
+    let (_addr, _log) = listen_addr(&mut child);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}
+
+#[test]
+fn a_port_held_by_another_process_fails_the_start() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let out = bin().env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", format!("127.0.0.1:{port}")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("already in use"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_port_held_by_a_reuseport_listener_is_refused_too() {
+    // Another broker (glommio style) listening with SO_REUSEPORT must not be silently shared.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_reuse_port(true).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.listen(16).unwrap();
+    let port = sock.local_addr().unwrap().as_socket().unwrap().port();
+    let out = bin().env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", format!("127.0.0.1:{port}")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
+}
+
+#[test]
+fn too_little_memlock_fails_with_a_clear_line() {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -l 64 && exec {}", env!("CARGO_BIN_EXE_shardmq")))
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("RLIMIT_MEMLOCK"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -1,0 +1,338 @@
+//! End-to-end MQTT behaviour against a real broker on free ports: raw bytes for the exact
+//! protocol, rumqttc as an independent client.
+
+mod common;
+
+use common::*;
+use shardmq::protocol::mqtt::{Connack, ConnectReturnCode, Packet, ProtocolLevel, QoS, SubackCode};
+use std::time::{Duration, Instant};
+
+#[test]
+fn qos_0_1_2_both_ways_and_downgrade_table() {
+    let b = Broker::with_shards(2);
+    let qs = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    let mut subs: Vec<Raw> = qs
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let mut s = Raw::ok(b.addr, &format!("sub{i}"));
+            let (ack, _) = s.subscribe(&[("dg/t", *q)]);
+            assert_eq!(ack.codes, vec![SubackCode::Granted(*q)]);
+            s
+        })
+        .collect();
+    let mut p = Raw::ok(b.addr, "pub");
+    for (i, pq) in qs.iter().enumerate() {
+        let pid = 100 + i as u16;
+        p.publish("dg/t", format!("m{i}").as_bytes(), *pq, false, pid);
+        match pq {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => assert_eq!(p.recv(), Some(Packet::Puback(pid))),
+            QoS::ExactlyOnce => {
+                assert_eq!(p.recv(), Some(Packet::Pubrec(pid)));
+                p.send(&Packet::Pubrel(pid));
+                assert_eq!(p.recv(), Some(Packet::Pubcomp(pid)));
+            }
+        }
+        for (s, sq) in subs.iter_mut().zip(qs) {
+            let got = s.next_publish();
+            assert_eq!(got.qos, (*pq).min(sq), "publish {pq:?} to subscription {sq:?}");
+            assert_eq!(&got.payload[..], format!("m{i}").as_bytes());
+            assert!(!got.retain);
+            if got.qos == QoS::ExactlyOnce {
+                assert_eq!(s.recv(), Some(Packet::Pubrel(got.packet_id)));
+                s.send(&Packet::Pubcomp(got.packet_id));
+            }
+        }
+    }
+    for s in &mut subs {
+        s.ping();
+    }
+}
+
+#[test]
+fn retained_set_replace_clear_and_wildcard_delivery() {
+    let b = Broker::with_shards(2);
+    let mut p = Raw::ok(b.addr, "pub");
+    p.publish("ret/a", b"one", QoS::AtLeastOnce, true, 1);
+    assert_eq!(p.recv(), Some(Packet::Puback(1)));
+    p.publish("ret/a", b"two", QoS::AtLeastOnce, true, 2);
+    assert_eq!(p.recv(), Some(Packet::Puback(2)));
+    p.publish("ret/b/c", b"three", QoS::AtMostOnce, true, 0);
+    p.publish("ret/d", b"four", QoS::AtMostOnce, true, 0);
+    p.publish("ret/d", b"", QoS::AtMostOnce, true, 0); // clears ret/d
+    p.ping();
+    b.wait_metrics("3 retained stores", |m| m.retained_stored >= 4);
+
+    let mut exact = Raw::ok(b.addr, "exact");
+    let (_, early) = exact.subscribe(&[("ret/a", QoS::ExactlyOnce)]);
+    let got = if let Some(Packet::Publish(p)) = early.into_iter().next() { p } else { exact.next_publish() };
+    assert_eq!((&got.payload[..], got.retain, got.qos), (&b"two"[..], true, QoS::AtLeastOnce));
+
+    let mut wild = Raw::ok(b.addr, "wild");
+    let (_, early) = wild.subscribe(&[("ret/#", QoS::AtMostOnce)]);
+    let mut payloads: Vec<Vec<u8>> = early
+        .into_iter()
+        .filter_map(|p| if let Packet::Publish(p) = p { Some(p.payload.to_vec()) } else { None })
+        .collect();
+    while payloads.len() < 2 {
+        let p = wild.next_publish();
+        assert!(p.retain);
+        payloads.push(p.payload.to_vec());
+    }
+    payloads.sort();
+    assert_eq!(payloads, vec![b"three".to_vec(), b"two".to_vec()]);
+    wild.expect_silence(Duration::from_millis(300));
+    // A live message to an existing subscriber carries retain = 0.
+    p.publish("ret/a", b"live", QoS::AtMostOnce, true, 0);
+    let live = wild.next_publish();
+    assert!(!live.retain && &live.payload[..] == b"live");
+}
+
+#[test]
+fn will_published_on_abnormal_close_not_on_disconnect() {
+    let b = Broker::with_shards(2);
+    let mut watcher = Raw::ok(b.addr, "watcher");
+    watcher.subscribe(&[("wills/#", QoS::AtLeastOnce)]);
+
+    let (c, a) = Raw::connect_full(b.addr, connect_packet("dies", true, ProtocolLevel::V311, 60, Some(will("wills/dies", "bye", QoS::AtLeastOnce, false))));
+    assert_eq!(a.code, ConnectReturnCode::Accepted);
+    drop(c); // socket closed without DISCONNECT
+    let w = watcher.next_publish();
+    assert_eq!((w.topic.as_str(), &w.payload[..], w.qos), ("wills/dies", &b"bye"[..], QoS::AtLeastOnce));
+
+    let (mut c, _) = Raw::connect_full(b.addr, connect_packet("polite", true, ProtocolLevel::V311, 60, Some(will("wills/polite", "bye", QoS::AtMostOnce, false))));
+    c.send(&Packet::Disconnect);
+    c.expect_closed();
+    watcher.expect_silence(Duration::from_millis(500));
+
+    // A protocol violation also publishes the will, with its retain flag.
+    let (mut c, _) = Raw::connect_full(b.addr, connect_packet("rude", true, ProtocolLevel::V311, 60, Some(will("wills/rude", "x", QoS::AtMostOnce, true))));
+    c.send_raw(&[0x30, 0x03, 0x00, 0x01, b'#']);
+    c.expect_closed();
+    let w = watcher.next_publish();
+    assert_eq!(w.topic.as_str(), "wills/rude");
+    let mut late = Raw::ok(b.addr, "late");
+    let (_, early) = late.subscribe(&[("wills/rude", QoS::AtMostOnce)]);
+    let retained = if let Some(Packet::Publish(p)) = early.into_iter().next() { p } else { late.next_publish() };
+    assert!(retained.retain, "will retain flag honoured");
+}
+
+#[test]
+fn persistent_session_queues_offline_and_resends_on_reconnect() {
+    let b = Broker::with_shards(2);
+    let (mut s, a) = Raw::connect(b.addr, "durable", false);
+    assert!(!a.session_present);
+    s.subscribe(&[("dur/#", QoS::ExactlyOnce)]);
+    let mut p = Raw::ok(b.addr, "pub");
+    p.publish("dur/x", b"unacked", QoS::AtLeastOnce, false, 1);
+    assert_eq!(p.recv(), Some(Packet::Puback(1)));
+    // Received but not acknowledged, then the client vanishes.
+    let Some(Packet::Publish(first)) = s.recv() else { panic!() };
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..3u16 {
+        p.publish("dur/x", format!("offline{i}").as_bytes(), QoS::AtLeastOnce, false, 10 + i);
+        assert_eq!(p.recv(), Some(Packet::Puback(10 + i)));
+    }
+    let (mut s, a) = Raw::connect(b.addr, "durable", false);
+    assert!(a.session_present);
+    let again = s.next_publish();
+    assert!(again.dup && again.packet_id == first.packet_id && &again.payload[..] == b"unacked");
+    for i in 0..3 {
+        let m = s.next_publish();
+        assert_eq!(&m.payload[..], format!("offline{i}").as_bytes());
+    }
+    // Clean reconnect: no session.
+    drop(s);
+    let (_s, a) = Raw::connect(b.addr, "durable", true);
+    assert!(!a.session_present);
+}
+
+#[test]
+fn protocol_31_and_311() {
+    let b = Broker::with_shards(1);
+    let (mut old, a) = Raw::connect_full(b.addr, connect_packet("v31client", false, ProtocolLevel::V31, 30, None));
+    assert_eq!(a, Connack { session_present: false, code: ConnectReturnCode::Accepted });
+    old.subscribe(&[("v/+", QoS::AtLeastOnce)]);
+    let mut new = Raw::ok(b.addr, "v311client");
+    new.publish("v/1", b"hi", QoS::AtLeastOnce, false, 3);
+    assert_eq!(new.recv(), Some(Packet::Puback(3)));
+    assert_eq!(&old.next_publish().payload[..], b"hi");
+    drop(old);
+    std::thread::sleep(Duration::from_millis(100));
+    let (_old, a) = Raw::connect_full(b.addr, connect_packet("v31client", false, ProtocolLevel::V31, 30, None));
+    assert!(!a.session_present, "3.1 CONNACK has no session-present bit");
+    let (_, a) = Raw::connect_full(b.addr, connect_packet("a23456789012345678901234", true, ProtocolLevel::V31, 30, None));
+    assert_eq!(a.code, ConnectReturnCode::IdentifierRejected, "3.1 client ids are 1-23 characters");
+    let (mut c, a) = Raw::connect_full(b.addr, connect_packet("", false, ProtocolLevel::V311, 30, None));
+    assert_eq!(a.code, ConnectReturnCode::IdentifierRejected);
+    c.expect_closed();
+    let (_c, a) = Raw::connect_full(b.addr, connect_packet("", true, ProtocolLevel::V311, 30, None));
+    assert_eq!(a.code, ConnectReturnCode::Accepted, "3.1.1 empty id with clean session gets one");
+}
+
+#[test]
+fn keepalive_timeout_closes_and_publishes_will() {
+    let b = Broker::with_shards(1);
+    let mut watcher = Raw::ok(b.addr, "watcher");
+    watcher.subscribe(&[("ka/#", QoS::AtMostOnce)]);
+    let (mut c, _) = Raw::connect_full(b.addr, connect_packet("sleepy", true, ProtocolLevel::V311, 1, Some(will("ka/sleepy", "timeout", QoS::AtMostOnce, false))));
+    let start = Instant::now();
+    c.expect_closed();
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1400), "closed after {waited:?}, before 1.5 × keepalive");
+    assert_eq!(&watcher.next_publish().payload[..], b"timeout");
+    b.wait_metrics("keepalive timeout counted", |m| m.keepalive_timeouts == 1);
+    // Pinging keeps a connection alive past its keepalive.
+    let (mut d, _) = Raw::connect_full(b.addr, connect_packet("awake", true, ProtocolLevel::V311, 1, None));
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(600));
+        d.ping();
+    }
+}
+
+#[test]
+fn connect_timeout_closes_silent_connections() {
+    let mut cfg = config(1);
+    cfg.mqtt.idle_timeout = shardmq::config::Duration::secs(1);
+    let b = Broker::start(cfg);
+    let mut c = Raw::open(b.addr);
+    let start = Instant::now();
+    assert!(c.expect_closed().is_empty());
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    b.wait_metrics("connect timeout counted", |m| m.connect_timeouts == 1);
+}
+
+#[test]
+fn sys_topics_not_matched_by_first_level_wildcards() {
+    let b = Broker::with_shards(2);
+    let mut all = Raw::ok(b.addr, "all");
+    all.subscribe(&[("#", QoS::AtMostOnce), ("+/status", QoS::AtMostOnce)]);
+    let mut sys = Raw::ok(b.addr, "sys");
+    sys.subscribe(&[("$SYS/#", QoS::AtMostOnce)]);
+    let mut p = Raw::ok(b.addr, "p");
+    p.publish("$SYS/status", b"s", QoS::AtMostOnce, false, 0);
+    p.publish("plain/status", b"p", QoS::AtMostOnce, false, 0);
+    assert_eq!(&sys.next_publish().payload[..], b"s");
+    assert_eq!(&all.next_publish().payload[..], b"p", "only the non-$ topic reaches #");
+    all.expect_silence(Duration::from_millis(300));
+}
+
+#[test]
+fn shared_subscription_filters_are_refused() {
+    let b = Broker::with_shards(1);
+    let mut c = Raw::ok(b.addr, "c");
+    let (ack, _) = c.subscribe(&[("$share/g/t", QoS::AtLeastOnce), ("$queue/t", QoS::AtMostOnce), ("t", QoS::AtLeastOnce)]);
+    assert_eq!(ack.codes, vec![SubackCode::Failure, SubackCode::Failure, SubackCode::Granted(QoS::AtLeastOnce)]);
+}
+
+#[test]
+fn unsubscribe_stops_delivery() {
+    let b = Broker::with_shards(2);
+    let mut s = Raw::ok(b.addr, "s");
+    s.subscribe(&[("u/t", QoS::AtMostOnce)]);
+    s.send(&Packet::Unsubscribe(shardmq::protocol::mqtt::Unsubscribe { packet_id: 4, filters: vec!["u/t".into()] }));
+    assert_eq!(s.recv(), Some(Packet::Unsuback(4)));
+    let mut p = Raw::ok(b.addr, "p");
+    p.publish("u/t", b"x", QoS::AtMostOnce, false, 0);
+    p.ping();
+    s.expect_silence(Duration::from_millis(300));
+}
+
+#[test]
+fn messages_from_one_publisher_arrive_in_order() {
+    let b = Broker::with_shards(2);
+    let mut s = Raw::ok(b.addr, "s");
+    s.subscribe(&[("ord/#", QoS::AtLeastOnce)]);
+    let mut p = Raw::ok(b.addr, "p");
+    for i in 0..500u16 {
+        p.publish("ord/t", &i.to_be_bytes(), if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::AtMostOnce }, false, i + 1);
+    }
+    for i in 0..500u16 {
+        let m = s.next_publish();
+        assert_eq!(&m.payload[..], &i.to_be_bytes());
+    }
+}
+
+mod with_rumqttc {
+    use super::*;
+    use rumqttc::{Client, Event, Incoming, MqttOptions};
+
+    fn client(b: &Broker, id: &str, clean: bool) -> (Client, rumqttc::Connection) {
+        let mut o = MqttOptions::new(id, b.addr.ip().to_string(), b.addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(clean);
+        Client::new(o, 100)
+    }
+
+    fn next_incoming(conn: &mut rumqttc::Connection) -> Incoming {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match conn.recv_timeout(left) {
+                Ok(Ok(Event::Incoming(i))) => return i,
+                Ok(Ok(Event::Outgoing(_))) => {}
+                Ok(Err(e)) => panic!("connection error: {e}"),
+                Err(_) => panic!("nothing within {WAIT:?}"),
+            }
+        }
+    }
+
+    fn wait_for(conn: &mut rumqttc::Connection, f: impl Fn(&Incoming) -> bool) -> Incoming {
+        loop {
+            let i = next_incoming(conn);
+            if f(&i) {
+                return i;
+            }
+        }
+    }
+
+    #[test]
+    fn rumqttc_round_trips_at_every_qos() {
+        let b = Broker::with_shards(2);
+        let (sub, mut sconn) = client(&b, "rs-sub", true);
+        assert!(matches!(next_incoming(&mut sconn), Incoming::ConnAck(_)));
+        sub.subscribe("rq/#", rumqttc::QoS::ExactlyOnce).unwrap();
+        wait_for(&mut sconn, |i| matches!(i, Incoming::SubAck(_)));
+        let (publ, mut pconn) = client(&b, "rs-pub", true);
+        for (i, q) in [rumqttc::QoS::AtMostOnce, rumqttc::QoS::AtLeastOnce, rumqttc::QoS::ExactlyOnce].into_iter().enumerate() {
+            publ.publish(format!("rq/{i}"), q, false, vec![i as u8; 10]).unwrap();
+        }
+        // Drive the publisher until its QoS 2 flow completes.
+        wait_for(&mut pconn, |i| matches!(i, Incoming::PubComp(_)));
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            if let Incoming::Publish(p) = next_incoming(&mut sconn) {
+                got.push((p.topic.clone(), p.qos, p.payload.len()));
+            }
+        }
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, vec![("rq/0".into(), rumqttc::QoS::AtMostOnce, 10), ("rq/1".into(), rumqttc::QoS::AtLeastOnce, 10), ("rq/2".into(), rumqttc::QoS::ExactlyOnce, 10)]);
+    }
+
+    #[test]
+    fn rumqttc_persistent_session_resumes() {
+        let b = Broker::with_shards(2);
+        {
+            let (sub, mut conn) = client(&b, "rs-durable", false);
+            assert!(matches!(next_incoming(&mut conn), Incoming::ConnAck(_)));
+            sub.subscribe("rd/t", rumqttc::QoS::AtLeastOnce).unwrap();
+            wait_for(&mut conn, |i| matches!(i, Incoming::SubAck(_)));
+            sub.disconnect().unwrap();
+            let _ = conn.recv_timeout(Duration::from_millis(200));
+        }
+        let mut p = Raw::ok(b.addr, "rs-raw-pub");
+        p.publish("rd/t", b"while away", QoS::AtLeastOnce, false, 1);
+        assert_eq!(p.recv(), Some(Packet::Puback(1)));
+        let (_sub, mut conn) = client(&b, "rs-durable", false);
+        match next_incoming(&mut conn) {
+            Incoming::ConnAck(a) => assert!(a.session_present),
+            other => panic!("{other:?}"),
+        }
+        match wait_for(&mut conn, |i| matches!(i, Incoming::Publish(_))) {
+            Incoming::Publish(m) => assert_eq!(&m.payload[..], b"while away"),
+            _ => unreachable!(),
+        }
+    }
+}
