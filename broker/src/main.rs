@@ -59,7 +59,10 @@ fn main() -> ExitCode {
         }
     };
     let flag = handle.shutdown_flag();
-    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("shardmq: cannot install signal handlers: {e}");

@@ -1,6 +1,8 @@
 //! The `shardmq` binary: configuration printing and errors, start failures with one clear line,
 //! the logged listen address, and graceful shutdown on SIGTERM/SIGINT.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -30,7 +32,10 @@ fn print_config_shows_the_effective_configuration() {
     let text = String::from_utf8(out.stdout).unwrap();
     let parsed = shardmq::config::from_toml_str(&text).expect("printed config parses back");
     assert_eq!(parsed.mqtt.max_inflight, 77);
-    assert_eq!(parsed.listener.tcp["external"].bind.to_string(), "127.0.0.1:11883");
+    assert_eq!(
+        parsed.listener.tcp["external"].bind.to_string(),
+        "127.0.0.1:11883"
+    );
 }
 
 #[test]
@@ -49,15 +54,25 @@ fn bad_configuration_exits_with_one_line_naming_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 
-    let out = bin().args(["--profile", "no-such-profile"]).output().unwrap();
+    let out = bin()
+        .args(["--profile", "no-such-profile"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn shipped_profile_loads_by_name() {
-    let out = bin().args(["--profile", "dev-2core", "--print-config"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["--profile", "dev-2core", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cfg = shardmq::config::from_toml_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
     assert_eq!(cfg.shards.channel_capacity, 64);
 }
@@ -78,9 +93,18 @@ fn listen_addr(child: &mut Child) -> (std::net::SocketAddr, BufReader<std::proce
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(r.read_line(&mut line).unwrap() > 0, "broker exited before listening");
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "broker exited before listening"
+        );
         if line.contains("listening for MQTT") {
-            let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap();
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
             return (addr.parse().unwrap(), r);
         }
     }
@@ -111,7 +135,10 @@ fn port_zero_logs_the_real_port_and_sigterm_stops_within_5s() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_exit(&mut child, Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
-    assert!(c.expect_closed().is_empty(), "connections closed at shutdown");
+    assert!(
+        c.expect_closed().is_empty(),
+        "connections closed at shutdown"
+    );
 }
 
 #[test]
@@ -127,7 +154,13 @@ fn sigint_stops_gracefully() {
 fn a_port_held_by_another_process_fails_the_start() {
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port();
-    let out = bin().env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", format!("127.0.0.1:{port}")).output().unwrap();
+    let out = bin()
+        .env(
+            "SHARDMQ_LISTENER__TCP__EXTERNAL__BIND",
+            format!("127.0.0.1:{port}"),
+        )
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("already in use"), "{err}");
@@ -139,10 +172,22 @@ fn a_port_held_by_a_reuseport_listener_is_refused_too() {
     // Another broker (glommio style) listening with SO_REUSEPORT must not be silently shared.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_reuse_port(true).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
     sock.listen(16).unwrap();
     let port = sock.local_addr().unwrap().as_socket().unwrap().port();
-    let out = bin().env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", format!("127.0.0.1:{port}")).output().unwrap();
+    let out = bin()
+        .env(
+            "SHARDMQ_LISTENER__TCP__EXTERNAL__BIND",
+            format!("127.0.0.1:{port}"),
+        )
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
 }
@@ -151,7 +196,10 @@ fn a_port_held_by_a_reuseport_listener_is_refused_too() {
 fn too_little_memlock_fails_with_a_clear_line() {
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -l 64 && exec {}", env!("CARGO_BIN_EXE_shardmq")))
+        .arg(format!(
+            "ulimit -l 64 && exec {}",
+            env!("CARGO_BIN_EXE_shardmq")
+        ))
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
         .output()
         .unwrap();

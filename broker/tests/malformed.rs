@@ -2,6 +2,8 @@
 //! CONNACK error code where the protocol has one), is counted, and leaves every other client
 //! working.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -9,7 +11,9 @@ use shardmq::protocol::mqtt::{ConnectReturnCode, Packet, QoS};
 
 /// A CONNECT for client `id` (3.1.1, clean session, keepalive 60).
 fn connect_bytes(id: &str) -> Vec<u8> {
-    let mut b = vec![0x10, 0, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C];
+    let mut b = vec![
+        0x10, 0, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C,
+    ];
     b.extend_from_slice(&(id.len() as u16).to_be_bytes());
     b.extend_from_slice(id.as_bytes());
     b[1] = (b.len() - 2) as u8;
@@ -40,70 +44,258 @@ struct Case {
 }
 
 fn case(name: &'static str, after_connect: bool, bytes: Vec<u8>) -> Case {
-    Case { name, after_connect, bytes, connack: None }
+    Case {
+        name,
+        after_connect,
+        bytes,
+        connack: None,
+    }
 }
 
 fn cases() -> Vec<Case> {
     let mut v = vec![
         // Before CONNECT.
-        case("PUBLISH as first packet", false, vec![0x30, 0x03, 0x00, 0x01, b'a']),
-        case("SUBSCRIBE as first packet", false, vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00]),
+        case(
+            "PUBLISH as first packet",
+            false,
+            vec![0x30, 0x03, 0x00, 0x01, b'a'],
+        ),
+        case(
+            "SUBSCRIBE as first packet",
+            false,
+            vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00],
+        ),
         case("PINGREQ as first packet", false, vec![0xC0, 0x00]),
         case("DISCONNECT as first packet", false, vec![0xE0, 0x00]),
         case("reserved packet type 0", false, vec![0x00, 0x00]),
         case("reserved packet type 15", false, vec![0xF0, 0x00]),
-        case("HTTP request instead of MQTT", false, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
-        case("unknown protocol name", false, connect_with(b"HTTP", 4, 0x02, &[b"c"])),
-        Case { connack: Some(ConnectReturnCode::UnacceptableProtocolVersion), ..case("MQTT level 5", false, connect_with(b"MQTT", 5, 0x02, &[b"c"])) },
-        Case { connack: Some(ConnectReturnCode::UnacceptableProtocolVersion), ..case("MQTT level 3", false, connect_with(b"MQTT", 3, 0x02, &[b"c"])) },
-        Case { connack: Some(ConnectReturnCode::UnacceptableProtocolVersion), ..case("MQIsdp level 4", false, connect_with(b"MQIsdp", 4, 0x02, &[b"c"])) },
-        case("CONNECT reserved flag", false, connect_with(b"MQTT", 4, 0x03, &[b"c"])),
-        case("CONNECT will QoS 3", false, connect_with(b"MQTT", 4, 0x02 | 0x04 | 0x18, &[b"c", b"t", b"m"])),
-        case("CONNECT will QoS without will flag", false, connect_with(b"MQTT", 4, 0x02 | 0x08, &[b"c"])),
-        case("CONNECT will retain without will flag", false, connect_with(b"MQTT", 4, 0x02 | 0x20, &[b"c"])),
-        case("CONNECT password without user name", false, connect_with(b"MQTT", 4, 0x02 | 0x40, &[b"c", b"pw"])),
-        case("CONNECT trailing bytes", false, connect_with(b"MQTT", 4, 0x02, &[b"c", b"junk"])),
-        case("CONNECT missing user name", false, connect_with(b"MQTT", 4, 0x02 | 0x80, &[b"c"])),
-        case("CONNECT client id invalid UTF-8", false, connect_with(b"MQTT", 4, 0x02, &[&[0xC3, 0x28]])),
-        case("CONNECT client id with U+0000", false, connect_with(b"MQTT", 4, 0x02, &[b"a\0b"])),
-        case("CONNECT will topic with wildcard", false, connect_with(b"MQTT", 4, 0x02 | 0x04, &[b"c", b"w/#", b"m"])),
+        case(
+            "HTTP request instead of MQTT",
+            false,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        case(
+            "unknown protocol name",
+            false,
+            connect_with(b"HTTP", 4, 0x02, &[b"c"]),
+        ),
+        Case {
+            connack: Some(ConnectReturnCode::UnacceptableProtocolVersion),
+            ..case(
+                "MQTT level 5",
+                false,
+                connect_with(b"MQTT", 5, 0x02, &[b"c"]),
+            )
+        },
+        Case {
+            connack: Some(ConnectReturnCode::UnacceptableProtocolVersion),
+            ..case(
+                "MQTT level 3",
+                false,
+                connect_with(b"MQTT", 3, 0x02, &[b"c"]),
+            )
+        },
+        Case {
+            connack: Some(ConnectReturnCode::UnacceptableProtocolVersion),
+            ..case(
+                "MQIsdp level 4",
+                false,
+                connect_with(b"MQIsdp", 4, 0x02, &[b"c"]),
+            )
+        },
+        case(
+            "CONNECT reserved flag",
+            false,
+            connect_with(b"MQTT", 4, 0x03, &[b"c"]),
+        ),
+        case(
+            "CONNECT will QoS 3",
+            false,
+            connect_with(b"MQTT", 4, 0x02 | 0x04 | 0x18, &[b"c", b"t", b"m"]),
+        ),
+        case(
+            "CONNECT will QoS without will flag",
+            false,
+            connect_with(b"MQTT", 4, 0x02 | 0x08, &[b"c"]),
+        ),
+        case(
+            "CONNECT will retain without will flag",
+            false,
+            connect_with(b"MQTT", 4, 0x02 | 0x20, &[b"c"]),
+        ),
+        case(
+            "CONNECT password without user name",
+            false,
+            connect_with(b"MQTT", 4, 0x02 | 0x40, &[b"c", b"pw"]),
+        ),
+        case(
+            "CONNECT trailing bytes",
+            false,
+            connect_with(b"MQTT", 4, 0x02, &[b"c", b"junk"]),
+        ),
+        case(
+            "CONNECT missing user name",
+            false,
+            connect_with(b"MQTT", 4, 0x02 | 0x80, &[b"c"]),
+        ),
+        case(
+            "CONNECT client id invalid UTF-8",
+            false,
+            connect_with(b"MQTT", 4, 0x02, &[&[0xC3, 0x28]]),
+        ),
+        case(
+            "CONNECT client id with U+0000",
+            false,
+            connect_with(b"MQTT", 4, 0x02, &[b"a\0b"]),
+        ),
+        case(
+            "CONNECT will topic with wildcard",
+            false,
+            connect_with(b"MQTT", 4, 0x02 | 0x04, &[b"c", b"w/#", b"m"]),
+        ),
         case("CONNECT header flags set", false, {
             let mut b = connect_bytes("c");
             b[0] = 0x12;
             b
         }),
-        case("remaining length over four bytes", false, vec![0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
-        case("packet larger than max_packet_size", false, vec![0x10, 0x80, 0x80, 0x80, 0x01]),
-        Case { connack: Some(ConnectReturnCode::IdentifierRejected), ..case("empty client id without clean session", false, connect_with(b"MQTT", 4, 0x00, &[b""])) },
-        Case { connack: Some(ConnectReturnCode::IdentifierRejected), ..case("3.1 client id over 23 characters", false, connect_with(b"MQIsdp", 3, 0x02, &[b"abcdefghijklmnopqrstuvwxyz"])) },
+        case(
+            "remaining length over four bytes",
+            false,
+            vec![0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+        ),
+        case(
+            "packet larger than max_packet_size",
+            false,
+            vec![0x10, 0x80, 0x80, 0x80, 0x01],
+        ),
+        Case {
+            connack: Some(ConnectReturnCode::IdentifierRejected),
+            ..case(
+                "empty client id without clean session",
+                false,
+                connect_with(b"MQTT", 4, 0x00, &[b""]),
+            )
+        },
+        Case {
+            connack: Some(ConnectReturnCode::IdentifierRejected),
+            ..case(
+                "3.1 client id over 23 characters",
+                false,
+                connect_with(b"MQIsdp", 3, 0x02, &[b"abcdefghijklmnopqrstuvwxyz"]),
+            )
+        },
         // After CONNECT.
         case("second CONNECT", true, connect_bytes("again")),
-        case("PUBLISH QoS 3", true, vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01]),
-        case("PUBLISH QoS 0 with DUP", true, vec![0x38, 0x03, 0x00, 0x01, b'a']),
-        case("PUBLISH topic with +", true, vec![0x30, 0x04, 0x00, 0x02, b'a', b'+']),
-        case("PUBLISH topic with #", true, vec![0x30, 0x03, 0x00, 0x01, b'#']),
+        case(
+            "PUBLISH QoS 3",
+            true,
+            vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01],
+        ),
+        case(
+            "PUBLISH QoS 0 with DUP",
+            true,
+            vec![0x38, 0x03, 0x00, 0x01, b'a'],
+        ),
+        case(
+            "PUBLISH topic with +",
+            true,
+            vec![0x30, 0x04, 0x00, 0x02, b'a', b'+'],
+        ),
+        case(
+            "PUBLISH topic with #",
+            true,
+            vec![0x30, 0x03, 0x00, 0x01, b'#'],
+        ),
         case("PUBLISH empty topic", true, vec![0x30, 0x02, 0x00, 0x00]),
-        case("PUBLISH QoS 1 packet id 0", true, vec![0x32, 0x05, 0x00, 0x01, b'a', 0x00, 0x00]),
-        case("PUBLISH topic invalid UTF-8", true, vec![0x30, 0x04, 0x00, 0x02, 0xED, 0xA0]),
-        case("PUBLISH topic with U+0000", true, vec![0x30, 0x03, 0x00, 0x01, 0x00]),
-        case("PUBLISH topic length past the end", true, vec![0x30, 0x03, 0x00, 0x09, b'a']),
-        case("SUBSCRIBE header flags 0000", true, vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00]),
-        case("SUBSCRIBE without filters", true, vec![0x82, 0x02, 0x00, 0x01]),
-        case("SUBSCRIBE requested QoS 3", true, vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x03]),
-        case("SUBSCRIBE reserved bits in QoS byte", true, vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x81]),
-        case("SUBSCRIBE # not last", true, vec![0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'#', b'/', b'a', 0x00]),
-        case("SUBSCRIBE + inside a level", true, vec![0x82, 0x07, 0x00, 0x01, 0x00, 0x02, b'a', b'+', 0x00]),
-        case("SUBSCRIBE packet id 0", true, vec![0x82, 0x06, 0x00, 0x00, 0x00, 0x01, b'a', 0x00]),
-        case("SUBSCRIBE truncated filter", true, vec![0x82, 0x05, 0x00, 0x01, 0x00, 0x05, b'a']),
-        case("UNSUBSCRIBE without filters", true, vec![0xA2, 0x02, 0x00, 0x01]),
-        case("UNSUBSCRIBE header flags 0000", true, vec![0xA0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a']),
-        case("PUBREL header flags 0000", true, vec![0x60, 0x02, 0x00, 0x01]),
-        case("PUBACK with three bytes", true, vec![0x40, 0x03, 0x00, 0x01, 0x00]),
+        case(
+            "PUBLISH QoS 1 packet id 0",
+            true,
+            vec![0x32, 0x05, 0x00, 0x01, b'a', 0x00, 0x00],
+        ),
+        case(
+            "PUBLISH topic invalid UTF-8",
+            true,
+            vec![0x30, 0x04, 0x00, 0x02, 0xED, 0xA0],
+        ),
+        case(
+            "PUBLISH topic with U+0000",
+            true,
+            vec![0x30, 0x03, 0x00, 0x01, 0x00],
+        ),
+        case(
+            "PUBLISH topic length past the end",
+            true,
+            vec![0x30, 0x03, 0x00, 0x09, b'a'],
+        ),
+        case(
+            "SUBSCRIBE header flags 0000",
+            true,
+            vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00],
+        ),
+        case(
+            "SUBSCRIBE without filters",
+            true,
+            vec![0x82, 0x02, 0x00, 0x01],
+        ),
+        case(
+            "SUBSCRIBE requested QoS 3",
+            true,
+            vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x03],
+        ),
+        case(
+            "SUBSCRIBE reserved bits in QoS byte",
+            true,
+            vec![0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x81],
+        ),
+        case(
+            "SUBSCRIBE # not last",
+            true,
+            vec![0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'#', b'/', b'a', 0x00],
+        ),
+        case(
+            "SUBSCRIBE + inside a level",
+            true,
+            vec![0x82, 0x07, 0x00, 0x01, 0x00, 0x02, b'a', b'+', 0x00],
+        ),
+        case(
+            "SUBSCRIBE packet id 0",
+            true,
+            vec![0x82, 0x06, 0x00, 0x00, 0x00, 0x01, b'a', 0x00],
+        ),
+        case(
+            "SUBSCRIBE truncated filter",
+            true,
+            vec![0x82, 0x05, 0x00, 0x01, 0x00, 0x05, b'a'],
+        ),
+        case(
+            "UNSUBSCRIBE without filters",
+            true,
+            vec![0xA2, 0x02, 0x00, 0x01],
+        ),
+        case(
+            "UNSUBSCRIBE header flags 0000",
+            true,
+            vec![0xA0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'],
+        ),
+        case(
+            "PUBREL header flags 0000",
+            true,
+            vec![0x60, 0x02, 0x00, 0x01],
+        ),
+        case(
+            "PUBACK with three bytes",
+            true,
+            vec![0x40, 0x03, 0x00, 0x01, 0x00],
+        ),
         case("PUBACK packet id 0", true, vec![0x40, 0x02, 0x00, 0x00]),
         case("PINGREQ with a body", true, vec![0xC0, 0x01, 0x00]),
         case("DISCONNECT header flags set", true, vec![0xE1, 0x00]),
         case("CONNACK from a client", true, vec![0x20, 0x02, 0x00, 0x00]),
-        case("SUBACK from a client", true, vec![0x90, 0x03, 0x00, 0x01, 0x00]),
+        case(
+            "SUBACK from a client",
+            true,
+            vec![0x90, 0x03, 0x00, 0x01, 0x00],
+        ),
         case("UNSUBACK from a client", true, vec![0xB0, 0x02, 0x00, 0x01]),
         case("PINGRESP from a client", true, vec![0xD0, 0x00]),
     ];
@@ -130,7 +322,11 @@ fn malformed_and_out_of_order_packets_close_only_the_offender() {
         let mut r = Raw::open(b.addr);
         if c.after_connect {
             r.send_raw(&connect_bytes(&format!("bad{i}")));
-            assert!(matches!(r.recv(), Some(Packet::Connack(a)) if a.code == ConnectReturnCode::Accepted), "{}", c.name);
+            assert!(
+                matches!(r.recv(), Some(Packet::Connack(a)) if a.code == ConnectReturnCode::Accepted),
+                "{}",
+                c.name
+            );
         }
         r.send_raw(&c.bytes);
         let seen = r.expect_closed();
@@ -150,10 +346,17 @@ fn malformed_and_out_of_order_packets_close_only_the_offender() {
         let pid = i as u16 + 1;
         witness_pub.publish("witness", &pid.to_be_bytes(), QoS::AtLeastOnce, false, pid);
         assert_eq!(witness_pub.recv(), Some(Packet::Puback(pid)), "{}", c.name);
-        assert_eq!(&witness_sub.next_publish().payload[..], &pid.to_be_bytes(), "{}", c.name);
+        assert_eq!(
+            &witness_sub.next_publish().payload[..],
+            &pid.to_be_bytes(),
+            "{}",
+            c.name
+        );
     }
     let expected = all.len() as u64;
-    b.wait_metrics("every bad input counted", |m| m.malformed_packets + m.protocol_errors + m.connects_refused >= expected);
+    b.wait_metrics("every bad input counted", |m| {
+        m.malformed_packets + m.protocol_errors + m.connects_refused >= expected
+    });
 }
 
 #[test]

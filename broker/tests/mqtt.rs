@@ -1,6 +1,8 @@
 //! End-to-end MQTT behaviour against a real broker on free ports: raw bytes for the exact
 //! protocol, rumqttc as an independent client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -36,7 +38,11 @@ fn qos_0_1_2_both_ways_and_downgrade_table() {
         }
         for (s, sq) in subs.iter_mut().zip(qs) {
             let got = s.next_publish();
-            assert_eq!(got.qos, (*pq).min(sq), "publish {pq:?} to subscription {sq:?}");
+            assert_eq!(
+                got.qos,
+                (*pq).min(sq),
+                "publish {pq:?} to subscription {sq:?}"
+            );
             assert_eq!(&got.payload[..], format!("m{i}").as_bytes());
             assert!(!got.retain);
             if got.qos == QoS::ExactlyOnce {
@@ -66,14 +72,27 @@ fn retained_set_replace_clear_and_wildcard_delivery() {
 
     let mut exact = Raw::ok(b.addr, "exact");
     let (_, early) = exact.subscribe(&[("ret/a", QoS::ExactlyOnce)]);
-    let got = if let Some(Packet::Publish(p)) = early.into_iter().next() { p } else { exact.next_publish() };
-    assert_eq!((&got.payload[..], got.retain, got.qos), (&b"two"[..], true, QoS::AtLeastOnce));
+    let got = if let Some(Packet::Publish(p)) = early.into_iter().next() {
+        p
+    } else {
+        exact.next_publish()
+    };
+    assert_eq!(
+        (&got.payload[..], got.retain, got.qos),
+        (&b"two"[..], true, QoS::AtLeastOnce)
+    );
 
     let mut wild = Raw::ok(b.addr, "wild");
     let (_, early) = wild.subscribe(&[("ret/#", QoS::AtMostOnce)]);
     let mut payloads: Vec<Vec<u8>> = early
         .into_iter()
-        .filter_map(|p| if let Packet::Publish(p) = p { Some(p.payload.to_vec()) } else { None })
+        .filter_map(|p| {
+            if let Packet::Publish(p) = p {
+                Some(p.payload.to_vec())
+            } else {
+                None
+            }
+        })
         .collect();
     while payloads.len() < 2 {
         let p = wild.next_publish();
@@ -95,26 +114,60 @@ fn will_published_on_abnormal_close_not_on_disconnect() {
     let mut watcher = Raw::ok(b.addr, "watcher");
     watcher.subscribe(&[("wills/#", QoS::AtLeastOnce)]);
 
-    let (c, a) = Raw::connect_full(b.addr, connect_packet("dies", true, ProtocolLevel::V311, 60, Some(will("wills/dies", "bye", QoS::AtLeastOnce, false))));
+    let (c, a) = Raw::connect_full(
+        b.addr,
+        connect_packet(
+            "dies",
+            true,
+            ProtocolLevel::V311,
+            60,
+            Some(will("wills/dies", "bye", QoS::AtLeastOnce, false)),
+        ),
+    );
     assert_eq!(a.code, ConnectReturnCode::Accepted);
     drop(c); // socket closed without DISCONNECT
     let w = watcher.next_publish();
-    assert_eq!((w.topic.as_str(), &w.payload[..], w.qos), ("wills/dies", &b"bye"[..], QoS::AtLeastOnce));
+    assert_eq!(
+        (w.topic.as_str(), &w.payload[..], w.qos),
+        ("wills/dies", &b"bye"[..], QoS::AtLeastOnce)
+    );
 
-    let (mut c, _) = Raw::connect_full(b.addr, connect_packet("polite", true, ProtocolLevel::V311, 60, Some(will("wills/polite", "bye", QoS::AtMostOnce, false))));
+    let (mut c, _) = Raw::connect_full(
+        b.addr,
+        connect_packet(
+            "polite",
+            true,
+            ProtocolLevel::V311,
+            60,
+            Some(will("wills/polite", "bye", QoS::AtMostOnce, false)),
+        ),
+    );
     c.send(&Packet::Disconnect);
     c.expect_closed();
     watcher.expect_silence(Duration::from_millis(500));
 
     // A protocol violation also publishes the will, with its retain flag.
-    let (mut c, _) = Raw::connect_full(b.addr, connect_packet("rude", true, ProtocolLevel::V311, 60, Some(will("wills/rude", "x", QoS::AtMostOnce, true))));
+    let (mut c, _) = Raw::connect_full(
+        b.addr,
+        connect_packet(
+            "rude",
+            true,
+            ProtocolLevel::V311,
+            60,
+            Some(will("wills/rude", "x", QoS::AtMostOnce, true)),
+        ),
+    );
     c.send_raw(&[0x30, 0x03, 0x00, 0x01, b'#']);
     c.expect_closed();
     let w = watcher.next_publish();
     assert_eq!(w.topic.as_str(), "wills/rude");
     let mut late = Raw::ok(b.addr, "late");
     let (_, early) = late.subscribe(&[("wills/rude", QoS::AtMostOnce)]);
-    let retained = if let Some(Packet::Publish(p)) = early.into_iter().next() { p } else { late.next_publish() };
+    let retained = if let Some(Packet::Publish(p)) = early.into_iter().next() {
+        p
+    } else {
+        late.next_publish()
+    };
     assert!(retained.retain, "will retain flag honoured");
 }
 
@@ -128,11 +181,19 @@ fn persistent_session_queues_offline_and_resends_on_reconnect() {
     p.publish("dur/x", b"unacked", QoS::AtLeastOnce, false, 1);
     assert_eq!(p.recv(), Some(Packet::Puback(1)));
     // Received but not acknowledged, then the client vanishes.
-    let Some(Packet::Publish(first)) = s.recv() else { panic!() };
+    let Some(Packet::Publish(first)) = s.recv() else {
+        panic!()
+    };
     drop(s);
     std::thread::sleep(Duration::from_millis(200));
     for i in 0..3u16 {
-        p.publish("dur/x", format!("offline{i}").as_bytes(), QoS::AtLeastOnce, false, 10 + i);
+        p.publish(
+            "dur/x",
+            format!("offline{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            10 + i,
+        );
         assert_eq!(p.recv(), Some(Packet::Puback(10 + i)));
     }
     let (mut s, a) = Raw::connect(b.addr, "durable", false);
@@ -152,8 +213,17 @@ fn persistent_session_queues_offline_and_resends_on_reconnect() {
 #[test]
 fn protocol_31_and_311() {
     let b = Broker::with_shards(1);
-    let (mut old, a) = Raw::connect_full(b.addr, connect_packet("v31client", false, ProtocolLevel::V31, 30, None));
-    assert_eq!(a, Connack { session_present: false, code: ConnectReturnCode::Accepted });
+    let (mut old, a) = Raw::connect_full(
+        b.addr,
+        connect_packet("v31client", false, ProtocolLevel::V31, 30, None),
+    );
+    assert_eq!(
+        a,
+        Connack {
+            session_present: false,
+            code: ConnectReturnCode::Accepted
+        }
+    );
     old.subscribe(&[("v/+", QoS::AtLeastOnce)]);
     let mut new = Raw::ok(b.addr, "v311client");
     new.publish("v/1", b"hi", QoS::AtLeastOnce, false, 3);
@@ -161,15 +231,41 @@ fn protocol_31_and_311() {
     assert_eq!(&old.next_publish().payload[..], b"hi");
     drop(old);
     std::thread::sleep(Duration::from_millis(100));
-    let (_old, a) = Raw::connect_full(b.addr, connect_packet("v31client", false, ProtocolLevel::V31, 30, None));
+    let (_old, a) = Raw::connect_full(
+        b.addr,
+        connect_packet("v31client", false, ProtocolLevel::V31, 30, None),
+    );
     assert!(!a.session_present, "3.1 CONNACK has no session-present bit");
-    let (_, a) = Raw::connect_full(b.addr, connect_packet("a23456789012345678901234", true, ProtocolLevel::V31, 30, None));
-    assert_eq!(a.code, ConnectReturnCode::IdentifierRejected, "3.1 client ids are 1-23 characters");
-    let (mut c, a) = Raw::connect_full(b.addr, connect_packet("", false, ProtocolLevel::V311, 30, None));
+    let (_, a) = Raw::connect_full(
+        b.addr,
+        connect_packet(
+            "a23456789012345678901234",
+            true,
+            ProtocolLevel::V31,
+            30,
+            None,
+        ),
+    );
+    assert_eq!(
+        a.code,
+        ConnectReturnCode::IdentifierRejected,
+        "3.1 client ids are 1-23 characters"
+    );
+    let (mut c, a) = Raw::connect_full(
+        b.addr,
+        connect_packet("", false, ProtocolLevel::V311, 30, None),
+    );
     assert_eq!(a.code, ConnectReturnCode::IdentifierRejected);
     c.expect_closed();
-    let (_c, a) = Raw::connect_full(b.addr, connect_packet("", true, ProtocolLevel::V311, 30, None));
-    assert_eq!(a.code, ConnectReturnCode::Accepted, "3.1.1 empty id with clean session gets one");
+    let (_c, a) = Raw::connect_full(
+        b.addr,
+        connect_packet("", true, ProtocolLevel::V311, 30, None),
+    );
+    assert_eq!(
+        a.code,
+        ConnectReturnCode::Accepted,
+        "3.1.1 empty id with clean session gets one"
+    );
 }
 
 #[test]
@@ -177,15 +273,30 @@ fn keepalive_timeout_closes_and_publishes_will() {
     let b = Broker::with_shards(1);
     let mut watcher = Raw::ok(b.addr, "watcher");
     watcher.subscribe(&[("ka/#", QoS::AtMostOnce)]);
-    let (mut c, _) = Raw::connect_full(b.addr, connect_packet("sleepy", true, ProtocolLevel::V311, 1, Some(will("ka/sleepy", "timeout", QoS::AtMostOnce, false))));
+    let (mut c, _) = Raw::connect_full(
+        b.addr,
+        connect_packet(
+            "sleepy",
+            true,
+            ProtocolLevel::V311,
+            1,
+            Some(will("ka/sleepy", "timeout", QoS::AtMostOnce, false)),
+        ),
+    );
     let start = Instant::now();
     c.expect_closed();
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(1400), "closed after {waited:?}, before 1.5 × keepalive");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed after {waited:?}, before 1.5 × keepalive"
+    );
     assert_eq!(&watcher.next_publish().payload[..], b"timeout");
     b.wait_metrics("keepalive timeout counted", |m| m.keepalive_timeouts == 1);
     // Pinging keeps a connection alive past its keepalive.
-    let (mut d, _) = Raw::connect_full(b.addr, connect_packet("awake", true, ProtocolLevel::V311, 1, None));
+    let (mut d, _) = Raw::connect_full(
+        b.addr,
+        connect_packet("awake", true, ProtocolLevel::V311, 1, None),
+    );
     for _ in 0..4 {
         std::thread::sleep(Duration::from_millis(600));
         d.ping();
@@ -215,7 +326,11 @@ fn sys_topics_not_matched_by_first_level_wildcards() {
     p.publish("$SYS/status", b"s", QoS::AtMostOnce, false, 0);
     p.publish("plain/status", b"p", QoS::AtMostOnce, false, 0);
     assert_eq!(&sys.next_publish().payload[..], b"s");
-    assert_eq!(&all.next_publish().payload[..], b"p", "only the non-$ topic reaches #");
+    assert_eq!(
+        &all.next_publish().payload[..],
+        b"p",
+        "only the non-$ topic reaches #"
+    );
     all.expect_silence(Duration::from_millis(300));
 }
 
@@ -223,8 +338,19 @@ fn sys_topics_not_matched_by_first_level_wildcards() {
 fn shared_subscription_filters_are_refused() {
     let b = Broker::with_shards(1);
     let mut c = Raw::ok(b.addr, "c");
-    let (ack, _) = c.subscribe(&[("$share/g/t", QoS::AtLeastOnce), ("$queue/t", QoS::AtMostOnce), ("t", QoS::AtLeastOnce)]);
-    assert_eq!(ack.codes, vec![SubackCode::Failure, SubackCode::Failure, SubackCode::Granted(QoS::AtLeastOnce)]);
+    let (ack, _) = c.subscribe(&[
+        ("$share/g/t", QoS::AtLeastOnce),
+        ("$queue/t", QoS::AtMostOnce),
+        ("t", QoS::AtLeastOnce),
+    ]);
+    assert_eq!(
+        ack.codes,
+        vec![
+            SubackCode::Failure,
+            SubackCode::Failure,
+            SubackCode::Granted(QoS::AtLeastOnce)
+        ]
+    );
 }
 
 #[test]
@@ -232,7 +358,10 @@ fn unsubscribe_stops_delivery() {
     let b = Broker::with_shards(2);
     let mut s = Raw::ok(b.addr, "s");
     s.subscribe(&[("u/t", QoS::AtMostOnce)]);
-    s.send(&Packet::Unsubscribe(shardmq::protocol::mqtt::Unsubscribe { packet_id: 4, filters: vec!["u/t".into()] }));
+    s.send(&Packet::Unsubscribe(shardmq::protocol::mqtt::Unsubscribe {
+        packet_id: 4,
+        filters: vec!["u/t".into()],
+    }));
     assert_eq!(s.recv(), Some(Packet::Unsuback(4)));
     let mut p = Raw::ok(b.addr, "p");
     p.publish("u/t", b"x", QoS::AtMostOnce, false, 0);
@@ -247,7 +376,17 @@ fn messages_from_one_publisher_arrive_in_order() {
     s.subscribe(&[("ord/#", QoS::AtLeastOnce)]);
     let mut p = Raw::ok(b.addr, "p");
     for i in 0..500u16 {
-        p.publish("ord/t", &i.to_be_bytes(), if i % 2 == 0 { QoS::AtLeastOnce } else { QoS::AtMostOnce }, false, i + 1);
+        p.publish(
+            "ord/t",
+            &i.to_be_bytes(),
+            if i % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            },
+            false,
+            i + 1,
+        );
     }
     for i in 0..500u16 {
         let m = s.next_publish();
@@ -296,8 +435,16 @@ mod with_rumqttc {
         sub.subscribe("rq/#", rumqttc::QoS::ExactlyOnce).unwrap();
         wait_for(&mut sconn, |i| matches!(i, Incoming::SubAck(_)));
         let (publ, mut pconn) = client(&b, "rs-pub", true);
-        for (i, q) in [rumqttc::QoS::AtMostOnce, rumqttc::QoS::AtLeastOnce, rumqttc::QoS::ExactlyOnce].into_iter().enumerate() {
-            publ.publish(format!("rq/{i}"), q, false, vec![i as u8; 10]).unwrap();
+        for (i, q) in [
+            rumqttc::QoS::AtMostOnce,
+            rumqttc::QoS::AtLeastOnce,
+            rumqttc::QoS::ExactlyOnce,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            publ.publish(format!("rq/{i}"), q, false, vec![i as u8; 10])
+                .unwrap();
         }
         // Drive the publisher until its QoS 2 flow completes.
         wait_for(&mut pconn, |i| matches!(i, Incoming::PubComp(_)));
@@ -308,7 +455,14 @@ mod with_rumqttc {
             }
         }
         got.sort_by(|a, b| a.0.cmp(&b.0));
-        assert_eq!(got, vec![("rq/0".into(), rumqttc::QoS::AtMostOnce, 10), ("rq/1".into(), rumqttc::QoS::AtLeastOnce, 10), ("rq/2".into(), rumqttc::QoS::ExactlyOnce, 10)]);
+        assert_eq!(
+            got,
+            vec![
+                ("rq/0".into(), rumqttc::QoS::AtMostOnce, 10),
+                ("rq/1".into(), rumqttc::QoS::AtLeastOnce, 10),
+                ("rq/2".into(), rumqttc::QoS::ExactlyOnce, 10)
+            ]
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! over the shards (SO_REUSEPORT), so the tests open enough of them that both shards hold some,
 //! and check that they did.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -16,14 +18,21 @@ fn wait_both_shards_hold_connections(b: &Broker) {
         if stats.len() == 2 && stats.iter().all(|s| s.connections > 0) {
             return;
         }
-        assert!(start.elapsed() < WAIT, "connections did not spread over both shards: {stats:?}");
+        assert!(
+            start.elapsed() < WAIT,
+            "connections did not spread over both shards: {stats:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn two_shards() -> Broker {
     let b = Broker::with_shards(2);
-    assert_eq!(b.handle().stats().len(), 2, "this test needs a machine with 2 CPUs");
+    assert_eq!(
+        b.handle().stats().len(),
+        2,
+        "this test needs a machine with 2 CPUs"
+    );
     b
 }
 
@@ -37,7 +46,13 @@ fn takeover_of_a_client_id_held_by_another_shard() {
         .map(|i| {
             let (mut c, _) = Raw::connect_full(
                 b.addr,
-                connect_packet(&format!("tk{i}"), false, shardmq::protocol::mqtt::ProtocolLevel::V311, 60, Some(will(&format!("tkw/{i}"), "taken", QoS::AtLeastOnce, false))),
+                connect_packet(
+                    &format!("tk{i}"),
+                    false,
+                    shardmq::protocol::mqtt::ProtocolLevel::V311,
+                    60,
+                    Some(will(&format!("tkw/{i}"), "taken", QoS::AtLeastOnce, false)),
+                ),
             );
             c.subscribe(&[(&format!("tk/{i}"), QoS::AtLeastOnce)]);
             c
@@ -66,11 +81,22 @@ fn takeover_of_a_client_id_held_by_another_shard() {
         let a = new.next_publish();
         let bb = new.next_publish();
         assert!(a.dup && bb.dup, "in-flight deliveries resent with DUP");
-        assert_eq!((&a.payload[..], &bb.payload[..]), (&b"inflight-a"[..], &b"inflight-b"[..]));
+        assert_eq!(
+            (&a.payload[..], &bb.payload[..]),
+            (&b"inflight-a"[..], &b"inflight-b"[..])
+        );
         publish(&mut p, &format!("tk/{i}"), "after");
-        assert_eq!(&new.next_publish().payload[..], b"after", "tk{i}: subscription moved with the session");
+        assert_eq!(
+            &new.next_publish().payload[..],
+            b"after",
+            "tk{i}: subscription moved with the session"
+        );
         let w = watcher.next_publish();
-        assert_eq!(w.topic.to_string(), format!("tkw/{i}"), "takeover publishes the old connection's will");
+        assert_eq!(
+            w.topic.to_string(),
+            format!("tkw/{i}"),
+            "takeover publishes the old connection's will"
+        );
         new.send(&Packet::Disconnect);
     }
     b.wait_metrics("takeovers counted", |m| m.takeovers == n as u64);
@@ -81,7 +107,9 @@ fn takeover_of_a_client_id_held_by_another_shard() {
 #[test]
 fn subscribe_then_publish_from_any_shard_loses_nothing() {
     let b = two_shards();
-    let mut pubs: Vec<Raw> = (0..8).map(|i| Raw::ok(b.addr, &format!("sp-pub{i}"))).collect();
+    let mut pubs: Vec<Raw> = (0..8)
+        .map(|i| Raw::ok(b.addr, &format!("sp-pub{i}")))
+        .collect();
     wait_both_shards_hold_connections(&b);
     for round in 0..60 {
         let mut s = Raw::ok(b.addr, &format!("sp-sub{round}"));
@@ -91,9 +119,15 @@ fn subscribe_then_publish_from_any_shard_loses_nothing() {
         for (i, p) in pubs.iter_mut().enumerate() {
             p.publish(&topic, &[i as u8], QoS::AtMostOnce, false, 0);
         }
-        let mut got: Vec<u8> = (0..pubs.len()).map(|_| s.next_publish().payload[0]).collect();
+        let mut got: Vec<u8> = (0..pubs.len())
+            .map(|_| s.next_publish().payload[0])
+            .collect();
         got.sort();
-        assert_eq!(got, (0..pubs.len() as u8).collect::<Vec<_>>(), "round {round}");
+        assert_eq!(
+            got,
+            (0..pubs.len() as u8).collect::<Vec<_>>(),
+            "round {round}"
+        );
     }
 }
 
@@ -115,7 +149,11 @@ fn fan_out_across_shards_reaches_every_subscriber_once() {
     for s in &mut subs {
         for k in 0..20u8 {
             let m = s.next_publish();
-            assert_eq!((m.payload[0], m.qos), (k, QoS::AtLeastOnce), "one copy per subscriber, highest QoS, in order");
+            assert_eq!(
+                (m.payload[0], m.qos),
+                (k, QoS::AtLeastOnce),
+                "one copy per subscriber, highest QoS, in order"
+            );
         }
         s.expect_silence(Duration::from_millis(50));
     }

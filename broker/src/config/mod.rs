@@ -400,14 +400,20 @@ impl Config {
             return Err(invalid("node.name", "must not be empty"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid("log.level", format!("{:?} is not a log filter", self.log.level)));
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a log filter", self.log.level),
+            ));
         }
         let cpus = self.shard_cpus();
         if cpus.is_empty() {
             return Err(invalid("shards.cpus", "needs at least one CPU"));
         }
         if cpus.len() > MAX_SHARDS {
-            return Err(invalid("shards.cpus", format!("at most {MAX_SHARDS} shards")));
+            return Err(invalid(
+                "shards.cpus",
+                format!("at most {MAX_SHARDS} shards"),
+            ));
         }
         for (i, c) in cpus.iter().enumerate() {
             if cpus[..i].contains(c) {
@@ -444,7 +450,10 @@ impl Config {
         }
         for (name, l) in &self.listener.tcp {
             if l.backlog == 0 {
-                return Err(invalid(&format!("listener.tcp.{name}.backlog"), "must be at least 1"));
+                return Err(invalid(
+                    &format!("listener.tcp.{name}.backlog"),
+                    "must be at least 1",
+                ));
             }
             if l.max_connections == 0 {
                 return Err(invalid(
@@ -455,19 +464,31 @@ impl Config {
         }
         let m = &self.mqtt;
         if m.max_packet_size.0 < 16 || m.max_packet_size.0 > 268_435_460 {
-            return Err(invalid("mqtt.max_packet_size", "must be between 16B and 256MB"));
+            return Err(invalid(
+                "mqtt.max_packet_size",
+                "must be between 16B and 256MB",
+            ));
         }
         if m.max_inflight == 0 || m.max_inflight > 65_535 {
             return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
         }
         if m.max_clientid_len == 0 || m.max_clientid_len > 65_535 {
-            return Err(invalid("mqtt.max_clientid_len", "must be between 1 and 65535"));
+            return Err(invalid(
+                "mqtt.max_clientid_len",
+                "must be between 1 and 65535",
+            ));
         }
         if m.v31_max_clientid_len == 0 || m.v31_max_clientid_len > 65_535 {
-            return Err(invalid("mqtt.v31_max_clientid_len", "must be between 1 and 65535"));
+            return Err(invalid(
+                "mqtt.v31_max_clientid_len",
+                "must be between 1 and 65535",
+            ));
         }
         if !(m.keepalive_multiplier.is_finite() && m.keepalive_multiplier >= 1.0) {
-            return Err(invalid("mqtt.keepalive_multiplier", "must be a number ≥ 1.0"));
+            return Err(invalid(
+                "mqtt.keepalive_multiplier",
+                "must be a number ≥ 1.0",
+            ));
         }
         if m.idle_timeout.enabled().is_none() {
             return Err(invalid("mqtt.idle_timeout", "must be more than 0s"));

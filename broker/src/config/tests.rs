@@ -17,7 +17,11 @@ fn keys(v: &toml::Value, prefix: &str) -> Vec<String> {
     let mut out = Vec::new();
     if let toml::Value::Table(t) = v {
         for (k, v) in t {
-            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             if v.is_table() {
                 out.extend(keys(v, &path));
             } else {
@@ -34,7 +38,11 @@ fn shipped_profiles_parse_and_validate() {
     for (name, text) in BUILTIN_PROFILES {
         let cfg = from_toml_str(text).unwrap_or_else(|e| panic!("profile {name}: {e}"));
         assert!(cfg.validate().is_ok(), "profile {name}");
-        let on_disk = std::fs::read_to_string(format!("{}/../configs/profiles/{name}.toml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let on_disk = std::fs::read_to_string(format!(
+            "{}/../configs/profiles/{name}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
         assert_eq!(&on_disk, text);
     }
     let bm = from_toml_str(BUILTIN_PROFILES[1].1).unwrap();
@@ -43,7 +51,9 @@ fn shipped_profiles_parse_and_validate() {
 
 #[test]
 fn unknown_key_is_an_error_naming_it() {
-    let e = from_toml_str("[mqtt]\nmax_inflihgt = 3\n").unwrap_err().to_string();
+    let e = from_toml_str("[mqtt]\nmax_inflihgt = 3\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("max_inflihgt"), "{e}");
     let e = from_toml_str("[nope]\nx = 1\n").unwrap_err().to_string();
     assert!(e.contains("nope"), "{e}");
@@ -53,11 +63,23 @@ fn unknown_key_is_an_error_naming_it() {
 fn bad_values_name_their_key() {
     let cases = [
         ("[mqtt]\nmax_inflight = \"many\"\n", "mqtt.max_inflight"),
-        ("[mqtt]\nretry_interval = \"3 fortnights\"\n", "mqtt.retry_interval"),
-        ("[mqtt]\nmax_packet_size = \"1TB\"\n", "mqtt.max_packet_size"),
+        (
+            "[mqtt]\nretry_interval = \"3 fortnights\"\n",
+            "mqtt.retry_interval",
+        ),
+        (
+            "[mqtt]\nmax_packet_size = \"1TB\"\n",
+            "mqtt.max_packet_size",
+        ),
         ("[mqtt]\nmax_inflight = 0\n", "mqtt.max_inflight"),
-        ("[mqtt]\nkeepalive_multiplier = 0.5\n", "mqtt.keepalive_multiplier"),
-        ("[listener.tcp.external]\nbind = \"not an address\"\n", "listener.tcp.external.bind"),
+        (
+            "[mqtt]\nkeepalive_multiplier = 0.5\n",
+            "mqtt.keepalive_multiplier",
+        ),
+        (
+            "[listener.tcp.external]\nbind = \"not an address\"\n",
+            "listener.tcp.external.bind",
+        ),
         ("[shards]\ncpus = [0, 0]\n", "shards.cpus"),
         ("[shards]\ncpus = \"some\"\n", "shards.cpus"),
         ("[shards]\ncpus = [0]\nmqtt = [1]\n", "shards.mqtt"),
@@ -93,6 +115,7 @@ fn a_new_listener_gets_defaults_for_missing_keys() {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
 fn layering_file_profile_env() {
     let dir = std::env::temp_dir().join(format!("shardmq-cfg-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("profiles")).unwrap();
@@ -112,16 +135,30 @@ fn layering_file_profile_env() {
         assert_eq!(c.mqtt.max_inflight, 10);
         assert_eq!(c.mqtt.max_mqueue_len, 30);
         assert_eq!(c.mqtt.retry_interval, Duration::secs(5));
-        assert_eq!(c.listener.tcp["external"].bind, "127.0.0.1:11883".parse().unwrap());
+        assert_eq!(
+            c.listener.tcp["external"].bind,
+            "127.0.0.1:11883".parse().unwrap()
+        );
         jail.set_env("SHARDMQ_MQTT__NO_SUCH_KEY", "1");
-        let e = load(&LoadOptions { use_env: true, ..Default::default() }).unwrap_err();
+        let e = load(&LoadOptions {
+            use_env: true,
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("no_such_key"), "{e}");
         Ok(())
     });
-    let e = load(&LoadOptions { profile: Some("nope".into()), ..Default::default() }).unwrap_err();
+    let e = load(&LoadOptions {
+        profile: Some("nope".into()),
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(matches!(e, ConfigError::UnknownProfile(..)));
-    let e = load(&LoadOptions { config_file: Some(dir.join("missing.toml")), ..Default::default() })
-        .unwrap_err();
+    let e = load(&LoadOptions {
+        config_file: Some(dir.join("missing.toml")),
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(matches!(e, ConfigError::File(..)));
     let _ = std::fs::remove_dir_all(dir);
 }

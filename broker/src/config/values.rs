@@ -87,7 +87,9 @@ impl<'de> Deserialize<'de> for Duration {
         impl Visitor<'_> for V {
             type Value = Duration;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"500ms\", \"30s\", \"2h\" or an integer of seconds")
+                f.write_str(
+                    "a duration such as \"500ms\", \"30s\", \"2h\" or an integer of seconds",
+                )
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
                 v.checked_mul(1000)
@@ -131,7 +133,11 @@ pub fn parse_size(s: &str) -> Result<ByteSize, String> {
         "KB" | "K" | "KIB" => 1 << 10,
         "MB" | "M" | "MIB" => 1 << 20,
         "GB" | "G" | "GIB" => 1 << 30,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}: use B, KB, MB or GB")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {s:?}: use B, KB, MB or GB"
+            ))
+        }
     };
     n.checked_mul(mult)
         .map(ByteSize)
@@ -214,7 +220,9 @@ impl<'de> Deserialize<'de> for Selection {
                 if v.trim() == "all" {
                     Ok(Selection::All)
                 } else {
-                    Err(E::custom(format!("expected \"all\" or a list, found {v:?}")))
+                    Err(E::custom(format!(
+                        "expected \"all\" or a list, found {v:?}"
+                    )))
                 }
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Selection, A::Error> {

@@ -191,6 +191,9 @@ struct ForwardSlot {
     barrier_done: bool,
 }
 
+// Forwarding slots are rare and short-lived; boxing the common variant would cost an
+// allocation per session.
+#[allow(clippy::large_enum_variant)]
 enum SessionSlot {
     Active(ActiveSession),
     Forwarding(ForwardSlot),
@@ -214,9 +217,20 @@ struct Registration {
 }
 
 enum Waiter {
-    Suback { conn: ConnId, packet: Bytes },
-    Release { client_id: ByteStr, to: usize, key: usize, gen: u32 },
-    Barrier { key: usize, gen: u32 },
+    Suback {
+        conn: ConnId,
+        packet: Bytes,
+    },
+    Release {
+        client_id: ByteStr,
+        to: usize,
+        key: usize,
+        gen: u32,
+    },
+    Barrier {
+        key: usize,
+        gen: u32,
+    },
 }
 
 enum Handed {
@@ -393,7 +407,9 @@ impl Engine {
         let (level, expect_connect) = self
             .conns
             .get(id.idx as usize)
-            .map_or((ProtocolLevel::V311, false), |c| (c.level, c.phase == ConnPhase::AwaitingConnect));
+            .map_or((ProtocolLevel::V311, false), |c| {
+                (c.level, c.phase == ConnPhase::AwaitingConnect)
+            });
         DecodeOptions {
             max_packet_size: self.cfg.max_packet_size,
             level,
@@ -419,10 +435,15 @@ impl Engine {
 
     /// What the driver should do next; `None` once the connection is gone.
     pub fn conn_status(&self, id: ConnId) -> Option<ConnStatus> {
-        let c = self.conns.get(id.idx as usize).filter(|c| c.gen == id.gen)?;
+        let c = self
+            .conns
+            .get(id.idx as usize)
+            .filter(|c| c.gen == id.gen)?;
         let deadline = match c.phase {
             ConnPhase::AwaitingConnect => Some(c.opened_at.after(self.cfg.idle_timeout)),
-            ConnPhase::Connecting | ConnPhase::Connected(_) => c.keepalive.map(|k| c.last_rx.after(k)),
+            ConnPhase::Connecting | ConnPhase::Connected(_) => {
+                c.keepalive.map(|k| c.last_rx.after(k))
+            }
             ConnPhase::Closed => None,
         };
         Some(ConnStatus {
@@ -450,10 +471,11 @@ impl Engine {
         c.last_rx = now;
         self.metrics.packets_received += 1;
         match (c.phase, packet) {
-            (ConnPhase::AwaitingConnect, Packet::Connect(connect)) => self.on_connect(id, connect),
-            (ConnPhase::AwaitingConnect, p) => {
-                self.violation(id, &format!("[MQTT-3.1.0-1] first packet is {}, not CONNECT", p.name()))
-            }
+            (ConnPhase::AwaitingConnect, Packet::Connect(connect)) => self.on_connect(id, *connect),
+            (ConnPhase::AwaitingConnect, p) => self.violation(
+                id,
+                &format!("[MQTT-3.1.0-1] first packet is {}, not CONNECT", p.name()),
+            ),
             (ConnPhase::Connected(_), Packet::Connect(_)) => {
                 self.violation(id, "[MQTT-3.1.0-2] second CONNECT on a connection")
             }
@@ -478,7 +500,9 @@ impl Engine {
         if c.close {
             return;
         }
-        if let (ConnPhase::AwaitingConnect, DecodeError::UnsupportedProtocolLevel { .. }) = (c.phase, err) {
+        if let (ConnPhase::AwaitingConnect, DecodeError::UnsupportedProtocolLevel { .. }) =
+            (c.phase, err)
+        {
             self.metrics.connects_refused += 1;
             debug!(peer = %c.peer, error = %err, "refusing CONNECT");
             mqtt::encode(
@@ -601,7 +625,7 @@ impl Engine {
         }
     }
 
-    fn on_connect(&mut self, id: ConnId, connect: Box<Connect>) {
+    fn on_connect(&mut self, id: ConnId, connect: Connect) {
         let Connect {
             level,
             client_id,
@@ -609,7 +633,7 @@ impl Engine {
             keep_alive,
             will,
             ..
-        } = *connect;
+        } = connect;
         let limit = match level {
             ProtocolLevel::V31 => self.cfg.v31_max_clientid_len,
             ProtocolLevel::V311 => self.cfg.max_clientid_len,
@@ -617,7 +641,10 @@ impl Engine {
         let client_id = if client_id.is_empty() {
             if level == ProtocolLevel::V311 && clean_session {
                 self.client_seq += 1;
-                format!("shardmq-{:x}-{}-{}", self.started_at.0, self.cfg.shard, self.client_seq)
+                format!(
+                    "shardmq-{:x}-{}-{}",
+                    self.started_at.0, self.cfg.shard, self.client_seq
+                )
             } else {
                 // [MQTT-3.1.3-8]: an empty id needs clean session (and 3.1 has no empty ids).
                 if let Some(c) = conn_mut(&mut self.conns, id) {
@@ -690,7 +717,11 @@ impl Engine {
                 }
                 self.end_connection(id, false);
             }
-            p @ (Packet::Connack(_) | Packet::Suback(_) | Packet::Unsuback(_) | Packet::Pingresp | Packet::Connect(_)) => {
+            p @ (Packet::Connack(_)
+            | Packet::Suback(_)
+            | Packet::Unsuback(_)
+            | Packet::Pingresp
+            | Packet::Connect(_)) => {
                 self.violation(id, &format!("{} is a server-to-client packet", p.name()))
             }
         }
@@ -704,7 +735,10 @@ impl Engine {
                 let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
                     return;
                 };
-                match a.session.on_inbound_qos2(p.packet_id, now, &self.cfg.limits) {
+                match a
+                    .session
+                    .on_inbound_qos2(p.packet_id, now, &self.cfg.limits)
+                {
                     Ok(new) => {
                         self.arm(key);
                         new
@@ -712,7 +746,10 @@ impl Engine {
                     Err(_) => {
                         return self.violation(
                             id,
-                            &format!("more than {} QoS 2 messages await PUBREL", self.cfg.limits.max_awaiting_rel),
+                            &format!(
+                                "more than {} QoS 2 messages await PUBREL",
+                                self.cfg.limits.max_awaiting_rel
+                            ),
                         )
                     }
                 }
@@ -736,7 +773,14 @@ impl Engine {
         }
     }
 
-    fn new_message(&mut self, topic: ByteStr, payload: Bytes, qos: QoS, retain: bool, publisher: ByteStr) -> SharedMessage {
+    fn new_message(
+        &mut self,
+        topic: ByteStr,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        publisher: ByteStr,
+    ) -> SharedMessage {
         self.msg_seq += 1;
         Arc::new(Message {
             id: message_id(self.cfg.shard, self.msg_seq),
@@ -767,20 +811,29 @@ impl Engine {
     fn store_retained(&mut self, msg: SharedMessage) {
         match self.retained.set(msg, self.now) {
             SetOutcome::Stored | SetOutcome::Replaced => self.metrics.retained_stored += 1,
-            SetOutcome::RefusedFull | SetOutcome::RefusedTooLarge => self.metrics.retained_refused += 1,
+            SetOutcome::RefusedFull | SetOutcome::RefusedTooLarge => {
+                self.metrics.retained_refused += 1
+            }
             SetOutcome::Cleared | SetOutcome::NothingToClear => {}
         }
     }
 
     fn publish_will(&mut self, client_id: &ByteStr, will: LastWill) {
         self.metrics.wills_published += 1;
-        let msg = self.new_message(will.topic, will.payload, will.qos, will.retain, client_id.clone());
+        let msg = self.new_message(
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
+            client_id.clone(),
+        );
         self.accept_message(msg, None);
     }
 
     fn publish(&mut self, msg: SharedMessage, origin: Option<ConnId>) {
         let mut remote = ShardSet::EMPTY;
-        self.routes.for_each_match(&msg.topic, |s| remote = remote.union(*s));
+        self.routes
+            .for_each_match(&msg.topic, |s| remote = remote.union(*s));
         for shard in remote.iter() {
             self.send_delivery(shard, &msg, origin);
         }
@@ -841,10 +894,27 @@ impl Engine {
                         return;
                     }
                 }
-                let conn = a.conn.and_then(|id| conn_mut(&mut self.conns, id)).filter(|c| !c.close);
+                let conn = a
+                    .conn
+                    .and_then(|id| conn_mut(&mut self.conns, id))
+                    .filter(|c| !c.close);
                 let (outcome, conn) = match conn {
-                    Some(c) => (a.session.deliver(msg, qos, retain, now, &self.cfg.limits, Some(&mut c.outbox)), Some(c)),
-                    None => (a.session.deliver(msg, qos, retain, now, &self.cfg.limits, None), None),
+                    Some(c) => (
+                        a.session.deliver(
+                            msg,
+                            qos,
+                            retain,
+                            now,
+                            &self.cfg.limits,
+                            Some(&mut c.outbox),
+                        ),
+                        Some(c),
+                    ),
+                    None => (
+                        a.session
+                            .deliver(msg, qos, retain, now, &self.cfg.limits, None),
+                        None,
+                    ),
                 };
                 match outcome {
                     Delivery::Sent => {
@@ -914,7 +984,10 @@ impl Engine {
         let level = conn_mut(&mut self.conns, id).map_or(ProtocolLevel::V311, |c| c.level);
         if level == ProtocolLevel::V31 {
             if let Some((f, _)) = sub.filters.iter().find(|(f, _)| topic::is_shared(f)) {
-                return self.violation(id, &format!("subscription to {f:?} refused; MQTT 3.1 has no SUBACK failure code"));
+                return self.violation(
+                    id,
+                    &format!("subscription to {f:?} refused; MQTT 3.1 has no SUBACK failure code"),
+                );
             }
         }
         let mut codes = Vec::with_capacity(sub.filters.len());
@@ -941,7 +1014,13 @@ impl Engine {
             }),
             &mut packet,
         );
-        self.add_waiter(seq, Waiter::Suback { conn: id, packet: packet.freeze() });
+        self.add_waiter(
+            seq,
+            Waiter::Suback {
+                conn: id,
+                packet: packet.freeze(),
+            },
+        );
         for (filter, qos) in granted {
             self.query_retained(key, &filter, qos);
         }
@@ -999,7 +1078,8 @@ impl Engine {
 
     fn lookup_retained(&self, filter: &str) -> Vec<SharedMessage> {
         let mut msgs = Vec::new();
-        self.retained.lookup(filter, self.now, |m| msgs.push(m.clone()));
+        self.retained
+            .lookup(filter, self.now, |m| msgs.push(m.clone()));
         msgs
     }
 
@@ -1104,7 +1184,12 @@ impl Engine {
                     }
                 }
             }
-            Waiter::Release { client_id, to, key, gen } => {
+            Waiter::Release {
+                client_id,
+                to,
+                key,
+                gen,
+            } => {
                 if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
                     if a.gen == gen {
                         if a.upstream_released {
@@ -1152,10 +1237,20 @@ impl Engine {
         key
     }
 
-    fn install_session(&mut self, session: Session, epoch: u64, dedup: Vec<MessageId>, upstream: Option<usize>) -> usize {
+    fn install_session(
+        &mut self,
+        session: Session,
+        epoch: u64,
+        dedup: Vec<MessageId>,
+        upstream: Option<usize>,
+    ) -> usize {
         let gen = self.next_gen();
         let client_id = session.client_id.clone();
-        let subs: Vec<(String, QoS)> = session.subscriptions.iter().map(|(f, q)| (f.clone(), *q)).collect();
+        let subs: Vec<(String, QoS)> = session
+            .subscriptions
+            .iter()
+            .map(|(f, q)| (f.clone(), *q))
+            .collect();
         let key = self.sessions.insert(SessionSlot::Active(ActiveSession {
             gen,
             session,
@@ -1173,7 +1268,15 @@ impl Engine {
         }
         let seq = self.flush_routes();
         if let Some(to) = upstream {
-            self.add_waiter(seq, Waiter::Release { client_id, to, key, gen });
+            self.add_waiter(
+                seq,
+                Waiter::Release {
+                    client_id,
+                    to,
+                    key,
+                    gen,
+                },
+            );
         }
         key
     }
@@ -1280,7 +1383,11 @@ impl Engine {
                         }
                     }
                 }
-                Handed::Moved { session, dedup, upstream } => {
+                Handed::Moved {
+                    session,
+                    dedup,
+                    upstream,
+                } => {
                     let key = self.install_session(*session, epoch, dedup, upstream);
                     self.detach(key);
                 }
@@ -1301,10 +1408,19 @@ impl Engine {
                     (key, true)
                 }
             }
-            Handed::Moved { session, dedup, upstream } => {
+            Handed::Moved {
+                session,
+                dedup,
+                upstream,
+            } => {
                 if clean {
                     if let Some(up) = upstream {
-                        self.send(up, ShardMsg::ReleaseForward { client_id: client_id.clone() });
+                        self.send(
+                            up,
+                            ShardMsg::ReleaseForward {
+                                client_id: client_id.clone(),
+                            },
+                        );
                     }
                     (self.new_session(client_id, clean, epoch), false)
                 } else {
@@ -1430,7 +1546,12 @@ impl Engine {
             return;
         };
         self.forwarders.remove(&f.client_id);
-        self.send(f.to, ShardMsg::ForwardDone { client_id: f.client_id });
+        self.send(
+            f.to,
+            ShardMsg::ForwardDone {
+                client_id: f.client_id,
+            },
+        );
     }
 
     fn on_forward(&mut self, from: usize, client_id: ByteStr, msg: SharedMessage, qos: QoS) {
@@ -1438,7 +1559,14 @@ impl Engine {
             if let Some(SessionSlot::Forwarding(f)) = self.sessions.get(key) {
                 if f.upstream == Some(from) {
                     let to = f.to;
-                    return self.send(to, ShardMsg::Forward { client_id, msg, qos });
+                    return self.send(
+                        to,
+                        ShardMsg::Forward {
+                            client_id,
+                            msg,
+                            qos,
+                        },
+                    );
                 }
             }
         }
@@ -1469,12 +1597,15 @@ impl Engine {
     // ---------------------------------------------------------------- registry (owner side)
 
     fn on_register(&mut self, client_id: ByteStr, ticket: Ticket, clean: bool) {
-        let reg = self.registry.entry(client_id.clone()).or_insert(Registration {
-            holder: None,
-            epoch: 0,
-            busy: false,
-            waiting: VecDeque::new(),
-        });
+        let reg = self
+            .registry
+            .entry(client_id.clone())
+            .or_insert(Registration {
+                holder: None,
+                epoch: 0,
+                busy: false,
+                waiting: VecDeque::new(),
+            });
         if reg.busy {
             reg.waiting.push_back((ticket, clean));
             return;
@@ -1543,7 +1674,9 @@ impl Engine {
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
         if self.cfg.retained.expiry.is_some() && !self.retained.is_empty() {
-            Some(t.map_or(self.next_retained_purge, |t| t.min(self.next_retained_purge)))
+            Some(t.map_or(self.next_retained_purge, |t| {
+                t.min(self.next_retained_purge)
+            }))
         } else {
             t
         }
@@ -1570,10 +1703,15 @@ impl Engine {
                 self.discard_session(key, true);
                 continue;
             }
-            let conn = a.conn.and_then(|id| conn_mut(&mut self.conns, id)).filter(|c| !c.close);
+            let conn = a
+                .conn
+                .and_then(|id| conn_mut(&mut self.conns, id))
+                .filter(|c| !c.close);
             let (resent, expired) = match conn {
                 Some(c) => {
-                    let r = a.session.on_timeout(now, &self.cfg.limits, Some(&mut c.outbox));
+                    let r = a
+                        .session
+                        .on_timeout(now, &self.cfg.limits, Some(&mut c.outbox));
                     if r.0 > 0 {
                         c.wake();
                     }
@@ -1628,7 +1766,10 @@ impl Engine {
             }
             ShardMsg::Route { seq, add, remove } => {
                 for f in add {
-                    self.routes.entry_or_insert_with(&f, ShardSet::default).0.insert(from);
+                    self.routes
+                        .entry_or_insert_with(&f, ShardSet::default)
+                        .0
+                        .insert(from);
                 }
                 for f in remove {
                     if let Some(set) = self.routes.get_mut(&f) {
@@ -1651,10 +1792,19 @@ impl Engine {
                     }
                 }
             }
-            ShardMsg::Register { client_id, ticket, clean } => self.on_register(client_id, ticket, clean),
+            ShardMsg::Register {
+                client_id,
+                ticket,
+                clean,
+            } => self.on_register(client_id, ticket, clean),
             ShardMsg::ConnectDone { client_id, epoch } => self.on_connect_done(client_id, epoch),
             ShardMsg::Unregister { client_id, epoch } => self.on_unregister(client_id, epoch),
-            ShardMsg::Takeover { client_id, ticket, epoch, clean } => self.on_takeover(client_id, ticket, epoch, clean),
+            ShardMsg::Takeover {
+                client_id,
+                ticket,
+                epoch,
+                clean,
+            } => self.on_takeover(client_id, ticket, epoch, clean),
             ShardMsg::Handover {
                 client_id,
                 ticket,
@@ -1673,17 +1823,30 @@ impl Engine {
                 };
                 self.finish_connect(client_id, ticket, epoch, handed);
             }
-            ShardMsg::Forward { client_id, msg, qos } => self.on_forward(from, client_id, msg, qos),
+            ShardMsg::Forward {
+                client_id,
+                msg,
+                qos,
+            } => self.on_forward(from, client_id, msg, qos),
             ShardMsg::ReleaseForward { client_id } => self.on_release(client_id),
             ShardMsg::ForwardDone { client_id } => self.on_forward_done(from, client_id),
             ShardMsg::RetainedSet(m) => self.store_retained(m),
-            ShardMsg::RetainedQuery { session, filter, qos } => {
+            ShardMsg::RetainedQuery {
+                session,
+                filter,
+                qos,
+            } => {
                 let msgs = self.lookup_retained(&filter);
                 if !msgs.is_empty() {
-                    self.send(session.shard, ShardMsg::RetainedReply { session, qos, msgs });
+                    self.send(
+                        session.shard,
+                        ShardMsg::RetainedReply { session, qos, msgs },
+                    );
                 }
             }
-            ShardMsg::RetainedReply { session, qos, msgs } => self.deliver_retained(session, qos, msgs),
+            ShardMsg::RetainedReply { session, qos, msgs } => {
+                self.deliver_retained(session, qos, msgs)
+            }
         }
     }
 
@@ -1703,7 +1866,12 @@ impl Engine {
         let q = &mut self.outgoing[dest].queue;
         let n = q.len().min(self.cfg.batch_size);
         let batch: Vec<ShardMsg> = q.drain(..n).collect();
-        if !self.paused.is_empty() && self.outgoing.iter().all(|o| o.queue.len() < self.cfg.max_pending / 2) {
+        if !self.paused.is_empty()
+            && self
+                .outgoing
+                .iter()
+                .all(|o| o.queue.len() < self.cfg.max_pending / 2)
+        {
             for id in std::mem::take(&mut self.paused) {
                 if let Some(c) = conn_mut(&mut self.conns, id) {
                     c.paused = false;

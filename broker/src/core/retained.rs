@@ -135,7 +135,10 @@ impl RetainedStore {
     }
 }
 
-fn live(entry: &Option<(SharedMessage, Option<Timestamp>)>, now: Timestamp) -> Option<&SharedMessage> {
+fn live(
+    entry: &Option<(SharedMessage, Option<Timestamp>)>,
+    now: Timestamp,
+) -> Option<&SharedMessage> {
     match entry {
         Some((m, exp)) if exp.is_none_or(|e| now < e) => Some(m),
         _ => None,
@@ -249,7 +252,13 @@ mod tests {
 
     fn found(s: &RetainedStore, filter: &str, now: u64) -> Vec<String> {
         let mut v = Vec::new();
-        s.lookup(filter, Timestamp(now), |m| v.push(format!("{}={}", m.topic, String::from_utf8_lossy(&m.payload))));
+        s.lookup(filter, Timestamp(now), |m| {
+            v.push(format!(
+                "{}={}",
+                m.topic,
+                String::from_utf8_lossy(&m.payload)
+            ))
+        });
         v.sort();
         v
     }
@@ -273,7 +282,10 @@ mod tests {
         assert_eq!(s.set(msg("a/b", ""), now), SetOutcome::NothingToClear);
         assert_eq!(found(&s, "a/#", 0), vec!["a/c/d=4", "a=3"]);
         assert_eq!(s.len(), 3);
-        assert_eq!(s.set(msg("big", "01234567890"), now), SetOutcome::RefusedTooLarge);
+        assert_eq!(
+            s.set(msg("big", "01234567890"), now),
+            SetOutcome::RefusedTooLarge
+        );
     }
 
     #[test]

@@ -163,7 +163,15 @@ impl Session {
                     if out.len() >= lim.max_write_buffer {
                         return Delivery::DroppedSlowConsumer;
                     }
-                    mqtt::encode_publish(false, qos, retain, msg.topic.as_bytes(), 0, &msg.payload, out);
+                    mqtt::encode_publish(
+                        false,
+                        qos,
+                        retain,
+                        msg.topic.as_bytes(),
+                        0,
+                        &msg.payload,
+                        out,
+                    );
                     return Delivery::Sent;
                 }
                 if self.inflight.len() < lim.max_inflight {
@@ -176,7 +184,13 @@ impl Session {
         }
     }
 
-    fn enqueue(&mut self, msg: &SharedMessage, qos: QoS, retain: bool, lim: &SessionLimits) -> Delivery {
+    fn enqueue(
+        &mut self,
+        msg: &SharedMessage,
+        qos: QoS,
+        retain: bool,
+        lim: &SessionLimits,
+    ) -> Delivery {
         let dropped_oldest = self.queue.len() >= lim.max_mqueue_len;
         if dropped_oldest {
             self.queue.pop_front();
@@ -199,9 +213,24 @@ impl Session {
         }
     }
 
-    fn send_new(&mut self, msg: SharedMessage, qos: QoS, retain: bool, now: Timestamp, out: &mut BytesMut) {
+    fn send_new(
+        &mut self,
+        msg: SharedMessage,
+        qos: QoS,
+        retain: bool,
+        now: Timestamp,
+        out: &mut BytesMut,
+    ) {
         let packet_id = self.next_packet_id();
-        mqtt::encode_publish(false, qos, retain, msg.topic.as_bytes(), packet_id, &msg.payload, out);
+        mqtt::encode_publish(
+            false,
+            qos,
+            retain,
+            msg.topic.as_bytes(),
+            packet_id,
+            &msg.payload,
+            out,
+        );
         self.inflight.push_back(InflightEntry {
             packet_id,
             msg,
@@ -220,9 +249,19 @@ impl Session {
             if front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight {
                 break;
             }
-            let Some(q) = self.queue.pop_front() else { break };
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
             if q.qos == QoS::AtMostOnce {
-                mqtt::encode_publish(false, q.qos, q.retain, q.msg.topic.as_bytes(), 0, &q.msg.payload, out);
+                mqtt::encode_publish(
+                    false,
+                    q.qos,
+                    q.retain,
+                    q.msg.topic.as_bytes(),
+                    0,
+                    &q.msg.payload,
+                    out,
+                );
             } else {
                 self.send_new(q.msg, q.qos, q.retain, now, out);
             }
@@ -259,7 +298,13 @@ impl Session {
     }
 
     /// PUBACK for a QoS 1 delivery. Frees its slot and drains the queue (count returned).
-    pub fn on_puback(&mut self, id: u16, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> Result<usize, UnknownPacketId> {
+    pub fn on_puback(
+        &mut self,
+        id: u16,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: &mut BytesMut,
+    ) -> Result<usize, UnknownPacketId> {
         let pos = self
             .inflight
             .iter()
@@ -270,7 +315,12 @@ impl Session {
     }
 
     /// PUBREC for a QoS 2 delivery: answer PUBREL and wait for PUBCOMP.
-    pub fn on_pubrec(&mut self, id: u16, now: Timestamp, out: &mut BytesMut) -> Result<(), UnknownPacketId> {
+    pub fn on_pubrec(
+        &mut self,
+        id: u16,
+        now: Timestamp,
+        out: &mut BytesMut,
+    ) -> Result<(), UnknownPacketId> {
         let e = self
             .inflight
             .iter_mut()
@@ -283,7 +333,13 @@ impl Session {
     }
 
     /// PUBCOMP for a QoS 2 delivery. Frees its slot and drains the queue (count returned).
-    pub fn on_pubcomp(&mut self, id: u16, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> Result<usize, UnknownPacketId> {
+    pub fn on_pubcomp(
+        &mut self,
+        id: u16,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: &mut BytesMut,
+    ) -> Result<usize, UnknownPacketId> {
         let pos = self
             .inflight
             .iter()
@@ -295,7 +351,12 @@ impl Session {
 
     /// An inbound QoS 2 PUBLISH: `Ok(true)` if it is new and must be routed, `Ok(false)` if it
     /// is a resend of one not yet released.
-    pub fn on_inbound_qos2(&mut self, id: u16, now: Timestamp, lim: &SessionLimits) -> Result<bool, AwaitingRelFull> {
+    pub fn on_inbound_qos2(
+        &mut self,
+        id: u16,
+        now: Timestamp,
+        lim: &SessionLimits,
+    ) -> Result<bool, AwaitingRelFull> {
         if self.awaiting_rel.contains_key(&id) {
             return Ok(false);
         }
@@ -329,7 +390,12 @@ impl Session {
 
     /// Resends what is due (when `out` is given) and forgets expired inbound QoS 2 ids.
     /// Returns (deliveries resent, QoS 2 ids expired).
-    pub fn on_timeout(&mut self, now: Timestamp, lim: &SessionLimits, out: Option<&mut BytesMut>) -> (usize, usize) {
+    pub fn on_timeout(
+        &mut self,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: Option<&mut BytesMut>,
+    ) -> (usize, usize) {
         let mut resent = 0;
         if let (Some(r), Some(out)) = (lim.retry_interval, out) {
             for e in self.inflight.iter_mut() {

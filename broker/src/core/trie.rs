@@ -38,7 +38,10 @@ impl<V> Default for Node<V> {
 
 impl<V> Node<V> {
     fn is_empty(&self) -> bool {
-        self.value.is_none() && self.hash.is_none() && self.plus.is_none() && self.children.is_empty()
+        self.value.is_none()
+            && self.hash.is_none()
+            && self.plus.is_none()
+            && self.children.is_empty()
     }
 }
 
@@ -76,7 +79,11 @@ impl<V> TopicTrie<V> {
 
     /// The value of `filter`, inserting `make()` if absent. Returns the value and whether it
     /// was inserted.
-    pub fn entry_or_insert_with(&mut self, filter: &str, make: impl FnOnce() -> V) -> (&mut V, bool) {
+    pub fn entry_or_insert_with(
+        &mut self,
+        filter: &str,
+        make: impl FnOnce() -> V,
+    ) -> (&mut V, bool) {
         let mut node = &mut self.root;
         let mut rest = Some(filter);
         let slot = loop {
@@ -256,8 +263,24 @@ mod tests {
     }
 
     const FILTERS: &[&str] = &[
-        "#", "+", "+/+", "/+", "a", "a/#", "a/+", "a/b", "a/b/c", "a/+/c", "+/b/#", "$SYS/#",
-        "$SYS/+/x", "+/monitor/Clients", "sport/tennis/player1/#", "sport/+", "", "a//c",
+        "#",
+        "+",
+        "+/+",
+        "/+",
+        "a",
+        "a/#",
+        "a/+",
+        "a/b",
+        "a/b/c",
+        "a/+/c",
+        "+/b/#",
+        "$SYS/#",
+        "$SYS/+/x",
+        "+/monitor/Clients",
+        "sport/tennis/player1/#",
+        "sport/+",
+        "",
+        "a//c",
     ];
 
     #[test]
@@ -267,11 +290,17 @@ mod tests {
             t.entry_or_insert_with(f, || f.to_string());
         }
         assert_eq!(matched(&t, "a"), vec!["#", "+", "a", "a/#"]);
-        assert_eq!(matched(&t, "a/b"), vec!["#", "+/+", "+/b/#", "a/#", "a/+", "a/b"]);
+        assert_eq!(
+            matched(&t, "a/b"),
+            vec!["#", "+/+", "+/b/#", "a/#", "a/+", "a/b"]
+        );
         assert_eq!(matched(&t, "$SYS/broker/x"), vec!["$SYS/#", "$SYS/+/x"]);
         assert_eq!(matched(&t, "$SYS/monitor/Clients"), vec!["$SYS/#"]);
         assert_eq!(matched(&t, "/finance"), vec!["#", "+/+", "/+"]);
-        assert_eq!(matched(&t, "sport/tennis/player1"), vec!["#", "sport/tennis/player1/#"]);
+        assert_eq!(
+            matched(&t, "sport/tennis/player1"),
+            vec!["#", "sport/tennis/player1/#"]
+        );
         assert_eq!(matched(&t, "sport"), vec!["#", "+"]);
     }
 
@@ -303,7 +332,11 @@ mod tests {
         let mut all = Vec::new();
         t.for_each(|f, _| all.push(f.to_string()));
         all.sort();
-        let mut expected: Vec<String> = FILTERS.iter().filter(|f| !f.is_empty()).map(|s| s.to_string()).collect();
+        let mut expected: Vec<String> = FILTERS
+            .iter()
+            .filter(|f| !f.is_empty())
+            .map(|s| s.to_string())
+            .collect();
         expected.sort();
         assert_eq!(all, expected);
     }

@@ -45,7 +45,12 @@ enum End {
 }
 
 /// Runs the connection until it ends, then closes the socket and tells the engine.
-pub async fn drive(engine: Rc<RefCell<Engine>>, scratch: Rc<RefCell<Vec<u8>>>, stream: TcpStream, id: ConnId) {
+pub async fn drive(
+    engine: Rc<RefCell<Engine>>,
+    scratch: Rc<RefCell<Vec<u8>>>,
+    stream: TcpStream,
+    id: ConnId,
+) {
     let mut d = Driver {
         engine,
         scratch,

@@ -65,7 +65,13 @@ pub fn spawn_accept(
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                     let id = e.open_conn(peer, Timestamp::now());
                     drop(e);
-                    spawn_local(connection::drive(engine.clone(), scratch.clone(), stream, id)).detach();
+                    spawn_local(connection::drive(
+                        engine.clone(),
+                        scratch.clone(),
+                        stream,
+                        id,
+                    ))
+                    .detach();
                 }
                 Err(err) => {
                     // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.

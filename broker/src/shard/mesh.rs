@@ -10,7 +10,9 @@
 use crate::core::engine::Engine;
 use crate::core::msgs::ShardMsg;
 use crate::core::time::Timestamp;
-use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::channels::shared_channel::{
+    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
+};
 use glommio::{spawn_local, Task};
 use std::cell::RefCell;
 use std::future::poll_fn;

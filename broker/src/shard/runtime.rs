@@ -84,11 +84,14 @@ pub struct ShardStats {
     pub retained: u64,
 }
 
+/// (shard, CPU, executor thread) of a running shard.
+type ShardThread = (usize, usize, ExecutorJoinHandle<Result<(), String>>);
+
 /// A running broker.
 pub struct BrokerHandle {
     listeners: Vec<(String, SocketAddr)>,
     shutdown: Arc<AtomicBool>,
-    joins: Vec<(usize, usize, ExecutorJoinHandle<Result<(), String>>)>,
+    joins: Vec<ShardThread>,
     stats: Arc<Vec<Mutex<ShardStats>>>,
 }
 
@@ -136,9 +139,16 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     for (name, l) in cfg.listener.tcp.iter().filter(|(_, l)| l.enable) {
         let addr = listener::probe(l.bind).map_err(|error| {
             if error.kind() == std::io::ErrorKind::AddrInUse {
-                StartError::PortInUse { name: name.clone(), addr: l.bind }
+                StartError::PortInUse {
+                    name: name.clone(),
+                    addr: l.bind,
+                }
             } else {
-                StartError::Bind { name: name.clone(), addr: l.bind, error }
+                StartError::Bind {
+                    name: name.clone(),
+                    addr: l.bind,
+                    error,
+                }
             }
         })?;
         listeners.push((name.clone(), addr, l.clone()));
@@ -147,11 +157,18 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         return Err(StartError::NoListener);
     }
     let shutdown = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new((0..shards).map(|_| Mutex::new(ShardStats::default())).collect::<Vec<_>>());
+    let stats = Arc::new(
+        (0..shards)
+            .map(|_| Mutex::new(ShardStats::default()))
+            .collect::<Vec<_>>(),
+    );
     let mut joins = Vec::new();
     let mut reports = Vec::new();
     let mut failure = None;
-    for (shard, ends) in mesh::full_mesh(shards, cfg.shards.channel_capacity).into_iter().enumerate() {
+    for (shard, ends) in mesh::full_mesh(shards, cfg.shards.channel_capacity)
+        .into_iter()
+        .enumerate()
+    {
         let cpu = cpus[shard];
         let (tx, rx) = mpsc::channel();
         let ctx = ShardCtx {
@@ -175,7 +192,11 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
                 reports.push((shard, cpu, rx));
             }
             Err(e) => {
-                failure = Some(StartError::Shard { shard, cpu, error: e.to_string() });
+                failure = Some(StartError::Shard {
+                    shard,
+                    cpu,
+                    error: e.to_string(),
+                });
                 break;
             }
         }
@@ -185,18 +206,31 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             match rx.recv() {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
-                    failure = Some(StartError::Shard { shard: *shard, cpu: *cpu, error });
+                    failure = Some(StartError::Shard {
+                        shard: *shard,
+                        cpu: *cpu,
+                        error,
+                    });
                     break;
                 }
                 Err(_) => {
-                    failure = Some(StartError::Shard { shard: *shard, cpu: *cpu, error: String::new() });
+                    failure = Some(StartError::Shard {
+                        shard: *shard,
+                        cpu: *cpu,
+                        error: String::new(),
+                    });
                     break;
                 }
             }
         }
     }
     let names = listeners.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
-    let handle = BrokerHandle { listeners: names, shutdown, joins, stats };
+    let handle = BrokerHandle {
+        listeners: names,
+        shutdown,
+        joins,
+        stats,
+    };
     if let Some(mut err) = failure {
         let results = handle.stop_collect();
         if let StartError::Shard { shard, error, .. } = &mut err {
@@ -228,7 +262,10 @@ impl BrokerHandle {
 
     /// The bound address of listener `name`.
     pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     /// The flag that stops the broker when raised.
@@ -297,7 +334,17 @@ async fn wait_for_shutdown(flag: &AtomicBool) {
 }
 
 async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
-    let ShardCtx { shard, shards, cfg, mqtt, listeners, ends, shutdown, report, stats } = ctx;
+    let ShardCtx {
+        shard,
+        shards,
+        cfg,
+        mqtt,
+        listeners,
+        ends,
+        shutdown,
+        report,
+        stats,
+    } = ctx;
     let connected = futures_lite::future::or(async { Some(mesh::connect(ends).await) }, async {
         wait_for_shutdown(&shutdown).await;
         None
@@ -306,7 +353,10 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     let Some(connected) = connected else {
         return Ok(());
     };
-    let engine = Rc::new(RefCell::new(Engine::new(EngineConfig::from_config(&cfg, shard, shards), Timestamp::now())));
+    let engine = Rc::new(RefCell::new(Engine::new(
+        EngineConfig::from_config(&cfg, shard, shards),
+        Timestamp::now(),
+    )));
     let scratch = Rc::new(RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]));
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
     let timer_task = spawn_local({
@@ -315,7 +365,9 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
             loop {
                 let now = Timestamp::now();
                 let next = engine.borrow().poll_timeout();
-                let wait = next.map_or(Duration::from_secs(1), |t| t.since(now).min(Duration::from_secs(1)));
+                let wait = next.map_or(Duration::from_secs(1), |t| {
+                    t.since(now).min(Duration::from_secs(1))
+                });
                 sleep(wait.max(Duration::from_millis(1))).await;
                 engine.borrow_mut().handle_timeout(Timestamp::now());
             }
@@ -350,7 +402,13 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     if mqtt {
         for (name, addr, lcfg) in &listeners {
             match listener::bind(*addr, lcfg.backlog) {
-                Ok(l) => accept_tasks.push(listener::spawn_accept(name.clone(), l, lcfg.clone(), engine.clone(), scratch.clone())),
+                Ok(l) => accept_tasks.push(listener::spawn_accept(
+                    name.clone(),
+                    l,
+                    lcfg.clone(),
+                    engine.clone(),
+                    scratch.clone(),
+                )),
                 Err(e) => {
                     let msg = format!("listener {name}: cannot bind {addr}: {e}");
                     let _ = report.send(Err(msg.clone()));

@@ -2,13 +2,13 @@
 //! ports, and a raw-bytes MQTT client built on the broker's own codec (so tests can send
 //! exactly the bytes they mean, valid or not).
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::{Bytes, BytesMut};
 use shardmq::config::{available_cpus, Config, Selection};
 use shardmq::protocol::mqtt::{
-    decode, encode, Connack, Connect, ConnectReturnCode, DecodeOptions, LastWill, Packet, ProtocolLevel, Publish, QoS,
-    Subscribe, Suback,
+    decode, encode, Connack, Connect, ConnectReturnCode, DecodeOptions, LastWill, Packet,
+    ProtocolLevel, Publish, QoS, Suback, Subscribe,
 };
 use shardmq::shard::BrokerHandle;
 use std::io::{ErrorKind, Read, Write};
@@ -23,7 +23,13 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub fn config(shards: usize) -> Config {
     let cpus = available_cpus();
     let mut c = Config::default();
-    c.shards.cpus = Selection::List(cpus.iter().copied().cycle().take(shards.min(cpus.len())).collect());
+    c.shards.cpus = Selection::List(
+        cpus.iter()
+            .copied()
+            .cycle()
+            .take(shards.min(cpus.len()))
+            .collect(),
+    );
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.log.level = "warn".into();
     c
@@ -40,7 +46,10 @@ impl Broker {
         cfg.validate().expect("test config is valid");
         let handle = shardmq::shard::start(&cfg).expect("broker starts");
         let addr = handle.addr("external").expect("external listener");
-        Broker { handle: Some(handle), addr }
+        Broker {
+            handle: Some(handle),
+            addr,
+        }
     }
 
     pub fn with_shards(n: usize) -> Broker {
@@ -59,7 +68,10 @@ impl Broker {
             if f(&m) {
                 return;
             }
-            assert!(start.elapsed() < WAIT, "timed out waiting for {what}: {m:?}");
+            assert!(
+                start.elapsed() < WAIT,
+                "timed out waiting for {what}: {m:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,12 +97,19 @@ impl Raw {
         let stream = TcpStream::connect(addr).expect("connect to broker");
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Raw { stream, buf: BytesMut::new(), level: ProtocolLevel::V311 }
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+            level: ProtocolLevel::V311,
+        }
     }
 
     /// Opens a connection and completes CONNECT/CONNACK.
     pub fn connect(addr: SocketAddr, client_id: &str, clean: bool) -> (Raw, Connack) {
-        Self::connect_full(addr, connect_packet(client_id, clean, ProtocolLevel::V311, 60, None))
+        Self::connect_full(
+            addr,
+            connect_packet(client_id, clean, ProtocolLevel::V311, 60, None),
+        )
     }
 
     pub fn connect_full(addr: SocketAddr, c: Connect) -> (Raw, Connack) {
@@ -123,12 +142,17 @@ impl Raw {
 
     /// The next packet, `None` if the broker closed the connection. Fails on timeout.
     pub fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT).unwrap_or_else(|| panic!("no packet within {WAIT:?}"))
+        self.recv_within(WAIT)
+            .unwrap_or_else(|| panic!("no packet within {WAIT:?}"))
     }
 
     /// `Some(packet or None=closed)`, or `None` if nothing arrived within `d`.
     pub fn recv_within(&mut self, d: Duration) -> Option<Option<Packet>> {
-        let opts = DecodeOptions { max_packet_size: usize::MAX, level: self.level, expect_connect: false };
+        let opts = DecodeOptions {
+            max_packet_size: usize::MAX,
+            level: self.level,
+            expect_connect: false,
+        };
         let deadline = Instant::now() + d;
         loop {
             if let Some(p) = decode(&mut self.buf, &opts).expect("broker sent an invalid packet") {
@@ -143,7 +167,9 @@ impl Raw {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Some(None),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => return None,
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                    return None
+                }
                 Err(_) => return Some(None),
             }
         }
@@ -230,7 +256,13 @@ impl Raw {
     }
 }
 
-pub fn connect_packet(client_id: &str, clean: bool, level: ProtocolLevel, keep_alive: u16, will: Option<LastWill>) -> Connect {
+pub fn connect_packet(
+    client_id: &str,
+    clean: bool,
+    level: ProtocolLevel,
+    keep_alive: u16,
+    will: Option<LastWill>,
+) -> Connect {
     Connect {
         level,
         client_id: client_id.into(),
@@ -243,5 +275,10 @@ pub fn connect_packet(client_id: &str, clean: bool, level: ProtocolLevel, keep_a
 }
 
 pub fn will(topic: &str, payload: &str, qos: QoS, retain: bool) -> LastWill {
-    LastWill { topic: topic.into(), payload: Bytes::copy_from_slice(payload.as_bytes()), qos, retain }
+    LastWill {
+        topic: topic.into(),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        qos,
+        retain,
+    }
 }

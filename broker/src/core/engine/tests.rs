@@ -44,7 +44,11 @@ impl Cluster {
                 Engine::new(c, now)
             })
             .collect();
-        Cluster { engines, now, wires: AHashMap::new() }
+        Cluster {
+            engines,
+            now,
+            wires: AHashMap::new(),
+        }
     }
 
     /// Moves every queued outgoing message onto its wire.
@@ -79,7 +83,12 @@ impl Cluster {
     fn settle(&mut self) {
         loop {
             self.collect();
-            let pairs: Vec<(usize, usize)> = self.wires.iter().filter(|(_, w)| !w.is_empty()).map(|(k, _)| *k).collect();
+            let pairs: Vec<(usize, usize)> = self
+                .wires
+                .iter()
+                .filter(|(_, w)| !w.is_empty())
+                .map(|(k, _)| *k)
+                .collect();
             if pairs.is_empty() {
                 return;
             }
@@ -103,7 +112,14 @@ impl Cluster {
         self.settle();
     }
 
-    fn connect_with(&mut self, shard: usize, client_id: &str, clean: bool, level: ProtocolLevel, will: Option<LastWill>) -> (Client, Vec<Packet>) {
+    fn connect_with(
+        &mut self,
+        shard: usize,
+        client_id: &str,
+        clean: bool,
+        level: ProtocolLevel,
+        will: Option<LastWill>,
+    ) -> (Client, Vec<Packet>) {
         let c = self.open(shard);
         self.send(
             c,
@@ -123,7 +139,16 @@ impl Cluster {
 
     fn connect(&mut self, shard: usize, client_id: &str, clean: bool) -> Client {
         let (c, out) = self.connect_with(shard, client_id, clean, ProtocolLevel::V311, None);
-        assert!(matches!(out.first(), Some(Packet::Connack(Connack { code: ConnectReturnCode::Accepted, .. }))), "{client_id}: {out:?}");
+        assert!(
+            matches!(
+                out.first(),
+                Some(Packet::Connack(Connack {
+                    code: ConnectReturnCode::Accepted,
+                    ..
+                }))
+            ),
+            "{client_id}: {out:?}"
+        );
         c
     }
 
@@ -140,7 +165,9 @@ impl Cluster {
     }
 
     fn closing(&self, c: Client) -> bool {
-        self.engines[c.shard].conn_status(c.id).is_none_or(|s| s.close)
+        self.engines[c.shard]
+            .conn_status(c.id)
+            .is_none_or(|s| s.close)
     }
 
     fn drop_conn(&mut self, c: Client) {
@@ -149,7 +176,13 @@ impl Cluster {
     }
 
     fn subscribe(&mut self, c: Client, filters: &[(&str, QoS)]) -> Vec<SubackCode> {
-        self.send(c, Packet::Subscribe(Subscribe { packet_id: 1, filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect() }));
+        self.send(
+            c,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect(),
+            }),
+        );
         let out = self.recv(c);
         let suback = out.iter().find_map(|p| match p {
             Packet::Suback(s) => Some(s.codes.clone()),
@@ -159,7 +192,17 @@ impl Cluster {
     }
 
     fn publish(&mut self, c: Client, topic: &str, payload: &str, qos: QoS, retain: bool, pid: u16) {
-        self.send(c, Packet::Publish(Publish { dup: false, qos, retain, topic: topic.into(), packet_id: pid, payload: Bytes::copy_from_slice(payload.as_bytes()) }));
+        self.send(
+            c,
+            Packet::Publish(Publish {
+                dup: false,
+                qos,
+                retain,
+                topic: topic.into(),
+                packet_id: pid,
+                payload: Bytes::copy_from_slice(payload.as_bytes()),
+            }),
+        );
     }
 
     fn advance(&mut self, d: Duration) {
@@ -175,7 +218,12 @@ fn publishes(packets: &[Packet]) -> Vec<(String, String, QoS, bool)> {
     packets
         .iter()
         .filter_map(|p| match p {
-            Packet::Publish(p) => Some((p.topic.to_string(), String::from_utf8_lossy(&p.payload).into_owned(), p.qos, p.retain)),
+            Packet::Publish(p) => Some((
+                p.topic.to_string(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+                p.qos,
+                p.retain,
+            )),
             _ => None,
         })
         .collect()
@@ -222,7 +270,11 @@ fn qos_downgrade_table() {
         }
         for (s, sq) in subs.iter().zip(qs) {
             let got = cl.recv(*s);
-            assert_eq!(publishes(&got), vec![("t".into(), "x".into(), (*pq).min(sq), false)], "pub {pq:?} sub {sq:?}");
+            assert_eq!(
+                publishes(&got),
+                vec![("t".into(), "x".into(), (*pq).min(sq), false)],
+                "pub {pq:?} sub {sq:?}"
+            );
             ack_all(&mut cl, *s, &got);
         }
     }
@@ -235,14 +287,26 @@ fn qos2_inbound_is_routed_once() {
     let s = cl.connect(0, "sub", true);
     cl.subscribe(s, &[("t", QoS::ExactlyOnce)]);
     cl.publish(p, "t", "once", QoS::ExactlyOnce, false, 9);
-    cl.send(p, Packet::Publish(Publish { dup: true, qos: QoS::ExactlyOnce, retain: false, topic: "t".into(), packet_id: 9, payload: Bytes::from_static(b"once") }));
+    cl.send(
+        p,
+        Packet::Publish(Publish {
+            dup: true,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            topic: "t".into(),
+            packet_id: 9,
+            payload: Bytes::from_static(b"once"),
+        }),
+    );
     assert_eq!(cl.recv(p), vec![Packet::Pubrec(9), Packet::Pubrec(9)]);
     cl.send(p, Packet::Pubrel(9));
     assert_eq!(cl.recv(p), vec![Packet::Pubcomp(9)]);
     let got = cl.recv(s);
     assert_eq!(publishes(&got).len(), 1);
     // Outbound QoS 2: PUBREC → PUBREL → PUBCOMP.
-    let Packet::Publish(pp) = &got[0] else { panic!() };
+    let Packet::Publish(pp) = &got[0] else {
+        panic!()
+    };
     cl.send(s, Packet::Pubrec(pp.packet_id));
     assert_eq!(cl.recv(s), vec![Packet::Pubrel(pp.packet_id)]);
     cl.send(s, Packet::Pubcomp(pp.packet_id));
@@ -253,35 +317,69 @@ fn qos2_inbound_is_routed_once() {
 fn overlapping_subscriptions_get_one_copy_at_highest_qos() {
     let mut cl = Cluster::new(1);
     let s = cl.connect(0, "sub", true);
-    cl.subscribe(s, &[("a/+", QoS::AtMostOnce), ("a/#", QoS::ExactlyOnce), ("a/b", QoS::AtLeastOnce)]);
+    cl.subscribe(
+        s,
+        &[
+            ("a/+", QoS::AtMostOnce),
+            ("a/#", QoS::ExactlyOnce),
+            ("a/b", QoS::AtLeastOnce),
+        ],
+    );
     let p = cl.connect(0, "pub", true);
     cl.publish(p, "a/b", "x", QoS::ExactlyOnce, false, 1);
-    assert_eq!(publishes(&cl.recv(s)), vec![("a/b".into(), "x".into(), QoS::ExactlyOnce, false)]);
+    assert_eq!(
+        publishes(&cl.recv(s)),
+        vec![("a/b".into(), "x".into(), QoS::ExactlyOnce, false)]
+    );
 }
 
 #[test]
 fn suback_waits_for_every_shard_and_cross_shard_delivery_works() {
     let mut cl = Cluster::new(3);
     let s = cl.connect(0, "sub", true);
-    cl.input(s, Packet::Subscribe(Subscribe { packet_id: 5, filters: vec![("x/#".into(), QoS::AtLeastOnce)] }));
-    assert!(cl.recv(s).is_empty(), "SUBACK before the route reached the other shards");
+    cl.input(
+        s,
+        Packet::Subscribe(Subscribe {
+            packet_id: 5,
+            filters: vec![("x/#".into(), QoS::AtLeastOnce)],
+        }),
+    );
+    assert!(
+        cl.recv(s).is_empty(),
+        "SUBACK before the route reached the other shards"
+    );
     // Shard 1 applies and acks; shard 2 not yet.
     assert!(cl.deliver_one(0, 1));
     assert!(cl.deliver_one(1, 0));
     assert!(cl.recv(s).is_empty());
     assert!(cl.deliver_one(0, 2));
     assert!(cl.deliver_one(2, 0));
-    assert_eq!(cl.recv(s), vec![Packet::Suback(Suback { packet_id: 5, codes: vec![SubackCode::Granted(QoS::AtLeastOnce)] })]);
+    assert_eq!(
+        cl.recv(s),
+        vec![Packet::Suback(Suback {
+            packet_id: 5,
+            codes: vec![SubackCode::Granted(QoS::AtLeastOnce)]
+        })]
+    );
     // A publish on any shard after SUBACK reaches the subscriber.
     for shard in 0..3 {
         let p = cl.connect(shard, &format!("pub{shard}"), true);
         cl.publish(p, "x/y", &shard.to_string(), QoS::AtLeastOnce, false, 1);
         let got = cl.recv(s);
-        assert_eq!(publishes(&got), vec![("x/y".into(), shard.to_string(), QoS::AtLeastOnce, false)]);
+        assert_eq!(
+            publishes(&got),
+            vec![("x/y".into(), shard.to_string(), QoS::AtLeastOnce, false)]
+        );
         ack_all(&mut cl, s, &got);
     }
     // Unsubscribe removes the route everywhere.
-    cl.send(s, Packet::Unsubscribe(Unsubscribe { packet_id: 6, filters: vec!["x/#".into()] }));
+    cl.send(
+        s,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 6,
+            filters: vec!["x/#".into()],
+        }),
+    );
     assert_eq!(cl.recv(s), vec![Packet::Unsuback(6)]);
     for e in &cl.engines {
         assert!(e.routes.is_empty() && e.local.is_empty());
@@ -292,10 +390,25 @@ fn suback_waits_for_every_shard_and_cross_shard_delivery_works() {
 fn shared_subscriptions_are_refused() {
     let mut cl = Cluster::new(1);
     let s = cl.connect(0, "sub", true);
-    assert_eq!(cl.subscribe(s, &[("$share/g/t", QoS::AtLeastOnce), ("t", QoS::AtMostOnce)]), vec![SubackCode::Failure, SubackCode::Granted(QoS::AtMostOnce)]);
+    assert_eq!(
+        cl.subscribe(
+            s,
+            &[("$share/g/t", QoS::AtLeastOnce), ("t", QoS::AtMostOnce)]
+        ),
+        vec![SubackCode::Failure, SubackCode::Granted(QoS::AtMostOnce)]
+    );
     let (c31, _) = cl.connect_with(0, "old", true, ProtocolLevel::V31, None);
-    cl.send(c31, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("$queue/t".into(), QoS::AtMostOnce)] }));
-    assert!(cl.closing(c31), "3.1 has no SUBACK failure: the connection closes");
+    cl.send(
+        c31,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![("$queue/t".into(), QoS::AtMostOnce)],
+        }),
+    );
+    assert!(
+        cl.closing(c31),
+        "3.1 has no SUBACK failure: the connection closes"
+    );
 }
 
 #[test]
@@ -323,20 +436,49 @@ fn retained_set_replace_clear_and_wildcards_across_shards() {
     let total: u64 = cl.engines.iter().map(|e| e.retained_count()).sum();
     assert_eq!(total, 3);
     let s = cl.connect(2, "s", true);
-    cl.send(s, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("r/#".into(), QoS::ExactlyOnce)] }));
+    cl.send(
+        s,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![("r/#".into(), QoS::ExactlyOnce)],
+        }),
+    );
     let mut got = publishes(&cl.recv(s));
     got.sort();
-    assert_eq!(got, vec![("r/a".into(), "v9".into(), QoS::AtMostOnce, true), ("r/c/d".into(), "v2".into(), QoS::AtLeastOnce, true)]);
+    assert_eq!(
+        got,
+        vec![
+            ("r/a".into(), "v9".into(), QoS::AtMostOnce, true),
+            ("r/c/d".into(), "v2".into(), QoS::AtLeastOnce, true)
+        ]
+    );
     let s2 = cl.connect(0, "s2", true);
-    cl.send(s2, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("q".into(), QoS::AtMostOnce)] }));
-    assert_eq!(publishes(&cl.recv(s2)), vec![("q".into(), "v3".into(), QoS::AtMostOnce, true)]);
+    cl.send(
+        s2,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![("q".into(), QoS::AtMostOnce)],
+        }),
+    );
+    assert_eq!(
+        publishes(&cl.recv(s2)),
+        vec![("q".into(), "v3".into(), QoS::AtMostOnce, true)]
+    );
     // Live deliveries to existing subscribers carry retain = 0.
     cl.publish(p, "q", "live", QoS::AtMostOnce, true, 0);
-    assert_eq!(publishes(&cl.recv(s2)), vec![("q".into(), "live".into(), QoS::AtMostOnce, false)]);
+    assert_eq!(
+        publishes(&cl.recv(s2)),
+        vec![("q".into(), "live".into(), QoS::AtMostOnce, false)]
+    );
 }
 
 fn will(topic: &str) -> Option<LastWill> {
-    Some(LastWill { topic: topic.into(), payload: Bytes::from_static(b"gone"), qos: QoS::AtLeastOnce, retain: false })
+    Some(LastWill {
+        topic: topic.into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+    })
 }
 
 #[test]
@@ -346,22 +488,49 @@ fn will_on_abnormal_close_not_on_disconnect() {
     cl.subscribe(w, &[("will/#", QoS::AtLeastOnce)]);
     let (a, _) = cl.connect_with(0, "a", true, ProtocolLevel::V311, will("will/a"));
     cl.drop_conn(a);
-    assert_eq!(publishes(&cl.recv(w)).len(), 1, "socket closed without DISCONNECT: will");
+    assert_eq!(
+        publishes(&cl.recv(w)).len(),
+        1,
+        "socket closed without DISCONNECT: will"
+    );
     let (b, _) = cl.connect_with(0, "b", true, ProtocolLevel::V311, will("will/b"));
     cl.send(b, Packet::Disconnect);
     assert!(cl.closing(b));
     cl.drop_conn(b);
     let got = cl.recv(w);
     ack_all(&mut cl, w, &got);
-    assert!(publishes(&got).iter().all(|(t, ..)| t != "will/b"), "DISCONNECT discards the will");
+    assert!(
+        publishes(&got).iter().all(|(t, ..)| t != "will/b"),
+        "DISCONNECT discards the will"
+    );
     let (c, _) = cl.connect_with(0, "c", true, ProtocolLevel::V311, will("will/c"));
-    cl.send(c, Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::Accepted }));
+    cl.send(
+        c,
+        Packet::Connack(Connack {
+            session_present: false,
+            code: ConnectReturnCode::Accepted,
+        }),
+    );
     assert!(cl.closing(c));
-    assert_eq!(publishes(&cl.recv(w)).iter().filter(|(t, ..)| t == "will/c").count(), 1, "protocol violation: will");
+    assert_eq!(
+        publishes(&cl.recv(w))
+            .iter()
+            .filter(|(t, ..)| t == "will/c")
+            .count(),
+        1,
+        "protocol violation: will"
+    );
     let (d, _) = cl.connect_with(0, "d", true, ProtocolLevel::V311, will("will/d"));
     let _ = cl.connect(1, "d", true);
     assert!(cl.closing(d));
-    assert_eq!(publishes(&cl.recv(w)).iter().filter(|(t, ..)| t == "will/d").count(), 1, "takeover: will");
+    assert_eq!(
+        publishes(&cl.recv(w))
+            .iter()
+            .filter(|(t, ..)| t == "will/d")
+            .count(),
+        1,
+        "takeover: will"
+    );
 }
 
 #[test]
@@ -392,18 +561,75 @@ fn connect_timeout_and_keepalive_expire() {
 fn client_id_rules() {
     let mut cl = Cluster::new(1);
     let (_, out) = cl.connect_with(0, "", true, ProtocolLevel::V311, None);
-    assert!(matches!(out[0], Packet::Connack(Connack { code: ConnectReturnCode::Accepted, .. })));
+    assert!(matches!(
+        out[0],
+        Packet::Connack(Connack {
+            code: ConnectReturnCode::Accepted,
+            ..
+        })
+    ));
     let (c, out) = cl.connect_with(0, "", false, ProtocolLevel::V311, None);
-    assert_eq!(out, vec![Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::IdentifierRejected })]);
+    assert_eq!(
+        out,
+        vec![Packet::Connack(Connack {
+            session_present: false,
+            code: ConnectReturnCode::IdentifierRejected
+        })]
+    );
     assert!(cl.closing(c));
     let (_, out) = cl.connect_with(0, "", true, ProtocolLevel::V31, None);
-    assert_eq!(out, vec![Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::IdentifierRejected })]);
-    let (_, out) = cl.connect_with(0, "a23456789012345678901234", true, ProtocolLevel::V31, None);
-    assert_eq!(out, vec![Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::IdentifierRejected })]);
-    let (_, out) = cl.connect_with(0, "a2345678901234567890123", false, ProtocolLevel::V31, None);
-    assert!(matches!(out[0], Packet::Connack(Connack { code: ConnectReturnCode::Accepted, session_present: false })));
-    let (_, out) = cl.connect_with(0, "a2345678901234567890123", false, ProtocolLevel::V31, None);
-    assert!(matches!(out[0], Packet::Connack(Connack { code: ConnectReturnCode::Accepted, session_present: false })), "3.1 has no session-present bit");
+    assert_eq!(
+        out,
+        vec![Packet::Connack(Connack {
+            session_present: false,
+            code: ConnectReturnCode::IdentifierRejected
+        })]
+    );
+    let (_, out) = cl.connect_with(
+        0,
+        "a23456789012345678901234",
+        true,
+        ProtocolLevel::V31,
+        None,
+    );
+    assert_eq!(
+        out,
+        vec![Packet::Connack(Connack {
+            session_present: false,
+            code: ConnectReturnCode::IdentifierRejected
+        })]
+    );
+    let (_, out) = cl.connect_with(
+        0,
+        "a2345678901234567890123",
+        false,
+        ProtocolLevel::V31,
+        None,
+    );
+    assert!(matches!(
+        out[0],
+        Packet::Connack(Connack {
+            code: ConnectReturnCode::Accepted,
+            session_present: false
+        })
+    ));
+    let (_, out) = cl.connect_with(
+        0,
+        "a2345678901234567890123",
+        false,
+        ProtocolLevel::V31,
+        None,
+    );
+    assert!(
+        matches!(
+            out[0],
+            Packet::Connack(Connack {
+                code: ConnectReturnCode::Accepted,
+                session_present: false
+            })
+        ),
+        "3.1 has no session-present bit"
+    );
 }
 
 #[test]
@@ -417,13 +643,39 @@ fn persistent_session_queues_offline_and_resends_on_reconnect() {
     assert_eq!(publishes(&got).len(), 1); // not acknowledged
     cl.drop_conn(s);
     for i in 0..3 {
-        cl.publish(p, "d/1", &format!("q{i}"), QoS::from_u8(i as u8).unwrap(), false, 10 + i);
+        cl.publish(
+            p,
+            "d/1",
+            &format!("q{i}"),
+            QoS::from_u8(i as u8).unwrap(),
+            false,
+            10 + i,
+        );
     }
     let s2 = cl.open(1);
-    cl.send(s2, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "dev".into(), clean_session: false, keep_alive: 0, will: None, username: None, password: None })));
+    cl.send(
+        s2,
+        Packet::Connect(Box::new(Connect {
+            level: ProtocolLevel::V311,
+            client_id: "dev".into(),
+            clean_session: false,
+            keep_alive: 0,
+            will: None,
+            username: None,
+            password: None,
+        })),
+    );
     let out = cl.recv(s2);
-    assert_eq!(out[0], Packet::Connack(Connack { session_present: true, code: ConnectReturnCode::Accepted }));
-    let Packet::Publish(first) = &out[1] else { panic!("{out:?}") };
+    assert_eq!(
+        out[0],
+        Packet::Connack(Connack {
+            session_present: true,
+            code: ConnectReturnCode::Accepted
+        })
+    );
+    let Packet::Publish(first) = &out[1] else {
+        panic!("{out:?}")
+    };
     assert!(first.dup && &first.payload[..] == b"inflight");
     let rest: Vec<String> = publishes(&out[2..]).into_iter().map(|p| p.1).collect();
     assert_eq!(rest, vec!["q0", "q1", "q2"]);
@@ -431,11 +683,31 @@ fn persistent_session_queues_offline_and_resends_on_reconnect() {
     ack_all(&mut cl, s2, &out);
     cl.publish(p, "d/2", "after", QoS::AtLeastOnce, false, 20);
     assert_eq!(publishes(&cl.recv(s2)).len(), 1);
-    assert!(cl.engines[0].local.is_empty() && cl.engines[0].forwarders.is_empty(), "old holder cleaned up");
+    assert!(
+        cl.engines[0].local.is_empty() && cl.engines[0].forwarders.is_empty(),
+        "old holder cleaned up"
+    );
     // A clean reconnect discards it.
     let s3 = cl.open(0);
-    cl.send(s3, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "dev".into(), clean_session: true, keep_alive: 0, will: None, username: None, password: None })));
-    assert_eq!(cl.recv(s3)[0], Packet::Connack(Connack { session_present: false, code: ConnectReturnCode::Accepted }));
+    cl.send(
+        s3,
+        Packet::Connect(Box::new(Connect {
+            level: ProtocolLevel::V311,
+            client_id: "dev".into(),
+            clean_session: true,
+            keep_alive: 0,
+            will: None,
+            username: None,
+            password: None,
+        })),
+    );
+    assert_eq!(
+        cl.recv(s3)[0],
+        Packet::Connack(Connack {
+            session_present: false,
+            code: ConnectReturnCode::Accepted
+        })
+    );
     assert!(cl.closing(s2));
     cl.publish(p, "d/3", "gone", QoS::AtLeastOnce, false, 21);
     assert!(publishes(&cl.recv(s3)).is_empty());
@@ -462,12 +734,24 @@ fn clean_sessions_leave_nothing_behind() {
     let mut cl = Cluster::new(3);
     for i in 0..20 {
         let c = cl.connect(i % 3, &format!("c{i}"), true);
-        cl.subscribe(c, &[("a/#", QoS::AtLeastOnce), (&format!("own/{i}"), QoS::AtMostOnce)]);
+        cl.subscribe(
+            c,
+            &[
+                ("a/#", QoS::AtLeastOnce),
+                (&format!("own/{i}"), QoS::AtMostOnce),
+            ],
+        );
         cl.drop_conn(c);
     }
     for e in &cl.engines {
         assert_eq!(e.session_count(), 0);
-        assert!(e.registry.is_empty() && e.local.is_empty() && e.routes.is_empty() && e.sessions.is_empty() && e.conns.is_empty());
+        assert!(
+            e.registry.is_empty()
+                && e.local.is_empty()
+                && e.routes.is_empty()
+                && e.sessions.is_empty()
+                && e.conns.is_empty()
+        );
     }
 }
 
@@ -476,7 +760,18 @@ fn concurrent_connects_with_one_client_id_leave_one_winner() {
     let mut cl = Cluster::new(3);
     let clients: Vec<Client> = (0..3).map(|s| cl.open(s)).collect();
     for c in &clients {
-        cl.input(*c, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "same".into(), clean_session: false, keep_alive: 0, will: None, username: None, password: None })));
+        cl.input(
+            *c,
+            Packet::Connect(Box::new(Connect {
+                level: ProtocolLevel::V311,
+                client_id: "same".into(),
+                clean_session: false,
+                keep_alive: 0,
+                will: None,
+                username: None,
+                password: None,
+            })),
+        );
     }
     cl.settle();
     let alive: Vec<_> = clients.iter().filter(|c| !cl.closing(**c)).collect();
@@ -487,16 +782,22 @@ fn concurrent_connects_with_one_client_id_leave_one_winner() {
 
 #[test]
 fn retry_interval_resends_on_simulated_clock() {
-    let mut cl = Cluster::with(1, |c| c.limits.retry_interval = Some(Duration::from_secs(5)));
+    let mut cl = Cluster::with(1, |c| {
+        c.limits.retry_interval = Some(Duration::from_secs(5))
+    });
     let s = cl.connect(0, "s", true);
     cl.subscribe(s, &[("t", QoS::AtLeastOnce)]);
     let p = cl.connect(0, "p", true);
     cl.publish(p, "t", "x", QoS::AtLeastOnce, false, 1);
-    let Packet::Publish(first) = cl.recv(s).remove(0) else { panic!() };
+    let Packet::Publish(first) = cl.recv(s).remove(0) else {
+        panic!()
+    };
     cl.advance(Duration::from_millis(4_999));
     assert!(cl.recv(s).is_empty());
     cl.advance(Duration::from_millis(1));
-    let Packet::Publish(again) = cl.recv(s).remove(0) else { panic!() };
+    let Packet::Publish(again) = cl.recv(s).remove(0) else {
+        panic!()
+    };
     assert!(again.dup && again.packet_id == first.packet_id);
     cl.send(s, Packet::Puback(first.packet_id));
     cl.advance(Duration::from_secs(10));
@@ -510,13 +811,39 @@ fn cross_shard_overload_drops_qos0_and_pauses_qos1_publishers() {
     cl.subscribe(s, &[("t", QoS::AtLeastOnce)]);
     let p = cl.connect(0, "p", true);
     for _ in 0..6 {
-        cl.input(p, Packet::Publish(Publish { dup: false, qos: QoS::AtMostOnce, retain: false, topic: "t".into(), packet_id: 0, payload: Bytes::new() }));
+        cl.input(
+            p,
+            Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: "t".into(),
+                packet_id: 0,
+                payload: Bytes::new(),
+            }),
+        );
     }
     assert_eq!(cl.engines[0].metrics.dropped_overload, 2);
-    cl.input(p, Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: false, topic: "t".into(), packet_id: 1, payload: Bytes::new() }));
-    assert!(!cl.engines[0].conn_status(p.id).unwrap().readable, "QoS 1 publisher paused");
+    cl.input(
+        p,
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "t".into(),
+            packet_id: 1,
+            payload: Bytes::new(),
+        }),
+    );
+    assert!(
+        !cl.engines[0].conn_status(p.id).unwrap().readable,
+        "QoS 1 publisher paused"
+    );
     cl.settle();
-    assert!(cl.engines[0].conn_status(p.id).unwrap().readable, "resumed once the queue drained");
+    assert!(
+        cl.engines[0].conn_status(p.id).unwrap().readable,
+        "resumed once the queue drained"
+    );
     assert_eq!(publishes(&cl.recv(s)).len(), 5);
 }
 
@@ -528,19 +855,42 @@ fn takeover_under_load(seed_steps: Vec<(u8, u8)>, from_shard: usize, to_shard: u
     let mut cl = Cluster::new(3);
     let old = cl.connect(from_shard, "mover", false);
     cl.subscribe(old, &[("load/#", QoS::AtLeastOnce)]);
-    let pubs: Vec<Client> = (0..3).map(|s| cl.connect(s, &format!("pub{s}"), true)).collect();
+    let pubs: Vec<Client> = (0..3)
+        .map(|s| cl.connect(s, &format!("pub{s}"), true))
+        .collect();
     let mut seen_old = Vec::new();
     let mut n = 0u32;
     let mut publish_some = |cl: &mut Cluster, k: usize| {
         for _ in 0..k {
             let c = pubs[n as usize % 3];
             n += 1;
-            cl.input(c, Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: false, topic: "load/x".into(), packet_id: 1, payload: Bytes::from(n.to_string()) }));
+            cl.input(
+                c,
+                Packet::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    topic: "load/x".into(),
+                    packet_id: 1,
+                    payload: Bytes::from(n.to_string()),
+                }),
+            );
         }
     };
     publish_some(&mut cl, 6);
     let newc = cl.open(to_shard);
-    cl.input(newc, Packet::Connect(Box::new(Connect { level: ProtocolLevel::V311, client_id: "mover".into(), clean_session: false, keep_alive: 0, will: None, username: None, password: None })));
+    cl.input(
+        newc,
+        Packet::Connect(Box::new(Connect {
+            level: ProtocolLevel::V311,
+            client_id: "mover".into(),
+            clean_session: false,
+            keep_alive: 0,
+            will: None,
+            username: None,
+            password: None,
+        })),
+    );
     for (a, b) in seed_steps {
         let (from, to) = (a as usize % 3, b as usize % 3);
         if from != to {
@@ -577,13 +927,24 @@ fn takeover_under_load(seed_steps: Vec<(u8, u8)>, from_shard: usize, to_shard: u
     let mut all: AHashSet<String> = seen_old.iter().cloned().collect();
     all.extend(seen_new.iter().map(|(p, _)| p.clone()));
     for i in 1..=total {
-        assert!(all.contains(&i.to_string()), "message {i} of {total} lost (old {seen_old:?}, new {seen_new:?})");
+        assert!(
+            all.contains(&i.to_string()),
+            "message {i} of {total} lost (old {seen_old:?}, new {seen_new:?})"
+        );
     }
-    let mut fresh: Vec<&String> = seen_new.iter().filter(|(_, dup)| !dup).map(|(p, _)| p).collect();
+    let mut fresh: Vec<&String> = seen_new
+        .iter()
+        .filter(|(_, dup)| !dup)
+        .map(|(p, _)| p)
+        .collect();
     let before = fresh.len();
     fresh.sort();
     fresh.dedup();
-    assert_eq!(before, fresh.len(), "duplicate non-DUP delivery on the new connection: {seen_new:?}");
+    assert_eq!(
+        before,
+        fresh.len(),
+        "duplicate non-DUP delivery on the new connection: {seen_new:?}"
+    );
     for e in &cl.engines {
         assert!(e.forwarders.is_empty(), "forwarder left behind");
     }

@@ -41,7 +41,11 @@ fn packets(out: &mut BytesMut) -> Vec<Packet> {
 
 fn publish(p: &Packet) -> (u16, bool, String) {
     match p {
-        Packet::Publish(p) => (p.packet_id, p.dup, String::from_utf8_lossy(&p.payload).into_owned()),
+        Packet::Publish(p) => (
+            p.packet_id,
+            p.dup,
+            String::from_utf8_lossy(&p.payload).into_owned(),
+        ),
         other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
@@ -53,16 +57,33 @@ fn qos1_window_queue_and_order() {
     let mut out = BytesMut::new();
     let now = Timestamp(0);
     for n in 1..=4 {
-        s.deliver(&msg(n, QoS::AtLeastOnce), QoS::AtLeastOnce, false, now, &l, Some(&mut out));
+        s.deliver(
+            &msg(n, QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+            false,
+            now,
+            &l,
+            Some(&mut out),
+        );
     }
     let sent: Vec<_> = packets(&mut out).iter().map(publish).collect();
     assert_eq!(sent, vec![(1, false, "1".into()), (2, false, "2".into())]);
     assert_eq!(s.queue.len(), 2);
     // QoS 0 behind a non-empty queue waits its turn (per-topic order).
-    s.deliver(&msg(5, QoS::AtMostOnce), QoS::AtMostOnce, false, now, &l, Some(&mut out));
+    s.deliver(
+        &msg(5, QoS::AtMostOnce),
+        QoS::AtMostOnce,
+        false,
+        now,
+        &l,
+        Some(&mut out),
+    );
     assert!(out.is_empty());
     assert_eq!(s.on_puback(1, now, &l, &mut out), Ok(1));
-    assert_eq!(packets(&mut out).iter().map(publish).collect::<Vec<_>>(), vec![(3, false, "3".into())]);
+    assert_eq!(
+        packets(&mut out).iter().map(publish).collect::<Vec<_>>(),
+        vec![(3, false, "3".into())]
+    );
     assert_eq!(s.on_puback(2, now, &l, &mut out), Ok(2));
     let p = packets(&mut out);
     assert_eq!(publish(&p[0]), (4, false, "4".into()));
@@ -75,14 +96,48 @@ fn queue_drops_oldest_when_full() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     for n in 1..=3 {
-        assert_eq!(s.deliver(&msg(n, QoS::AtLeastOnce), QoS::AtLeastOnce, false, Timestamp(0), &l, None), Delivery::Queued { dropped_oldest: false });
+        assert_eq!(
+            s.deliver(
+                &msg(n, QoS::AtLeastOnce),
+                QoS::AtLeastOnce,
+                false,
+                Timestamp(0),
+                &l,
+                None
+            ),
+            Delivery::Queued {
+                dropped_oldest: false
+            }
+        );
     }
-    assert_eq!(s.deliver(&msg(4, QoS::AtLeastOnce), QoS::AtLeastOnce, false, Timestamp(0), &l, None), Delivery::Queued { dropped_oldest: true });
+    assert_eq!(
+        s.deliver(
+            &msg(4, QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+            false,
+            Timestamp(0),
+            &l,
+            None
+        ),
+        Delivery::Queued {
+            dropped_oldest: true
+        }
+    );
     let ids: Vec<u64> = s.queue.iter().map(|q| q.msg.id).collect();
     assert_eq!(ids, vec![2, 3, 4]);
     let mut l0 = l;
     l0.mqueue_store_qos0 = false;
-    assert_eq!(s.deliver(&msg(5, QoS::AtMostOnce), QoS::AtMostOnce, false, Timestamp(0), &l0, None), Delivery::DroppedQos0Offline);
+    assert_eq!(
+        s.deliver(
+            &msg(5, QoS::AtMostOnce),
+            QoS::AtMostOnce,
+            false,
+            Timestamp(0),
+            &l0,
+            None
+        ),
+        Delivery::DroppedQos0Offline
+    );
 }
 
 #[test]
@@ -90,8 +145,22 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     let mut out = BytesMut::new();
-    s.deliver(&msg(1, QoS::ExactlyOnce), QoS::ExactlyOnce, false, Timestamp(0), &l, Some(&mut out));
-    s.deliver(&msg(2, QoS::ExactlyOnce), QoS::ExactlyOnce, true, Timestamp(0), &l, Some(&mut out));
+    s.deliver(
+        &msg(1, QoS::ExactlyOnce),
+        QoS::ExactlyOnce,
+        false,
+        Timestamp(0),
+        &l,
+        Some(&mut out),
+    );
+    s.deliver(
+        &msg(2, QoS::ExactlyOnce),
+        QoS::ExactlyOnce,
+        true,
+        Timestamp(0),
+        &l,
+        Some(&mut out),
+    );
     packets(&mut out);
     s.on_pubrec(1, Timestamp(1), &mut out).unwrap();
     assert_eq!(packets(&mut out), vec![Packet::Pubrel(1)]);
@@ -99,9 +168,15 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
     assert_eq!(s.resume(Timestamp(2), &l, &mut out), 1);
     let p = packets(&mut out);
     assert_eq!(p[0], Packet::Pubrel(1));
-    let Packet::Publish(ref p2) = p[1] else { panic!() };
+    let Packet::Publish(ref p2) = p[1] else {
+        panic!()
+    };
     assert!(p2.dup && p2.retain && p2.packet_id == 2);
-    assert_eq!(s.on_pubcomp(2, Timestamp(3), &l, &mut out), Err(UnknownPacketId(2)), "PUBCOMP before PUBREC");
+    assert_eq!(
+        s.on_pubcomp(2, Timestamp(3), &l, &mut out),
+        Err(UnknownPacketId(2)),
+        "PUBCOMP before PUBREC"
+    );
     assert_eq!(s.on_pubcomp(1, Timestamp(3), &l, &mut out), Ok(0));
     assert_eq!(s.inflight.len(), 1);
 }
@@ -111,7 +186,14 @@ fn retry_interval_resends_with_dup() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     let mut out = BytesMut::new();
-    s.deliver(&msg(1, QoS::AtLeastOnce), QoS::AtLeastOnce, false, Timestamp(1_000), &l, Some(&mut out));
+    s.deliver(
+        &msg(1, QoS::AtLeastOnce),
+        QoS::AtLeastOnce,
+        false,
+        Timestamp(1_000),
+        &l,
+        Some(&mut out),
+    );
     packets(&mut out);
     assert_eq!(s.next_deadline(true, &l), Some(Timestamp(11_000)));
     assert_eq!(s.next_deadline(false, &l), None);
@@ -130,12 +212,20 @@ fn inbound_qos2_exactly_once_and_limits() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     assert_eq!(s.on_inbound_qos2(7, Timestamp(0), &l), Ok(true));
-    assert_eq!(s.on_inbound_qos2(7, Timestamp(1), &l), Ok(false), "resend is not routed again");
+    assert_eq!(
+        s.on_inbound_qos2(7, Timestamp(1), &l),
+        Ok(false),
+        "resend is not routed again"
+    );
     assert_eq!(s.on_inbound_qos2(8, Timestamp(2), &l), Ok(true));
     assert_eq!(s.on_inbound_qos2(9, Timestamp(2), &l), Err(AwaitingRelFull));
     assert!(s.on_pubrel(7));
     assert!(!s.on_pubrel(7));
-    assert_eq!(s.on_inbound_qos2(7, Timestamp(3), &l), Ok(true), "id reusable after PUBREL");
+    assert_eq!(
+        s.on_inbound_qos2(7, Timestamp(3), &l),
+        Ok(true),
+        "id reusable after PUBREL"
+    );
     assert_eq!(s.next_deadline(false, &l), Some(Timestamp(30_002)));
     assert_eq!(s.on_timeout(Timestamp(30_002), &l, None), (0, 1));
     assert_eq!(s.awaiting_rel.len(), 1);
@@ -143,27 +233,61 @@ fn inbound_qos2_exactly_once_and_limits() {
 
 #[test]
 fn packet_ids_skip_those_in_flight_and_wrap() {
-    let l = SessionLimits { max_inflight: 3, ..lim() };
+    let l = SessionLimits {
+        max_inflight: 3,
+        ..lim()
+    };
     let mut s = Session::new("c".into(), false, Timestamp(0));
     s.last_packet_id = 65_534;
     let mut out = BytesMut::new();
     for n in 0..3 {
-        s.deliver(&msg(n, QoS::AtLeastOnce), QoS::AtLeastOnce, false, Timestamp(0), &l, Some(&mut out));
+        s.deliver(
+            &msg(n, QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+            false,
+            Timestamp(0),
+            &l,
+            Some(&mut out),
+        );
     }
     let ids: Vec<u16> = s.inflight.iter().map(|e| e.packet_id).collect();
     assert_eq!(ids, vec![65_535, 1, 2]);
     s.on_puback(1, Timestamp(0), &l, &mut out).unwrap();
     s.last_packet_id = 65_534;
-    s.deliver(&msg(9, QoS::AtLeastOnce), QoS::AtLeastOnce, false, Timestamp(0), &l, Some(&mut out));
-    assert_eq!(s.inflight.back().unwrap().packet_id, 1, "65535 is in flight, so 1 is next");
+    s.deliver(
+        &msg(9, QoS::AtLeastOnce),
+        QoS::AtLeastOnce,
+        false,
+        Timestamp(0),
+        &l,
+        Some(&mut out),
+    );
+    assert_eq!(
+        s.inflight.back().unwrap().packet_id,
+        1,
+        "65535 is in flight, so 1 is next"
+    );
 }
 
 #[test]
 fn slow_consumer_drops_qos0() {
-    let l = SessionLimits { max_write_buffer: 10, ..lim() };
+    let l = SessionLimits {
+        max_write_buffer: 10,
+        ..lim()
+    };
     let mut s = Session::new("c".into(), true, Timestamp(0));
     let mut out = BytesMut::from(&[0u8; 10][..]);
-    assert_eq!(s.deliver(&msg(1, QoS::AtMostOnce), QoS::AtMostOnce, false, Timestamp(0), &l, Some(&mut out)), Delivery::DroppedSlowConsumer);
+    assert_eq!(
+        s.deliver(
+            &msg(1, QoS::AtMostOnce),
+            QoS::AtMostOnce,
+            false,
+            Timestamp(0),
+            &l,
+            Some(&mut out)
+        ),
+        Delivery::DroppedSlowConsumer
+    );
 }
 
 #[test]
@@ -171,7 +295,14 @@ fn session_state_serializes() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     s.subscriptions.insert("a/#".into(), QoS::ExactlyOnce);
-    s.deliver(&msg(1, QoS::AtLeastOnce), QoS::AtLeastOnce, false, Timestamp(0), &l, None);
+    s.deliver(
+        &msg(1, QoS::AtLeastOnce),
+        QoS::AtLeastOnce,
+        false,
+        Timestamp(0),
+        &l,
+        None,
+    );
     let json = serde_json::to_string(&s).unwrap();
     let back: Session = serde_json::from_str(&json).unwrap();
     assert_eq!(back, s);

@@ -80,7 +80,11 @@ pub fn expect_flags(packet: &'static str, flags: u8, expected: u8) -> Result<(),
 
 /// SUBSCRIBE, UNSUBSCRIBE and PUBREL carry QoS 1 in their header. 3.1.1 requires exactly
 /// `0b0010`; 3.1 (`relaxed`) also accepts the DUP bit its clients set on a resend.
-pub fn expect_qos1_flags(packet: &'static str, flags: u8, relaxed: bool) -> Result<(), DecodeError> {
+pub fn expect_qos1_flags(
+    packet: &'static str,
+    flags: u8,
+    relaxed: bool,
+) -> Result<(), DecodeError> {
     let ok = if relaxed {
         flags & 0b0111 == 0b0010
     } else {

@@ -23,12 +23,8 @@ pub fn read(body: &[u8]) -> Result<Subscribe, DecodeError> {
         let filter = r.str("topic filter")?;
         check_topic_filter(filter)?;
         let q = r.u8()?;
-        let qos = if q & 0xFC != 0 {
-            None
-        } else {
-            QoS::from_u8(q)
-        }
-        .ok_or(DecodeError::InvalidRequestedQos(q))?;
+        let qos = if q & 0xFC != 0 { None } else { QoS::from_u8(q) }
+            .ok_or(DecodeError::InvalidRequestedQos(q))?;
         filters.push((filter.to_owned(), qos));
     }
     if filters.is_empty() {
