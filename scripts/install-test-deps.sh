@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs beyond the Rust toolchain: the third-party MQTT clients
+# used by scripts/interop.sh (mosquitto_pub/mosquitto_sub from Debian, paho-mqtt from PyPI).
+set -euo pipefail
+SUDO=
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients >/dev/null
+fi
+if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("2.") else 1)' 2>/dev/null; then
+  python3 -m pip install -q --root-user-action=ignore 'paho-mqtt==2.2.0'
+fi

@@ -1,0 +1,37 @@
+# Sourced by the test scripts: start_broker BIN [ENV...] starts a ShardMQ on a free loopback port
+# and sets BROKER_PID, BROKER_PORT and BROKER_LOG; stop_broker stops it (SIGTERM, then checks the
+# exit status).
+
+start_broker() {
+  local bin=$1
+  shift
+  BROKER_LOG=$(mktemp)
+  env "$@" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LOG__LEVEL=info \
+    "$bin" >"$BROKER_LOG" 2>&1 &
+  BROKER_PID=$!
+  for _ in $(seq 1 200); do
+    BROKER_PORT=$(sed -n 's/.*listening for MQTT.*addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
+    [ -n "$BROKER_PORT" ] && return 0
+    if ! kill -0 "$BROKER_PID" 2>/dev/null; then
+      echo "broker exited at start:" >&2
+      cat "$BROKER_LOG" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
+  echo "broker did not report its port" >&2
+  cat "$BROKER_LOG" >&2
+  return 1
+}
+
+stop_broker() {
+  kill -TERM "$BROKER_PID" 2>/dev/null || true
+  local status=0
+  wait "$BROKER_PID" || status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "broker exited with status $status" >&2
+    cat "$BROKER_LOG" >&2
+    return 1
+  fi
+  rm -f "$BROKER_LOG"
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit/property/integration tests, the fuzz targets
+# (built on stable and run briefly), and interop with third-party MQTT clients.
+#
+# Usage: scripts/test.sh            (installs missing test dependencies first)
+#        FUZZ_SECONDS=60 scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "test dependencies"
+scripts/install-test-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
+
+step "fuzz targets (stable toolchain)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
+
+step "interop with mosquitto-clients and paho-mqtt"
+cargo build -q -p shardmq
+scripts/interop.sh target/debug/shardmq
+
+step "all tests passed"
