@@ -97,7 +97,12 @@ fn glommio_batch() {
 
 /// crossbeam queue + doorbell: the consumer sets `sleeping` before waiting on the doorbell;
 /// the producer rings it only then.
-fn crossbeam<T: Send + 'static>(name: &str, per_send: usize, make: fn(&Msg, usize) -> T, count: fn(&T) -> usize) {
+fn crossbeam<T: Send + 'static>(
+    name: &str,
+    per_send: usize,
+    make: fn(&Msg, usize) -> T,
+    count: fn(&T) -> usize,
+) {
     let (tx, rx) = crossbeam_channel::bounded::<T>(if per_send == 1 { BATCH * 64 } else { 64 });
     let (bell_tx, bell_rx) = shared_channel::new_bounded::<()>(1);
     let sleeping = Arc::new(AtomicBool::new(false));
@@ -149,9 +154,17 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    println!("{MESSAGES} messages (Arc<[u8; 64]>) between executors on CPUs {:?}, batches of {BATCH}", cpus());
+    println!(
+        "{MESSAGES} messages (Arc<[u8; 64]>) between executors on CPUs {:?}, batches of {BATCH}",
+        cpus()
+    );
     glommio_per_msg();
     glommio_batch();
     crossbeam::<Msg>("crossbeam-per-msg", 1, |m, _| Arc::new(**m), |_| 1);
-    crossbeam::<Vec<Msg>>("crossbeam-batch", BATCH, |m, n| (0..n).map(|_| Arc::new(**m)).collect(), |v| v.len());
+    crossbeam::<Vec<Msg>>(
+        "crossbeam-batch",
+        BATCH,
+        |m, n| (0..n).map(|_| Arc::new(**m)).collect(),
+        |v| v.len(),
+    );
 }

@@ -208,3 +208,66 @@ fn too_little_memlock_fails_with_a_clear_line() {
     assert!(err.contains("RLIMIT_MEMLOCK"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 48 && exec {}",
+            env!("CARGO_BIN_EXE_shardmq")
+        ))
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_SHARDS__CPUS", "[0]")
+        .env("SHARDMQ_LOG__LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, mut log) = listen_addr(&mut child);
+    // More connections than the broker has descriptors for: accept hits EMFILE.
+    let flood: Vec<std::net::TcpStream> = (0..80)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    let mut line = String::new();
+    let start = Instant::now();
+    loop {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "broker exited");
+        if line.contains("accept failed") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no accept error logged"
+        );
+    }
+    drop(flood);
+    // Once descriptors are free again, new clients are served.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = common::Raw::open(addr);
+        c.send(&shardmq::protocol::mqtt::Packet::Connect(Box::new(
+            common::connect_packet(
+                "after-emfile",
+                true,
+                shardmq::protocol::mqtt::ProtocolLevel::V311,
+                30,
+                None,
+            ),
+        )));
+        if let Some(Some(shardmq::protocol::mqtt::Packet::Connack(a))) =
+            c.recv_within(Duration::from_secs(2))
+        {
+            assert_eq!(a.code, shardmq::protocol::mqtt::ConnectReturnCode::Accepted);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker did not recover from EMFILE"
+        );
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}

@@ -354,6 +354,24 @@ fn shared_subscription_filters_are_refused() {
 }
 
 #[test]
+fn max_connections_refuses_extra_connections() {
+    let mut cfg = config(1);
+    cfg.listener
+        .tcp
+        .get_mut("external")
+        .unwrap()
+        .max_connections = 3;
+    let b = Broker::start(cfg);
+    let _keep: Vec<Raw> = (0..3).map(|i| Raw::ok(b.addr, &format!("mc{i}"))).collect();
+    let mut extra = Raw::open(b.addr);
+    assert!(extra.expect_closed().is_empty());
+    b.wait_metrics("refusal counted", |m| m.connections_refused == 1);
+    drop(_keep);
+    b.wait_metrics("slots freed", |m| m.connections_closed >= 3);
+    Raw::ok(b.addr, "mc-again").ping();
+}
+
+#[test]
 fn unsubscribe_stops_delivery() {
     let b = Broker::with_shards(2);
     let mut s = Raw::ok(b.addr, "s");
@@ -463,6 +481,62 @@ mod with_rumqttc {
                 ("rq/2".into(), rumqttc::QoS::ExactlyOnce, 10)
             ]
         );
+    }
+
+    #[test]
+    fn rumqttc_downgrade_retained_and_will() {
+        let b = Broker::with_shards(2);
+        // Retained, set by rumqttc, delivered to a later rumqttc subscriber with retain = 1.
+        let (publ, mut pconn) = client(&b, "rs-ret-pub", true);
+        assert!(matches!(next_incoming(&mut pconn), Incoming::ConnAck(_)));
+        publ.publish("rr/state", rumqttc::QoS::AtLeastOnce, true, "on")
+            .unwrap();
+        wait_for(&mut pconn, |i| matches!(i, Incoming::PubAck(_)));
+        let (sub, mut sconn) = client(&b, "rs-ret-sub", true);
+        assert!(matches!(next_incoming(&mut sconn), Incoming::ConnAck(_)));
+        sub.subscribe("rr/#", rumqttc::QoS::AtMostOnce).unwrap();
+        match wait_for(&mut sconn, |i| matches!(i, Incoming::Publish(_))) {
+            Incoming::Publish(p) => {
+                assert!(p.retain && &p.payload[..] == b"on");
+                assert_eq!(
+                    p.qos,
+                    rumqttc::QoS::AtMostOnce,
+                    "QoS 1 retained to a QoS 0 subscription is QoS 0"
+                );
+            }
+            _ => unreachable!(),
+        }
+        // Downgrade: a QoS 2 publish reaches a QoS 0 subscription at QoS 0.
+        publ.publish("rr/x", rumqttc::QoS::ExactlyOnce, false, "dg")
+            .unwrap();
+        wait_for(&mut pconn, |i| matches!(i, Incoming::PubComp(_)));
+        match wait_for(&mut sconn, |i| matches!(i, Incoming::Publish(_))) {
+            Incoming::Publish(p) => assert_eq!(
+                (p.qos, p.retain, &p.payload[..]),
+                (rumqttc::QoS::AtMostOnce, false, &b"dg"[..])
+            ),
+            _ => unreachable!(),
+        }
+        // Will: a rumqttc client that vanishes without DISCONNECT.
+        let mut o = MqttOptions::new("rs-doomed", b.addr.ip().to_string(), b.addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_last_will(rumqttc::LastWill::new(
+            "rr/will",
+            "lost",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+        ));
+        let (doomed, mut dconn) = Client::new(o, 10);
+        assert!(matches!(next_incoming(&mut dconn), Incoming::ConnAck(_)));
+        drop(doomed);
+        drop(dconn);
+        match wait_for(
+            &mut sconn,
+            |i| matches!(i, Incoming::Publish(p) if p.topic == "rr/will"),
+        ) {
+            Incoming::Publish(p) => assert_eq!(&p.payload[..], b"lost"),
+            _ => unreachable!(),
+        }
     }
 
     #[test]
