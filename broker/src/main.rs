@@ -51,6 +51,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Installed before the start so a signal during it is not lost (the default action would
+    // kill the process instead of stopping it gracefully).
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shardmq: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let handle = match shardmq::shard::start(&cfg) {
         Ok(h) => h,
         Err(e) => {
@@ -59,17 +71,6 @@ fn main() -> ExitCode {
         }
     };
     let flag = handle.shutdown_flag();
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("shardmq: cannot install signal handlers: {e}");
-            let _ = handle.stop();
-            return ExitCode::FAILURE;
-        }
-    };
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "shutting down");
