@@ -296,6 +296,11 @@ fn conn_mut(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
     conns.get_mut(id.idx as usize).filter(|c| c.gen == id.gen)
 }
 
+/// The session's connection, if it has one that is not closing.
+fn attached(conns: &mut Slab<Conn>, id: Option<ConnId>) -> Option<&mut Conn> {
+    id.and_then(|id| conn_mut(conns, id)).filter(|c| !c.close)
+}
+
 fn push_pending(list: &mut Vec<ByteStr>, cancel: &mut Vec<ByteStr>, filter: &str) {
     if let Some(i) = cancel.iter().position(|f| f.as_str() == filter) {
         cancel.swap_remove(i);
@@ -894,10 +899,7 @@ impl Engine {
                         return;
                     }
                 }
-                let conn = a
-                    .conn
-                    .and_then(|id| conn_mut(&mut self.conns, id))
-                    .filter(|c| !c.close);
+                let conn = attached(&mut self.conns, a.conn);
                 let (outcome, conn) = match conn {
                     Some(c) => (
                         a.session.deliver(
@@ -1703,10 +1705,7 @@ impl Engine {
                 self.discard_session(key, true);
                 continue;
             }
-            let conn = a
-                .conn
-                .and_then(|id| conn_mut(&mut self.conns, id))
-                .filter(|c| !c.close);
+            let conn = attached(&mut self.conns, a.conn);
             let (resent, expired) = match conn {
                 Some(c) => {
                     let r = a

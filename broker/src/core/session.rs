@@ -305,13 +305,7 @@ impl Session {
         lim: &SessionLimits,
         out: &mut BytesMut,
     ) -> Result<usize, UnknownPacketId> {
-        let pos = self
-            .inflight
-            .iter()
-            .position(|e| e.packet_id == id && e.qos == QoS::AtLeastOnce)
-            .ok_or(UnknownPacketId(id))?;
-        self.inflight.remove(pos);
-        Ok(self.drain(now, lim, out))
+        self.complete(id, |e| e.qos == QoS::AtLeastOnce, now, lim, out)
     }
 
     /// PUBREC for a QoS 2 delivery: answer PUBREL and wait for PUBCOMP.
@@ -340,10 +334,22 @@ impl Session {
         lim: &SessionLimits,
         out: &mut BytesMut,
     ) -> Result<usize, UnknownPacketId> {
+        self.complete(id, |e| e.phase == Phase::Released, now, lim, out)
+    }
+
+    /// Removes the inflight entry `id` if `expected` holds for it, then drains the queue.
+    fn complete(
+        &mut self,
+        id: u16,
+        expected: impl Fn(&InflightEntry) -> bool,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: &mut BytesMut,
+    ) -> Result<usize, UnknownPacketId> {
         let pos = self
             .inflight
             .iter()
-            .position(|e| e.packet_id == id && e.phase == Phase::Released)
+            .position(|e| e.packet_id == id && expected(e))
             .ok_or(UnknownPacketId(id))?;
         self.inflight.remove(pos);
         Ok(self.drain(now, lim, out))
