@@ -1,0 +1,1001 @@
+//! Running a scenario: worker executors (glommio, one per thread) own the client connections;
+//! the calling thread coordinates the phases, samples per-second figures and shows progress.
+//!
+//! Phases of a pubsub run: subscribers connect and subscribe → publishers connect → warm-up
+//! (publishing, not measured) → measurement → stop (publishers stop, subscribers keep reading
+//! until every expected message arrived or the drain time ran out) → done.
+
+use crate::client::{ack, connect_packet, next_incoming, subscribe_packet, Incoming};
+use crate::net::{self, Shared};
+use crate::report::{ConnResult, PubsubResult, Second};
+use crate::scenario::{ConnScenario, Pattern, PubsubScenario};
+use crate::stats::{self, new_histogram, Delivery, LatencySummary, SeqTracker};
+use bytes::BytesMut;
+use glommio::timer::sleep;
+use glommio::{spawn_local, LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+use shardmq::protocol::mqtt::{encode_publish, Packet, QoS};
+use std::cell::{Cell, RefCell};
+use std::io::{self, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The broker under test.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Name in reports.
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Process id, for RSS readings.
+    pub pid: Option<u32>,
+}
+
+/// Where the load generator runs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Worker threads (one glommio executor each).
+    pub threads: usize,
+    /// CPUs to pin the workers to (one per worker); `None` = unpinned.
+    pub cpus: Option<Vec<usize>>,
+    /// Loopback source addresses to spread connections over; 0 = one per 20,000 connections.
+    pub sources: usize,
+    /// Live progress on the terminal.
+    pub progress: bool,
+}
+
+const SETUP: u8 = 0;
+const PUBS: u8 = 1;
+const WARMUP: u8 = 2;
+const MEASURE: u8 = 3;
+const STOP: u8 = 4;
+const DONE: u8 = 5;
+
+/// How long connecting may take before the run fails.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Preface a raw-forwarder client sends instead of CONNECT.
+pub const RAW_PREFACE: &[u8; 6] = b"SMQFWD";
+
+struct Coord {
+    phase: AtomicU8,
+    epoch: Instant,
+    subs_ready: AtomicUsize,
+    pubs_ready: AtomicUsize,
+    failed: AtomicUsize,
+    sent: AtomicU64,
+    received: AtomicU64,
+    error_count: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    live: Mutex<Histogram<u64>>,
+}
+
+impl Coord {
+    fn new() -> Arc<Self> {
+        Arc::new(Coord {
+            phase: AtomicU8::new(SETUP),
+            epoch: Instant::now(),
+            subs_ready: AtomicUsize::new(0),
+            pubs_ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            error_count: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+            live: Mutex::new(new_histogram()),
+        })
+    }
+
+    fn phase(&self) -> u8 {
+        self.phase.load(Ordering::Acquire)
+    }
+
+    fn set(&self, p: u8) {
+        self.phase.store(p, Ordering::Release);
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn error(&self, what: String) {
+        self.error_count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut e) = self.errors.lock() {
+            if e.len() < 10 {
+                e.push(what);
+            }
+        }
+    }
+}
+
+async fn wait_phase(coord: &Coord, at_least: u8) {
+    while coord.phase() < at_least {
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs `f` on each worker executor and returns their results.
+fn on_workers<T, F, Fut>(opts: &RunOptions, f: F) -> Result<Vec<T>, String>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let mut handles = Vec::new();
+    for w in 0..opts.threads {
+        let placement = match &opts.cpus {
+            Some(c) => Placement::Fixed(c[w % c.len()]),
+            None => Placement::Unbound,
+        };
+        let f = f.clone();
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("bench{w}"))
+            .io_memory(256 << 10)
+            .spawn(move || f(w))
+            .map_err(|e| format!("cannot start worker {w}: {e}"))?;
+        handles.push(h);
+    }
+    handles
+        .into_iter()
+        .enumerate()
+        .map(|(w, h)| h.join().map_err(|e| format!("worker {w} failed: {e}")))
+        .collect()
+}
+
+struct Plan {
+    sc: PubsubScenario,
+    addr: SocketAddr,
+    sources: usize,
+    threads: usize,
+    run_id: String,
+    qos: QoS,
+}
+
+impl Plan {
+    fn topic(&self, publisher: usize) -> String {
+        match self.sc.pattern {
+            Pattern::P2p => format!("bench/{}/p2p/{publisher}", self.run_id),
+            Pattern::Fanout => format!("bench/{}/fanout", self.run_id),
+            Pattern::Fanin => format!("bench/{}/fanin/{publisher}", self.run_id),
+        }
+    }
+
+    fn filter(&self, subscriber: usize) -> String {
+        match self.sc.pattern {
+            Pattern::P2p => format!("bench/{}/p2p/{subscriber}", self.run_id),
+            Pattern::Fanout => format!("bench/{}/fanout", self.run_id),
+            Pattern::Fanin => format!("bench/{}/fanin/+", self.run_id),
+        }
+    }
+
+    /// Copies of each published message the subscribers should receive.
+    fn copies(&self) -> u64 {
+        match self.sc.pattern {
+            Pattern::P2p => 1,
+            Pattern::Fanout | Pattern::Fanin => self.sc.subscribers as u64,
+        }
+    }
+}
+
+#[derive(Default)]
+struct WorkerOut {
+    measured: Option<Histogram<u64>>,
+    connack: Option<Histogram<u64>>,
+    trackers: Vec<SeqTracker>,
+    sent_measured: u64,
+    received_measured: u64,
+    sent_total: u64,
+}
+
+struct Local {
+    measured: RefCell<Histogram<u64>>,
+    interval: RefCell<Histogram<u64>>,
+    connack: RefCell<Histogram<u64>>,
+    sent_measured: Cell<u64>,
+    received_measured: Cell<u64>,
+    scratch: RefCell<Vec<u8>>,
+}
+
+fn timestamp_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where and as whom a client connects.
+struct Endpoint<'a> {
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    client_id: &'a str,
+    keepalive: u16,
+    /// (role, pair index) for a raw forwarder instead of MQTT.
+    raw: Option<(u8, u32)>,
+}
+
+/// Opens a connection and completes CONNECT/CONNACK (or the raw preface).
+async fn open(
+    coord: &Coord,
+    local: &Local,
+    ep: &Endpoint<'_>,
+    buf: &mut BytesMut,
+) -> io::Result<Rc<Shared>> {
+    let Endpoint {
+        addr,
+        source,
+        client_id,
+        keepalive,
+        raw,
+    } = *ep;
+    let t0 = coord.now_ns();
+    let stream = net::connect(addr, source)?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let s = Shared::new(stream);
+    if let Some((role, idx)) = raw {
+        let mut p = RAW_PREFACE.to_vec();
+        p.push(role);
+        p.extend_from_slice(&idx.to_be_bytes());
+        s.write_all(&p).await?;
+        return Ok(s);
+    }
+    s.write_all(&connect_packet(client_id, keepalive)).await?;
+    loop {
+        match next_incoming(buf).map_err(io::Error::other)? {
+            Some(Incoming::Connack(0)) => break,
+            Some(Incoming::Connack(code)) => {
+                return Err(io::Error::other(format!("CONNACK {code}")))
+            }
+            Some(_) => {}
+            None => {
+                if read_some(coord, &s, local, buf, SETUP_TIMEOUT).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+    let _ = local
+        .connack
+        .borrow_mut()
+        .record((coord.now_ns() - t0).max(1));
+    Ok(s)
+}
+
+/// Reads once; a read timeout is retried until `limit` has passed or the run is done.
+async fn read_some(
+    coord: &Coord,
+    s: &Shared,
+    local: &Local,
+    buf: &mut BytesMut,
+    limit: Duration,
+) -> io::Result<usize> {
+    let start = Instant::now();
+    loop {
+        match s.read_into(&local.scratch, buf).await {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                if coord.phase() == DONE || start.elapsed() > limit {
+                    return Err(e);
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Local>) -> SeqTracker {
+    let mut tracker = SeqTracker::default();
+    let mut buf = BytesMut::new();
+    let source = net::source_for(idx, plan.sources, plan.addr);
+    let id = format!("b{}-s{idx}", plan.run_id);
+    let raw = plan.sc.raw.then_some((1u8, idx as u32));
+    let ep = Endpoint {
+        addr: plan.addr,
+        source,
+        client_id: &id,
+        keepalive: plan.sc.keepalive,
+        raw,
+    };
+    let s = match open(&coord, &local, &ep, &mut buf).await {
+        Ok(s) => s,
+        Err(e) => {
+            coord.failed.fetch_add(1, Ordering::AcqRel);
+            coord.error(format!("subscriber {idx}: {e}"));
+            return tracker;
+        }
+    };
+    if !plan.sc.raw {
+        let r: io::Result<()> = async {
+            s.write_all(&subscribe_packet(&plan.filter(idx), plan.qos))
+                .await?;
+            loop {
+                match next_incoming(&mut buf).map_err(io::Error::other)? {
+                    Some(Incoming::Suback(true)) => return Ok(()),
+                    Some(Incoming::Suback(false)) => {
+                        return Err(io::Error::other("subscription refused"))
+                    }
+                    Some(_) => {}
+                    None => {
+                        if read_some(&coord, &s, &local, &mut buf, SETUP_TIMEOUT).await? == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(e) = r {
+            coord.failed.fetch_add(1, Ordering::AcqRel);
+            coord.error(format!("subscriber {idx}: {e}"));
+            return tracker;
+        }
+    }
+    coord.subs_ready.fetch_add(1, Ordering::AcqRel);
+    let mut acks = BytesMut::new();
+    loop {
+        let now = coord.now_ns();
+        let measuring = coord.phase() == MEASURE;
+        let mut got = 0u64;
+        loop {
+            match next_incoming(&mut buf) {
+                Ok(Some(Incoming::Publish {
+                    qos,
+                    packet_id,
+                    header,
+                })) => {
+                    got += 1;
+                    if let Some((publisher, seq, sent)) = header {
+                        tracker.record(publisher, seq);
+                        let lat = now.saturating_sub(sent).max(1);
+                        let _ = local.interval.borrow_mut().record(lat);
+                        if measuring {
+                            let _ = local.measured.borrow_mut().record(lat);
+                        }
+                    }
+                    match qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => ack(Packet::Puback(packet_id), &mut acks),
+                        QoS::ExactlyOnce => ack(Packet::Pubrec(packet_id), &mut acks),
+                    }
+                }
+                Ok(Some(Incoming::Pubrel(id))) => ack(Packet::Pubcomp(id), &mut acks),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    coord.error(format!("subscriber {idx}: {e}"));
+                    return tracker;
+                }
+            }
+        }
+        if got > 0 {
+            coord.received.fetch_add(got, Ordering::Relaxed);
+            if measuring {
+                local
+                    .received_measured
+                    .set(local.received_measured.get() + got);
+            }
+        }
+        if !acks.is_empty() {
+            if let Err(e) = s.write_all(&acks).await {
+                coord.error(format!("subscriber {idx}: {e}"));
+                return tracker;
+            }
+            acks.clear();
+        }
+        if coord.phase() == DONE {
+            break;
+        }
+        match s.read_into(&local.scratch, &mut buf).await {
+            Ok(0) => {
+                coord.error(format!("subscriber {idx}: closed by the broker"));
+                return tracker;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+            Err(e) => {
+                coord.error(format!("subscriber {idx}: {e}"));
+                return tracker;
+            }
+        }
+    }
+    if !plan.sc.raw {
+        let _ = s.write_all(&[0xE0, 0]).await;
+    }
+    tracker
+}
+
+async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Local>) -> u64 {
+    let mut buf = BytesMut::new();
+    let source = net::source_for(plan.sc.subscribers + idx, plan.sources, plan.addr);
+    let id = format!("b{}-p{idx}", plan.run_id);
+    let raw = plan.sc.raw.then_some((0u8, idx as u32));
+    let ep = Endpoint {
+        addr: plan.addr,
+        source,
+        client_id: &id,
+        keepalive: plan.sc.keepalive,
+        raw,
+    };
+    let s = match open(&coord, &local, &ep, &mut buf).await {
+        Ok(s) => s,
+        Err(e) => {
+            coord.failed.fetch_add(1, Ordering::AcqRel);
+            coord.error(format!("publisher {idx}: {e}"));
+            return 0;
+        }
+    };
+    coord.pubs_ready.fetch_add(1, Ordering::AcqRel);
+    let window = Rc::new(glommio::sync::Semaphore::new(plan.sc.inflight as u64));
+    let reader = (plan.qos != QoS::AtMostOnce).then(|| {
+        let (s, coord, local, window) = (s.clone(), coord.clone(), local.clone(), window.clone());
+        spawn_local(async move {
+            let mut rel = BytesMut::new();
+            loop {
+                loop {
+                    match next_incoming(&mut buf) {
+                        Ok(Some(Incoming::Puback(_) | Incoming::Pubcomp(_))) => window.signal(1),
+                        Ok(Some(Incoming::Pubrec(id))) => ack(Packet::Pubrel(id), &mut rel),
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => return coord.error(format!("publisher {idx}: {e}")),
+                    }
+                }
+                if !rel.is_empty() {
+                    if let Err(e) = s.write_all(&rel).await {
+                        return coord.error(format!("publisher {idx}: {e}"));
+                    }
+                    rel.clear();
+                }
+                if coord.phase() == DONE {
+                    return;
+                }
+                match s.read_into(&local.scratch, &mut buf).await {
+                    Ok(0) => return coord.error(format!("publisher {idx}: closed by the broker")),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                    Err(e) => return coord.error(format!("publisher {idx}: {e}")),
+                }
+            }
+        })
+    });
+    wait_phase(&coord, WARMUP).await;
+    let topic = plan.topic(idx);
+    let mut payload = vec![0u8; plan.sc.payload.as_usize()];
+    let mut out = BytesMut::new();
+    let mut seq: u32 = 0;
+    let mut packet_id: u16 = 0;
+    let tick = if plan.sc.rate > 0.0 {
+        Some(Duration::from_secs_f64((1.0 / plan.sc.rate).max(0.005)))
+    } else {
+        None
+    };
+    let started = Instant::now();
+    while coord.phase() < STOP {
+        let n = match tick {
+            Some(t) => {
+                sleep(t).await;
+                let due = (started.elapsed().as_secs_f64() * plan.sc.rate) as u64;
+                due.saturating_sub(seq as u64)
+                    .min(plan.sc.inflight.max(1) as u64 * 64) as usize
+            }
+            None if plan.qos == QoS::AtMostOnce => plan.sc.inflight,
+            None => 0,
+        };
+        let n = if plan.qos == QoS::AtMostOnce {
+            n
+        } else {
+            // Closed loop: wait for one window slot (or the end), then take what is free.
+            let want = if tick.is_some() { n } else { plan.sc.inflight };
+            if want == 0 {
+                continue;
+            }
+            let acquired =
+                futures_lite::future::or(async { window.acquire(1).await.is_ok() }, async {
+                    wait_phase(&coord, STOP).await;
+                    false
+                })
+                .await;
+            if !acquired {
+                break;
+            }
+            let mut got = 1;
+            while got < want && window.try_acquire(1).unwrap_or(false) {
+                got += 1;
+            }
+            got
+        };
+        if n == 0 {
+            continue;
+        }
+        let now = coord.now_ns();
+        for _ in 0..n {
+            stats::write_header(&mut payload, idx as u32, seq, now);
+            if plan.qos != QoS::AtMostOnce {
+                packet_id = packet_id.wrapping_add(1).max(1);
+            }
+            encode_publish(
+                false,
+                plan.qos,
+                false,
+                topic.as_bytes(),
+                packet_id,
+                &payload,
+                &mut out,
+            );
+            seq = seq.wrapping_add(1);
+        }
+        if let Err(e) = s.write_all(&out).await {
+            coord.error(format!("publisher {idx}: {e}"));
+            break;
+        }
+        out.clear();
+        coord.sent.fetch_add(n as u64, Ordering::Relaxed);
+        if coord.phase() == MEASURE {
+            local
+                .sent_measured
+                .set(local.sent_measured.get() + n as u64);
+        }
+    }
+    wait_phase(&coord, DONE).await;
+    if let Some(r) = reader {
+        r.await;
+    }
+    if !plan.sc.raw {
+        let _ = s.write_all(&[0xE0, 0]).await;
+    }
+    seq as u64
+}
+
+async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOut {
+    let plan = Rc::new(Plan {
+        sc: plan.sc.clone(),
+        addr: plan.addr,
+        sources: plan.sources,
+        threads: plan.threads,
+        run_id: plan.run_id.clone(),
+        qos: plan.qos,
+    });
+    let local = Rc::new(Local {
+        measured: RefCell::new(new_histogram()),
+        interval: RefCell::new(new_histogram()),
+        connack: RefCell::new(new_histogram()),
+        sent_measured: Cell::new(0),
+        received_measured: Cell::new(0),
+        scratch: RefCell::new(vec![0u8; 64 << 10]),
+    });
+    let flusher = {
+        let (local, coord) = (local.clone(), coord.clone());
+        spawn_local(async move {
+            while coord.phase() < DONE {
+                sleep(Duration::from_millis(100)).await;
+                let mut h = local.interval.borrow_mut();
+                if let Ok(mut live) = coord.live.lock() {
+                    let _ = live.add(&*h);
+                }
+                h.reset();
+            }
+        })
+    };
+    let subs: Vec<_> = (w..plan.sc.subscribers)
+        .step_by(plan.threads)
+        .map(|i| spawn_local(subscriber(i, plan.clone(), coord.clone(), local.clone())))
+        .collect();
+    wait_phase(&coord, PUBS).await;
+    let pubs: Vec<_> = (w..plan.sc.publishers)
+        .step_by(plan.threads)
+        .map(|i| spawn_local(publisher(i, plan.clone(), coord.clone(), local.clone())))
+        .collect();
+    let mut out = WorkerOut::default();
+    for p in pubs {
+        out.sent_total += p.await;
+    }
+    for s in subs {
+        out.trackers.push(s.await);
+    }
+    flusher.await;
+    out.sent_measured = local.sent_measured.get();
+    out.received_measured = local.received_measured.get();
+    out.measured = Some(local.measured.replace(new_histogram()));
+    out.connack = Some(local.connack.replace(new_histogram()));
+    out
+}
+
+fn wait_until(
+    what: &str,
+    coord: &Coord,
+    timeout: Duration,
+    done: impl Fn() -> bool,
+) -> Result<(), String> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > timeout {
+            return Err(format!("timed out while {what}: {}", first_errors(coord)));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn first_errors(coord: &Coord) -> String {
+    coord
+        .errors
+        .lock()
+        .map(|e| e.join("; "))
+        .unwrap_or_default()
+}
+
+fn auto_sources(opts: &RunOptions, connections: usize) -> usize {
+    if opts.sources > 0 {
+        opts.sources
+    } else {
+        connections.div_ceil(net::PER_SOURCE).max(1)
+    }
+}
+
+struct Progress {
+    on: bool,
+}
+
+impl Progress {
+    fn show(&self, line: &str) {
+        if self.on {
+            let mut e = std::io::stderr();
+            let _ = write!(e, "\r\x1b[2K{line}");
+            let _ = e.flush();
+        }
+    }
+
+    fn end(&self) {
+        if self.on {
+            eprintln!();
+        }
+    }
+}
+
+/// Runs a pubsub scenario against `target`.
+pub fn run_pubsub(
+    target: &Target,
+    opts: &RunOptions,
+    sc: &PubsubScenario,
+) -> Result<PubsubResult, String> {
+    let coord = Coord::new();
+    let plan = Arc::new(Plan {
+        sc: sc.clone(),
+        addr: target.addr,
+        sources: auto_sources(opts, sc.publishers + sc.subscribers),
+        threads: opts.threads.max(1),
+        run_id: format!("{:x}", timestamp_ms() ^ u64::from(std::process::id())),
+        qos: QoS::from_u8(sc.qos).ok_or("qos must be 0, 1 or 2")?,
+    });
+    let progress = Progress {
+        on: opts.progress && std::io::stderr().is_terminal(),
+    };
+    let workers = {
+        let (plan, coord) = (plan.clone(), coord.clone());
+        let opts = RunOptions {
+            threads: plan.threads,
+            ..opts.clone()
+        };
+        std::thread::spawn(move || {
+            on_workers(&opts, move |w| {
+                pubsub_worker(w, plan.clone(), coord.clone())
+            })
+        })
+    };
+    let abort = |coord: &Coord, e: String| {
+        coord.set(DONE);
+        e
+    };
+    let subs_total = sc.subscribers;
+    wait_until("connecting subscribers", &coord, SETUP_TIMEOUT, || {
+        coord.subs_ready.load(Ordering::Acquire) + coord.failed.load(Ordering::Acquire)
+            >= subs_total
+    })
+    .map_err(|e| abort(&coord, e))?;
+    if coord.failed.load(Ordering::Acquire) > 0 {
+        coord.set(DONE);
+        let _ = workers.join();
+        return Err(format!(
+            "subscribers failed to connect: {}",
+            first_errors(&coord)
+        ));
+    }
+    coord.set(PUBS);
+    wait_until("connecting publishers", &coord, SETUP_TIMEOUT, || {
+        coord.pubs_ready.load(Ordering::Acquire) + coord.failed.load(Ordering::Acquire)
+            >= sc.publishers
+    })
+    .map_err(|e| abort(&coord, e))?;
+    if coord.failed.load(Ordering::Acquire) > 0 {
+        coord.set(DONE);
+        let _ = workers.join();
+        return Err(format!(
+            "publishers failed to connect: {}",
+            first_errors(&coord)
+        ));
+    }
+    coord.set(WARMUP);
+    let total = sc.warmup.0 + sc.duration.0;
+    let run_start = Instant::now();
+    let mut series = Vec::new();
+    let (mut last_sent, mut last_recv) = (0u64, 0u64);
+    let mut measure_start = None;
+    let mut second = 1u64;
+    while run_start.elapsed() < total {
+        let next = run_start + Duration::from_secs(second);
+        let until_measure = sc.warmup.0.checked_sub(run_start.elapsed());
+        let wake = match until_measure {
+            Some(d) if run_start + sc.warmup.0 < next && !d.is_zero() => run_start + sc.warmup.0,
+            _ => next.min(run_start + total),
+        };
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        if measure_start.is_none() && run_start.elapsed() >= sc.warmup.0 {
+            coord.set(MEASURE);
+            measure_start = Some(Instant::now());
+        }
+        if Instant::now() < next && run_start.elapsed() < total {
+            continue;
+        }
+        let sent = coord.sent.load(Ordering::Relaxed);
+        let recv = coord.received.load(Ordering::Relaxed);
+        let p99 = coord
+            .live
+            .lock()
+            .map(|mut h| {
+                let v = h.value_at_quantile(0.99) as f64 / 1000.0;
+                h.reset();
+                v
+            })
+            .unwrap_or(0.0);
+        series.push(Second {
+            t: second as f64,
+            sent: sent - last_sent,
+            received: recv - last_recv,
+            p99_us: p99,
+            measured: run_start.elapsed() > sc.warmup.0 + Duration::from_millis(1),
+        });
+        progress.show(&format!(
+            "{}  {:>3}/{}s  in {:>10}/s  out {:>10}/s  p99 {:>9.1} µs  errors {}",
+            sc.name,
+            second,
+            total.as_secs(),
+            sent - last_sent,
+            recv - last_recv,
+            p99,
+            coord.error_count.load(Ordering::Relaxed)
+        ));
+        last_sent = sent;
+        last_recv = recv;
+        second += 1;
+    }
+    coord.set(STOP);
+    let measured = measure_start.map_or(Duration::ZERO, |s| s.elapsed());
+    // Drain: until every expected message is in, or nothing moved for a while, or time is up.
+    let drain_start = Instant::now();
+    let mut last = (coord.received.load(Ordering::Relaxed), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let recv = coord.received.load(Ordering::Relaxed);
+        let expected = coord.sent.load(Ordering::Relaxed) * plan.copies();
+        if recv >= expected || drain_start.elapsed() > sc.drain.0 {
+            break;
+        }
+        if recv != last.0 {
+            last = (recv, Instant::now());
+        } else if last.1.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+    }
+    coord.set(DONE);
+    progress.end();
+    let outs = workers
+        .join()
+        .map_err(|_| "worker thread panicked".to_string())??;
+    let mut latency = new_histogram();
+    let mut connack = new_histogram();
+    let (mut sent_measured, mut received_measured, mut sent_total) = (0, 0, 0);
+    let mut trackers = Vec::new();
+    for o in outs {
+        if let Some(h) = &o.measured {
+            let _ = latency.add(h);
+        }
+        if let Some(h) = &o.connack {
+            let _ = connack.add(h);
+        }
+        sent_measured += o.sent_measured;
+        received_measured += o.received_measured;
+        sent_total += o.sent_total;
+        trackers.extend(o.trackers);
+    }
+    let secs = measured.as_secs_f64().max(1e-9);
+    Ok(PubsubResult {
+        measured_secs: secs,
+        sent: sent_measured,
+        received: received_measured,
+        rate_in: sent_measured as f64 / secs,
+        rate_out: received_measured as f64 / secs,
+        series,
+        latency: LatencySummary::of(&latency),
+        connack: LatencySummary::of(&connack),
+        delivery: Delivery::from_trackers(sent_total * plan.copies(), trackers.iter()),
+        errors: coord.error_count.load(Ordering::Relaxed),
+        error_samples: coord.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+    })
+}
+
+/// Reads VmRSS of `pid` in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+async fn conn_worker(
+    w: usize,
+    threads: usize,
+    sc: ConnScenario,
+    addr: SocketAddr,
+    sources: usize,
+    coord: Arc<Coord>,
+) -> WorkerOut {
+    let local = Rc::new(Local {
+        measured: RefCell::new(new_histogram()),
+        interval: RefCell::new(new_histogram()),
+        connack: RefCell::new(new_histogram()),
+        sent_measured: Cell::new(0),
+        received_measured: Cell::new(0),
+        scratch: RefCell::new(vec![0u8; 4 << 10]),
+    });
+    let mine: Vec<usize> = (w..sc.connections).step_by(threads).collect();
+    let per_worker_rate = if sc.rate > 0.0 {
+        sc.rate / threads as f64
+    } else {
+        0.0
+    };
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(mine.len());
+    for (k, i) in mine.into_iter().enumerate() {
+        if per_worker_rate > 0.0 {
+            let due = started + Duration::from_secs_f64(k as f64 / per_worker_rate);
+            let now = Instant::now();
+            if due > now {
+                sleep(due - now).await;
+            }
+        } else if k % 64 == 63 {
+            futures_lite::future::yield_now().await;
+        }
+        let (coord, local) = (coord.clone(), local.clone());
+        let ka = sc.keepalive;
+        tasks.push(spawn_local(async move {
+            let mut buf = BytesMut::new();
+            let id = format!(
+                "bc{}-{i}",
+                coord.epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id())
+            );
+            let ep = Endpoint {
+                addr,
+                source: net::source_for(i, sources, addr),
+                client_id: &id,
+                keepalive: ka,
+                raw: None,
+            };
+            let s = match open(&coord, &local, &ep, &mut buf).await {
+                Ok(s) => s,
+                Err(e) => {
+                    coord.failed.fetch_add(1, Ordering::AcqRel);
+                    coord.error(format!("connection {i}: {e}"));
+                    return;
+                }
+            };
+            coord.subs_ready.fetch_add(1, Ordering::AcqRel);
+            let ping_every = (ka > 0).then(|| Duration::from_secs(u64::from(ka)) / 2);
+            let mut last_ping = Instant::now();
+            while coord.phase() < DONE {
+                match s.read_into(&local.scratch, &mut buf).await {
+                    Ok(0) => {
+                        coord.error(format!("connection {i}: closed by the broker"));
+                        return;
+                    }
+                    Ok(_) => while let Ok(Some(_)) = next_incoming(&mut buf) {},
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                    Err(e) => {
+                        coord.error(format!("connection {i}: {e}"));
+                        return;
+                    }
+                }
+                if ping_every.is_some_and(|p| last_ping.elapsed() >= p) {
+                    last_ping = Instant::now();
+                    let _ = s.write_all(&[0xC0, 0]).await;
+                }
+            }
+            let _ = s.write_all(&[0xE0, 0]).await;
+        }));
+    }
+    for t in tasks {
+        t.await;
+    }
+    WorkerOut {
+        connack: Some(local.connack.replace(new_histogram())),
+        ..Default::default()
+    }
+}
+
+/// Runs a conn scenario against `target`.
+pub fn run_conn(
+    target: &Target,
+    opts: &RunOptions,
+    sc: &ConnScenario,
+) -> Result<ConnResult, String> {
+    let coord = Coord::new();
+    let sources = auto_sources(opts, sc.connections);
+    let threads = opts.threads.max(1);
+    let rss_before = target.pid.and_then(rss_bytes);
+    let progress = Progress {
+        on: opts.progress && std::io::stderr().is_terminal(),
+    };
+    let start = Instant::now();
+    let workers = {
+        let (coord, sc, addr) = (coord.clone(), sc.clone(), target.addr);
+        let opts = RunOptions {
+            threads,
+            ..opts.clone()
+        };
+        std::thread::spawn(move || {
+            on_workers(&opts, move |w| {
+                conn_worker(w, threads, sc.clone(), addr, sources, coord.clone())
+            })
+        })
+    };
+    let expected_secs = if sc.rate > 0.0 {
+        sc.connections as f64 / sc.rate
+    } else {
+        0.0
+    };
+    let timeout = SETUP_TIMEOUT + Duration::from_secs_f64(expected_secs * 2.0);
+    let result = wait_until("opening connections", &coord, timeout, || {
+        let done = coord.subs_ready.load(Ordering::Acquire) + coord.failed.load(Ordering::Acquire);
+        progress.show(&format!(
+            "{}  {done}/{} connections",
+            sc.name, sc.connections
+        ));
+        done >= sc.connections
+    });
+    let connect_secs = start.elapsed().as_secs_f64();
+    progress.end();
+    if let Err(e) = result {
+        coord.set(DONE);
+        let _ = workers.join();
+        return Err(e);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_after = target.pid.and_then(rss_bytes);
+    std::thread::sleep(sc.hold.0.saturating_sub(Duration::from_secs(3)));
+    let opened = coord.subs_ready.load(Ordering::Acquire);
+    coord.set(DONE);
+    let outs = workers
+        .join()
+        .map_err(|_| "worker thread panicked".to_string())??;
+    let mut connack = new_histogram();
+    for o in outs {
+        if let Some(h) = &o.connack {
+            let _ = connack.add(h);
+        }
+    }
+    let per_conn = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if opened > 0 => Some(a.saturating_sub(b) as f64 / opened as f64),
+        _ => None,
+    };
+    Ok(ConnResult {
+        connections: sc.connections,
+        opened,
+        failed: coord.failed.load(Ordering::Acquire),
+        connect_secs,
+        connect_rate: opened as f64 / connect_secs.max(1e-9),
+        connack: LatencySummary::of(&connack),
+        rss_before,
+        rss_after,
+        rss_per_connection: per_conn,
+        errors: coord.error_count.load(Ordering::Relaxed),
+        error_samples: coord.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+    })
+}
