@@ -70,10 +70,12 @@ struct Coord {
     error_count: AtomicU64,
     errors: Mutex<Vec<String>>,
     live: Mutex<Histogram<u64>>,
+    /// Copies received by subscribers, per publisher (the end-to-end window of max mode).
+    delivered: Vec<AtomicU64>,
 }
 
 impl Coord {
-    fn new() -> Arc<Self> {
+    fn new(publishers: usize) -> Arc<Self> {
         Arc::new(Coord {
             phase: AtomicU8::new(SETUP),
             epoch: Instant::now(),
@@ -85,6 +87,7 @@ impl Coord {
             error_count: AtomicU64::new(0),
             errors: Mutex::new(Vec::new()),
             live: Mutex::new(new_histogram()),
+            delivered: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -196,6 +199,9 @@ struct Local {
     sent_measured: Cell<u64>,
     received_measured: Cell<u64>,
     scratch: RefCell<Vec<u8>>,
+    /// Publishers waiting for their end-to-end window: (publisher, delivered count that
+    /// frees a slot, waker).
+    blocked: RefCell<Vec<(usize, u64, std::task::Waker)>>,
 }
 
 fn timestamp_ms() -> u64 {
@@ -331,6 +337,7 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
     }
     coord.subs_ready.fetch_add(1, Ordering::AcqRel);
     let mut acks = BytesMut::new();
+    let mut per_publisher: ahash::AHashMap<u32, u64> = ahash::AHashMap::new();
     loop {
         let now = coord.now_ns();
         let measuring = coord.phase() == MEASURE;
@@ -345,6 +352,7 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
                     got += 1;
                     if let Some((publisher, seq, sent)) = header {
                         tracker.record(publisher, seq);
+                        *per_publisher.entry(publisher).or_default() += 1;
                         let lat = now.saturating_sub(sent).max(1);
                         let _ = local.interval.borrow_mut().record(lat);
                         if measuring {
@@ -364,6 +372,11 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
                     coord.error(format!("subscriber {idx}: {e}"));
                     return tracker;
                 }
+            }
+        }
+        for (publisher, n) in per_publisher.drain() {
+            if let Some(d) = coord.delivered.get(publisher as usize) {
+                d.fetch_add(n, Ordering::Relaxed);
             }
         }
         if got > 0 {
@@ -477,14 +490,13 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
                 due.saturating_sub(seq as u64)
                     .min(plan.sc.inflight.max(1) as u64 * 64) as usize
             }
-            None if plan.qos == QoS::AtMostOnce => plan.sc.inflight,
-            None => 0,
+            None => e2e_window(idx, seq, &plan, &coord, &local).await,
         };
         let n = if plan.qos == QoS::AtMostOnce {
             n
         } else {
-            // Closed loop: wait for one window slot (or the end), then take what is free.
-            let want = if tick.is_some() { n } else { plan.sc.inflight };
+            // Acknowledgement window: wait for one slot (or the end), then take what is free.
+            let want = n;
             if want == 0 {
                 continue;
             }
@@ -545,6 +557,53 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
     seq as u64
 }
 
+/// Max mode: how many messages publisher `idx` may send now so that at most `inflight` of
+/// its messages are on their way to subscribers (published but not yet received by every
+/// subscriber they go to). Waits while none may; 0 once the run stops.
+async fn e2e_window(idx: usize, seq: u32, plan: &Plan, coord: &Coord, local: &Local) -> usize {
+    let copies = plan.copies();
+    let window = plan.sc.inflight as u64;
+    let sent = u64::from(seq) * copies;
+    let free =
+        |delivered: u64| window.saturating_sub(sent.saturating_sub(delivered).div_ceil(copies));
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        if coord.phase() >= STOP {
+            return std::task::Poll::Ready(0);
+        }
+        let f = free(coord.delivered[idx].load(Ordering::Acquire));
+        if f > 0 {
+            return std::task::Poll::Ready(f as usize);
+        }
+        if !registered {
+            registered = true;
+            let target = sent - (window - 1) * copies;
+            local
+                .blocked
+                .borrow_mut()
+                .push((idx, target, cx.waker().clone()));
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Wakes publishers whose end-to-end window has room again (every 500 µs).
+async fn pacer(coord: Arc<Coord>, local: Rc<Local>) {
+    while coord.phase() < DONE {
+        sleep(Duration::from_micros(500)).await;
+        let stop = coord.phase() >= STOP;
+        local.blocked.borrow_mut().retain(|(idx, target, waker)| {
+            if stop || coord.delivered[*idx].load(Ordering::Acquire) >= *target {
+                waker.wake_by_ref();
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
 async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOut {
     let plan = Rc::new(Plan {
         sc: plan.sc.clone(),
@@ -561,6 +620,7 @@ async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOu
         sent_measured: Cell::new(0),
         received_measured: Cell::new(0),
         scratch: RefCell::new(vec![0u8; 64 << 10]),
+        blocked: RefCell::new(Vec::new()),
     });
     let flusher = {
         let (local, coord) = (local.clone(), coord.clone());
@@ -575,6 +635,7 @@ async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOu
             }
         })
     };
+    let pacer = spawn_local(pacer(coord.clone(), local.clone()));
     let subs: Vec<_> = (w..plan.sc.subscribers)
         .step_by(plan.threads)
         .map(|i| spawn_local(subscriber(i, plan.clone(), coord.clone(), local.clone())))
@@ -592,6 +653,7 @@ async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOu
         out.trackers.push(s.await);
     }
     flusher.await;
+    pacer.await;
     out.sent_measured = local.sent_measured.get();
     out.received_measured = local.received_measured.get();
     out.measured = Some(local.measured.replace(new_histogram()));
@@ -657,7 +719,7 @@ pub fn run_pubsub(
     opts: &RunOptions,
     sc: &PubsubScenario,
 ) -> Result<PubsubResult, String> {
-    let coord = Coord::new();
+    let coord = Coord::new(sc.publishers);
     let plan = Arc::new(Plan {
         sc: sc.clone(),
         addr: target.addr,
@@ -845,6 +907,7 @@ async fn conn_worker(
         sent_measured: Cell::new(0),
         received_measured: Cell::new(0),
         scratch: RefCell::new(vec![0u8; 4 << 10]),
+        blocked: RefCell::new(Vec::new()),
     });
     let mine: Vec<usize> = (w..sc.connections).step_by(threads).collect();
     let per_worker_rate = if sc.rate > 0.0 {
@@ -926,7 +989,7 @@ pub fn run_conn(
     opts: &RunOptions,
     sc: &ConnScenario,
 ) -> Result<ConnResult, String> {
-    let coord = Coord::new();
+    let coord = Coord::new(0);
     let sources = auto_sources(opts, sc.connections);
     let threads = opts.threads.max(1);
     let rss_before = target.pid.and_then(rss_bytes);

@@ -71,8 +71,9 @@ pub struct PubsubScenario {
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub rate: f64,
-    /// Unacknowledged publishes per publisher in closed loop (QoS 1/2), and messages per
-    /// write burst at QoS 0.
+    /// Closed loop (rate 0): messages per publisher on their way to subscribers at once
+    /// (published, not yet received by every subscriber). Also bounds unacknowledged
+    /// publishes at QoS 1/2.
     #[arg(long, default_value_t = 16)]
     #[serde(default = "default_inflight")]
     pub inflight: usize,
