@@ -200,8 +200,8 @@ struct Local {
     received_measured: Cell<u64>,
     scratch: RefCell<Vec<u8>>,
     /// Publishers waiting for their end-to-end window: (publisher, delivered count that
-    /// frees a slot, waker).
-    blocked: RefCell<Vec<(usize, u64, std::task::Waker)>>,
+    /// frees a slot, since when, waker).
+    blocked: RefCell<Vec<(usize, u64, Instant, std::task::Waker)>>,
 }
 
 fn timestamp_ms() -> u64 {
@@ -482,6 +482,7 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
         None
     };
     let started = Instant::now();
+    let mut window_state = Window::default();
     while coord.phase() < STOP {
         let n = match tick {
             Some(t) => {
@@ -490,7 +491,7 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
                 due.saturating_sub(seq as u64)
                     .min(plan.sc.inflight.max(1) as u64 * 64) as usize
             }
-            None => e2e_window(idx, seq, &plan, &coord, &local).await,
+            None => e2e_window(idx, seq, &mut window_state, &plan, &coord, &local).await,
         };
         let n = if plan.qos == QoS::AtMostOnce {
             n
@@ -557,50 +558,81 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
     seq as u64
 }
 
+/// A message that has not arrived after this long is taken as lost: its slot in the
+/// end-to-end window is freed, so a broker that drops messages slows a run down instead of
+/// stalling it (the loss is still counted).
+const LOSS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The end-to-end window of one publisher in max mode.
+#[derive(Default)]
+struct Window {
+    /// Copies given up as lost.
+    forgiven: u64,
+}
+
 /// Max mode: how many messages publisher `idx` may send now so that at most `inflight` of
 /// its messages are on their way to subscribers (published but not yet received by every
 /// subscriber they go to). Waits while none may; 0 once the run stops.
-async fn e2e_window(idx: usize, seq: u32, plan: &Plan, coord: &Coord, local: &Local) -> usize {
+async fn e2e_window(
+    idx: usize,
+    seq: u32,
+    win: &mut Window,
+    plan: &Plan,
+    coord: &Coord,
+    local: &Local,
+) -> usize {
     let copies = plan.copies();
     let window = plan.sc.inflight as u64;
     let sent = u64::from(seq) * copies;
-    let free =
-        |delivered: u64| window.saturating_sub(sent.saturating_sub(delivered).div_ceil(copies));
-    let mut registered = false;
+    let mut since: Option<Instant> = None;
     std::future::poll_fn(|cx| {
         if coord.phase() >= STOP {
             return std::task::Poll::Ready(0);
         }
-        let f = free(coord.delivered[idx].load(Ordering::Acquire));
-        if f > 0 {
-            return std::task::Poll::Ready(f as usize);
+        let delivered = coord.delivered[idx].load(Ordering::Acquire) + win.forgiven;
+        let outstanding = sent.saturating_sub(delivered);
+        let free = window.saturating_sub(outstanding.div_ceil(copies));
+        if free > 0 {
+            return std::task::Poll::Ready(free as usize);
         }
-        if !registered {
-            registered = true;
-            let target = sent - (window - 1) * copies;
-            local
-                .blocked
-                .borrow_mut()
-                .push((idx, target, cx.waker().clone()));
+        match since {
+            Some(t) if t.elapsed() >= LOSS_TIMEOUT => {
+                win.forgiven += outstanding;
+                return std::task::Poll::Ready(window as usize);
+            }
+            Some(_) => {}
+            None => since = Some(Instant::now()),
         }
+        let target = (sent - (window - 1) * copies).saturating_sub(win.forgiven);
+        local
+            .blocked
+            .borrow_mut()
+            .push((idx, target, Instant::now(), cx.waker().clone()));
         std::task::Poll::Pending
     })
     .await
 }
 
-/// Wakes publishers whose end-to-end window has room again (every 500 µs).
+/// Wakes publishers whose end-to-end window has room again, or that waited longer than
+/// [`LOSS_TIMEOUT`] (every 500 µs).
 async fn pacer(coord: Arc<Coord>, local: Rc<Local>) {
     while coord.phase() < DONE {
         sleep(Duration::from_micros(500)).await;
         let stop = coord.phase() >= STOP;
-        local.blocked.borrow_mut().retain(|(idx, target, waker)| {
-            if stop || coord.delivered[*idx].load(Ordering::Acquire) >= *target {
-                waker.wake_by_ref();
-                false
-            } else {
-                true
-            }
-        });
+        local
+            .blocked
+            .borrow_mut()
+            .retain(|(idx, target, since, waker)| {
+                if stop
+                    || coord.delivered[*idx].load(Ordering::Acquire) >= *target
+                    || since.elapsed() >= LOSS_TIMEOUT
+                {
+                    waker.wake_by_ref();
+                    false
+                } else {
+                    true
+                }
+            });
     }
 }
 

@@ -89,6 +89,9 @@ pub struct ShardsConfig {
     pub max_pending: usize,
     /// Size of each shard's read scratch buffer.
     pub read_buffer: ByteSize,
+    /// How long an idle shard busy-polls before it sleeps; "0s" sleeps at once. Spinning trades
+    /// CPU for lower wake-up latency.
+    pub spin_before_park: Duration,
 }
 
 impl Default for ShardsConfig {
@@ -101,6 +104,7 @@ impl Default for ShardsConfig {
             batch_size: 256,
             max_pending: 65_536,
             read_buffer: ByteSize(64 << 10),
+            spin_before_park: Duration::secs(0),
         }
     }
 }

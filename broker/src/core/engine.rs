@@ -152,7 +152,9 @@ struct Conn {
     peer: SocketAddr,
     client_id: ByteStr,
     clean: bool,
-    will: Option<LastWill>,
+    will: Option<Box<LastWill>>,
+    /// The deadline a timer is armed for in `conn_timers`.
+    timer_at: Option<Timestamp>,
 }
 
 impl Conn {
@@ -168,14 +170,20 @@ struct ActiveSession {
     session: Session,
     conn: Option<ConnId>,
     epoch: u64,
-    /// Shard still forwarding deliveries for this session (it moved from there).
-    upstream: Option<usize>,
-    /// Whether the upstream was told to stop.
-    upstream_released: bool,
-    /// Ids delivered while a forwarder is active, to drop the copies it forwards.
-    dedup: Option<AHashSet<MessageId>>,
+    /// Set while the shard this session moved from still forwards deliveries to it.
+    arrival: Option<Box<Arrival>>,
     expires_at: Option<Timestamp>,
     timer_at: Option<Timestamp>,
+}
+
+/// The tail of a move between shards, kept off the common session path.
+struct Arrival {
+    /// The shard still forwarding deliveries for this session.
+    upstream: usize,
+    /// Whether it was told to stop.
+    released: bool,
+    /// Ids delivered meanwhile, to drop the copies it forwards.
+    dedup: AHashSet<MessageId>,
 }
 
 /// What stays behind when a session moves to another shard: its index entries, forwarding
@@ -283,6 +291,10 @@ pub struct Engine {
     inbox: VecDeque<ShardMsg>,
     paused: Vec<ConnId>,
     timers: BinaryHeap<Reverse<(Timestamp, usize, u32)>>,
+    /// CONNECT and keepalive deadlines: (deadline, connection slot, generation).
+    conn_timers: BinaryHeap<Reverse<(Timestamp, u32, u32)>>,
+    timer_waker: Option<Waker>,
+    timer_wake_at: Timestamp,
     msg_seq: u64,
     client_seq: u64,
     started_at: Timestamp,
@@ -335,6 +347,9 @@ impl Engine {
             inbox: VecDeque::new(),
             paused: Vec::new(),
             timers: BinaryHeap::new(),
+            conn_timers: BinaryHeap::new(),
+            timer_waker: None,
+            timer_wake_at: now,
             msg_seq: 0,
             client_seq: 0,
             started_at: now,
@@ -399,12 +414,48 @@ impl Engine {
             client_id: ByteStr::default(),
             clean: true,
             will: None,
+            timer_at: None,
         });
         self.metrics.connections_accepted += 1;
-        ConnId {
+        let id = ConnId {
             idx: idx as u32,
             gen,
+        };
+        self.arm_conn(id);
+        id
+    }
+
+    /// Arms the connection's timer for its current deadline if that is earlier than the one
+    /// armed. A later deadline (traffic pushed it back) is found when the armed timer fires.
+    fn arm_conn(&mut self, id: ConnId) {
+        let Some(deadline) = self.conn_status(id).and_then(|s| s.deadline) else {
+            return;
+        };
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.timer_at.is_none_or(|t| deadline < t) {
+            c.timer_at = Some(deadline);
+            self.conn_timers.push(Reverse((deadline, id.idx, id.gen)));
+            self.note_timer(deadline);
         }
+    }
+
+    /// Wakes the timer task if `at` is earlier than the time it sleeps until.
+    fn note_timer(&mut self, at: Timestamp) {
+        if at < self.timer_wake_at {
+            self.timer_wake_at = at;
+            if let Some(w) = self.timer_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Registers the waker of the shard's timer task, which sleeps until `wake_at` unless a
+    /// timer is armed for earlier.
+    pub fn set_timer_waker(&mut self, waker: &Waker, wake_at: Timestamp) {
+        self.timer_wake_at = wake_at;
+        self.timer_waker = Some(waker.clone());
     }
 
     /// How to decode this connection's input.
@@ -607,7 +658,7 @@ impl Engine {
         if let ConnPhase::Connected(key) = phase {
             self.detach(key);
             if let Some(w) = will {
-                self.publish_will(&client_id, w);
+                self.publish_will(&client_id, *w);
             }
         }
     }
@@ -674,9 +725,10 @@ impl Engine {
         c.level = level;
         c.client_id = client_id.clone();
         c.clean = clean_session;
-        c.will = will;
+        c.will = will.map(Box::new);
         c.keepalive = ka;
         c.phase = ConnPhase::Connecting;
+        self.arm_conn(id);
         let ticket = Ticket {
             shard: self.cfg.shard,
             idx: id.idx,
@@ -893,8 +945,8 @@ impl Engine {
         let now = self.now;
         match self.sessions.get_mut(key) {
             Some(SessionSlot::Active(a)) => {
-                if let Some(seen) = &mut a.dedup {
-                    if !seen.insert(msg.id) {
+                if let Some(arrival) = &mut a.arrival {
+                    if !arrival.dedup.insert(msg.id) {
                         self.metrics.dropped_duplicates += 1;
                         return;
                     }
@@ -1194,10 +1246,10 @@ impl Engine {
             } => {
                 if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
                     if a.gen == gen {
-                        if a.upstream_released {
-                            return;
+                        match &mut a.arrival {
+                            Some(arrival) if !arrival.released => arrival.released = true,
+                            _ => return,
                         }
-                        a.upstream_released = true;
                     }
                 } else if let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) {
                     if f.gen == gen {
@@ -1229,9 +1281,7 @@ impl Engine {
             session: Session::new(client_id.clone(), clean, self.now),
             conn: None,
             epoch,
-            upstream: None,
-            upstream_released: false,
-            dedup: None,
+            arrival: None,
             expires_at: None,
             timer_at: None,
         }));
@@ -1258,9 +1308,13 @@ impl Engine {
             session,
             conn: None,
             epoch,
-            upstream,
-            upstream_released: upstream.is_none(),
-            dedup: upstream.map(|_| dedup.into_iter().collect()),
+            arrival: upstream.map(|upstream| {
+                Box::new(Arrival {
+                    upstream,
+                    released: false,
+                    dedup: dedup.into_iter().collect(),
+                })
+            }),
             expires_at: None,
             timer_at: None,
         }));
@@ -1309,8 +1363,8 @@ impl Engine {
                 },
             );
         }
-        if let (Some(up), false) = (a.upstream, a.upstream_released) {
-            self.send(up, ShardMsg::ReleaseForward { client_id });
+        if let Some(arrival) = a.arrival.filter(|x| !x.released) {
+            self.send(arrival.upstream, ShardMsg::ReleaseForward { client_id });
         }
     }
 
@@ -1450,7 +1504,7 @@ impl Engine {
                 let will = c.will.take();
                 c.wake();
                 if let Some(w) = will {
-                    self.publish_will(&client_id, w);
+                    self.publish_will(&client_id, *w);
                 }
             }
         }
@@ -1471,8 +1525,8 @@ impl Engine {
             client_id: client_id.clone(),
             to: ticket.shard,
             filters: a.session.subscriptions.keys().cloned().collect(),
-            upstream: a.upstream,
-            upstream_released: a.upstream_released,
+            upstream: a.arrival.as_ref().map(|x| x.upstream),
+            upstream_released: a.arrival.as_ref().is_none_or(|x| x.released),
             released: false,
             barrier_done: false,
         });
@@ -1482,7 +1536,10 @@ impl Engine {
         self.by_client.remove(&client_id);
         self.forwarders.insert(client_id.clone(), key);
         self.metrics.sessions_moved += 1;
-        let dedup = a.dedup.map(|d| d.into_iter().collect()).unwrap_or_default();
+        let dedup = a
+            .arrival
+            .map(|x| x.dedup.into_iter().collect())
+            .unwrap_or_default();
         self.send(
             ticket.shard,
             ShardMsg::Handover {
@@ -1588,9 +1645,8 @@ impl Engine {
         }
         if let Some(&key) = self.by_client.get(&client_id) {
             if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
-                if a.upstream == Some(from) {
-                    a.upstream = None;
-                    a.dedup = None;
+                if a.arrival.as_ref().is_some_and(|x| x.upstream == from) {
+                    a.arrival = None;
                 }
             }
         }
@@ -1668,13 +1724,19 @@ impl Engine {
             if a.timer_at.is_none_or(|t| d < t) {
                 a.timer_at = Some(d);
                 self.timers.push(Reverse((d, key, a.gen)));
+                self.note_timer(d);
             }
         }
     }
 
     /// The earliest time [`Engine::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let sessions = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let conns = self.conn_timers.peek().map(|Reverse((t, _, _))| *t);
+        let t = match (sessions, conns) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if self.cfg.retained.expiry.is_some() && !self.retained.is_empty() {
             Some(t.map_or(self.next_retained_purge, |t| {
                 t.min(self.next_retained_purge)
@@ -1687,6 +1749,22 @@ impl Engine {
     /// Runs due session timers: retries, inbound QoS 2 expiry, session expiry, retained expiry.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.now = now;
+        while let Some(Reverse((due, idx, gen))) = self.conn_timers.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.conn_timers.pop();
+            let id = ConnId { idx, gen };
+            let Some(c) = conn_mut(&mut self.conns, id) else {
+                continue;
+            };
+            if c.timer_at != Some(due) {
+                continue;
+            }
+            c.timer_at = None;
+            self.conn_timeout(id, now);
+            self.arm_conn(id);
+        }
         while let Some(Reverse((due, key, gen))) = self.timers.peek().copied() {
             if due > now {
                 break;

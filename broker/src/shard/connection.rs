@@ -1,8 +1,9 @@
 //! The driver task of one MQTT connection: read → decode → feed the engine → write the outbox
-//! → sleep until the next event or deadline.
+//! → sleep until the socket or the engine wakes it.
 //!
 //! One hand-written future per connection does it all, so an idle connection is just that
-//! future: the socket, a timer and an empty partial-frame buffer. Reads go into the shard's
+//! future: the socket and an empty partial-frame buffer (CONNECT and keepalive deadlines live
+//! in the engine's timer heap, not in per-connection timers). Reads go into the shard's
 //! shared scratch buffer; only the tail of an incomplete packet is copied into the
 //! connection's own buffer, which is freed once it empties. Writes send the whole outbox (many
 //! deliveries, one `send`) whenever it has bytes.
@@ -13,14 +14,12 @@ use crate::protocol::mqtt;
 use bytes::{Buf, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
-use glommio::timer::Timer;
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
@@ -33,7 +32,6 @@ struct Driver {
     stream: TcpStream,
     id: ConnId,
     partial: BytesMut,
-    timer: Option<(Timestamp, Timer)>,
 }
 
 /// Why the driver stopped.
@@ -57,7 +55,6 @@ pub async fn drive(
         stream,
         id,
         partial: BytesMut::new(),
-        timer: None,
     };
     let end = poll_fn(|cx| d.poll(cx)).await;
     if let End::Closed = end {
@@ -83,12 +80,6 @@ impl Driver {
                 return Poll::Pending;
             }
             let now = Timestamp::now();
-            if let Some(deadline) = status.deadline {
-                if now >= deadline {
-                    e.conn_timeout(self.id, now);
-                    continue;
-                }
-            }
             if status.readable && !self.partial.is_empty() && self.process(&mut e, None, now) {
                 continue;
             }
@@ -108,35 +99,11 @@ impl Driver {
                 }
             }
             e.set_conn_waker(self.id, cx.waker());
-            drop(e);
-            if let Some(deadline) = status.deadline {
-                if self.wait_until(cx, deadline, now) {
-                    continue;
-                }
-            } else {
-                self.timer = None;
-            }
             return Poll::Pending;
         }
         // Busy connection: let the other tasks of the shard run, then continue.
         cx.waker().wake_by_ref();
         Poll::Pending
-    }
-
-    /// Arms the timer for `deadline`; true if it already fired.
-    fn wait_until(&mut self, cx: &mut Context<'_>, deadline: Timestamp, now: Timestamp) -> bool {
-        if self.timer.as_ref().is_none_or(|(d, _)| *d != deadline) {
-            let wait = deadline.since(now) + Duration::from_millis(1);
-            self.timer = Some((deadline, Timer::new(wait)));
-        }
-        let Some((_, timer)) = self.timer.as_mut() else {
-            return false;
-        };
-        if Pin::new(timer).poll(cx).is_ready() {
-            self.timer = None;
-            return true;
-        }
-        false
     }
 
     /// Writes as much of the outbox as the socket takes. `Some` when the connection ends.

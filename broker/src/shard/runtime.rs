@@ -16,6 +16,7 @@ use glommio::timer::sleep;
 use glommio::{spawn_local, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use serde::Serialize;
 use std::cell::RefCell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -182,10 +183,13 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             report: tx,
             stats: stats.clone(),
         };
-        let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
-            .io_memory(cfg.shards.io_memory.as_usize())
-            .spawn(move || shard_main(ctx));
+            .io_memory(cfg.shards.io_memory.as_usize());
+        if let Some(spin) = cfg.shards.spin_before_park.enabled() {
+            builder = builder.spin_before_park(spin);
+        }
+        let spawned = builder.spawn(move || shard_main(ctx));
         match spawned {
             Ok(j) => {
                 joins.push((shard, cpu, j));
@@ -333,6 +337,38 @@ async fn wait_for_shutdown(flag: &AtomicBool) {
     }
 }
 
+/// Runs the engine's timers: sleeps until the earliest deadline (at most a second), or until
+/// the engine arms an earlier one and wakes it.
+async fn run_timers(engine: Rc<RefCell<Engine>>) {
+    let mut sleeper: Option<(Timestamp, glommio::timer::Timer)> = None;
+    std::future::poll_fn(|cx| loop {
+        let now = Timestamp::now();
+        let mut e = engine.borrow_mut();
+        if e.poll_timeout().is_some_and(|t| t <= now) {
+            e.handle_timeout(now);
+        }
+        let wake_at = e
+            .poll_timeout()
+            .map_or(now.after(Duration::from_secs(1)), |t| {
+                t.min(now.after(Duration::from_secs(1)))
+            });
+        e.set_timer_waker(cx.waker(), wake_at);
+        drop(e);
+        if sleeper.as_ref().is_none_or(|(at, _)| *at != wake_at) {
+            let wait = wake_at.since(now) + Duration::from_millis(1);
+            sleeper = Some((wake_at, glommio::timer::Timer::new(wait)));
+        }
+        let Some((_, timer)) = sleeper.as_mut() else {
+            continue;
+        };
+        if std::pin::Pin::new(timer).poll(cx).is_pending() {
+            return std::task::Poll::<()>::Pending;
+        }
+        sleeper = None;
+    })
+    .await
+}
+
 async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     let ShardCtx {
         shard,
@@ -359,20 +395,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     )));
     let scratch = Rc::new(RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]));
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
-    let timer_task = spawn_local({
-        let engine = engine.clone();
-        async move {
-            loop {
-                let now = Timestamp::now();
-                let next = engine.borrow().poll_timeout();
-                let wait = next.map_or(Duration::from_secs(1), |t| {
-                    t.since(now).min(Duration::from_secs(1))
-                });
-                sleep(wait.max(Duration::from_millis(1))).await;
-                engine.borrow_mut().handle_timeout(Timestamp::now());
-            }
-        }
-    });
+    let timer_task = spawn_local(run_timers(engine.clone()));
     let publish_stats = {
         let engine = engine.clone();
         let stats = stats.clone();

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Instructions per routed message, counted by valgrind's callgrind (repeatable whatever else the
+# machine does; `perf stat -e instructions` is not supported on this kind of VM), for ShardMQ
+# (one shard) and Mosquitto under the same small workload.
+#
+# Method: each broker runs under callgrind twice with the same clients for the same time: once
+# with 10 publishers sending in closed loop to 10 subscribers (p2p, QoS 0, 16 B), once with the
+# same connections publishing at a negligible rate. The difference in instructions divided by
+# the difference in messages delivered is the cost of routing one message (read, decode, match,
+# encode, write), with start-up, connection set-up and idle timers cancelled out.
+#
+# Usage: scripts/instructions-per-message.sh [seconds, default 20]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-20}
+command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+command -v mosquitto >/dev/null || { echo "needs mosquitto (apt-get install mosquitto)" >&2; exit 1; }
+cargo build --release -q -p shardmq -p shardmq-bench
+out=${OUT:-target/bench/instructions}
+mkdir -p "$out"
+BENCH=target/release/shardmq-bench
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 600); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# run BROKER RATE -> prints "instructions messages"
+run() {
+  local broker=$1 rate=$2 port cg pid
+  port=$(free_port)
+  cg="$out/callgrind.$broker.$rate.out"
+  case $broker in
+    shardmq)
+      SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:$port SHARDMQ_SHARDS__CPUS='[0]' SHARDMQ_LOG__LEVEL=warn \
+        valgrind --tool=callgrind --callgrind-out-file="$cg" target/release/shardmq >"$out/$broker.log" 2>&1 &
+      ;;
+    mosquitto)
+      printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\n' "$port" >"$out/mosquitto.conf"
+      valgrind --tool=callgrind --callgrind-out-file="$cg" mosquitto -c "$out/mosquitto.conf" >"$out/$broker.log" 2>&1 &
+      ;;
+  esac
+  pid=$!
+  wait_port "$port"
+  "$BENCH" pubsub --quiet --threads 1 --cpus 1 --broker "127.0.0.1:$port" --broker-name "$broker" \
+    --publishers 10 --subscribers 10 --pattern p2p --qos 0 --rate "$rate" --inflight 8 \
+    --duration "${secs}s" --warmup 1s --drain 10s --out "$out/$broker.$rate.json" >/dev/null
+  kill -INT "$pid"
+  wait "$pid" || true
+  local ir msgs
+  ir=$(sed -n 's/^summary: //p; s/^totals: //p' "$cg" | head -n 1 | awk '{print $1}')
+  msgs=$(python3 -c "import json; print(json.load(open('$out/$broker.$rate.json'))['outcome']['delivery']['received'])")
+  echo "$ir $msgs"
+}
+
+printf '| broker | instructions (loaded) | messages | instructions (idle) | messages | instructions per message |\n'
+printf '|---|---|---|---|---|---|\n'
+for b in shardmq mosquitto; do
+  read -r ir1 m1 < <(run "$b" 0)
+  read -r ir0 m0 < <(run "$b" 0.01)
+  per=$(python3 -c "print(round(($ir1 - $ir0) / max(1, $m1 - $m0)))")
+  printf '| %s | %s | %s | %s | %s | %s |\n' "$b" "$ir1" "$m1" "$ir0" "$m0" "$per"
+done
