@@ -6,7 +6,7 @@
 //! in the engine's timer heap, not in per-connection timers). Reads go into the shard's
 //! shared scratch buffer; only the tail of an incomplete packet is copied into the
 //! connection's own buffer, which is freed once it empties. Writes send the whole outbox (many
-//! deliveries, one `send`) whenever it has bytes.
+//! deliveries, one `send`) whenever it has bytes; a flushed outbox is freed too.
 
 use crate::core::engine::{ConnId, Engine};
 use crate::core::time::Timestamp;
@@ -23,8 +23,6 @@ use std::task::{Context, Poll};
 
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
-/// Outbox capacity kept between writes; larger buffers are freed once flushed.
-const KEEP_OUTBOX: usize = 16 * 1024;
 
 struct Driver {
     engine: Rc<RefCell<Engine>>,
@@ -128,7 +126,8 @@ impl Driver {
             }
         }
         let empty = out.is_empty();
-        if empty && out.capacity() > KEEP_OUTBOX {
+        if empty && out.capacity() > 0 {
+            // An idle connection keeps no buffer; the next delivery allocates one.
             *out = BytesMut::new();
         }
         e.count_io(0, sent);
