@@ -39,7 +39,10 @@ run() {
         valgrind --tool=callgrind --callgrind-out-file="$cg" target/release/shardmq >"$out/$broker.log" 2>&1 &
       ;;
     mosquitto)
-      printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\n' "$port" >"$out/mosquitto.conf"
+      # `user`: started as root, Mosquitto would switch to user mosquitto and callgrind could
+      # no longer write its output file.
+      printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\nuser %s\n' \
+        "$port" "$(id -un)" >"$out/mosquitto.conf"
       valgrind --tool=callgrind --callgrind-out-file="$cg" mosquitto -c "$out/mosquitto.conf" >"$out/$broker.log" 2>&1 &
       ;;
   esac

@@ -288,26 +288,49 @@ async fn read_some(
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Publisher,
+    Subscriber,
+}
+
+/// Connects client `idx` in `role`; a failure is counted and reported, and gives `None`.
+async fn connect_client(
+    role: Role,
+    idx: usize,
+    plan: &Plan,
+    coord: &Coord,
+    local: &Local,
+    buf: &mut BytesMut,
+) -> Option<Rc<Shared>> {
+    let (name, tag, raw_role, n) = match role {
+        Role::Publisher => ("publisher", 'p', 0u8, plan.sc.subscribers + idx),
+        Role::Subscriber => ("subscriber", 's', 1u8, idx),
+    };
+    let id = format!("b{}-{tag}{idx}", plan.run_id);
+    let ep = Endpoint {
+        addr: plan.addr,
+        source: net::source_for(n, plan.sources, plan.addr),
+        client_id: &id,
+        keepalive: plan.sc.keepalive,
+        raw: plan.sc.raw.then_some((raw_role, idx as u32)),
+    };
+    match open(coord, local, &ep, buf).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            coord.failed.fetch_add(1, Ordering::AcqRel);
+            coord.error(format!("{name} {idx}: {e}"));
+            None
+        }
+    }
+}
+
 async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Local>) -> SeqTracker {
     let mut tracker = SeqTracker::default();
     let mut buf = BytesMut::new();
-    let source = net::source_for(idx, plan.sources, plan.addr);
-    let id = format!("b{}-s{idx}", plan.run_id);
-    let raw = plan.sc.raw.then_some((1u8, idx as u32));
-    let ep = Endpoint {
-        addr: plan.addr,
-        source,
-        client_id: &id,
-        keepalive: plan.sc.keepalive,
-        raw,
-    };
-    let s = match open(&coord, &local, &ep, &mut buf).await {
-        Ok(s) => s,
-        Err(e) => {
-            coord.failed.fetch_add(1, Ordering::AcqRel);
-            coord.error(format!("subscriber {idx}: {e}"));
-            return tracker;
-        }
+    let Some(s) = connect_client(Role::Subscriber, idx, &plan, &coord, &local, &mut buf).await
+    else {
+        return tracker;
     };
     if !plan.sc.raw {
         let r: io::Result<()> = async {
@@ -418,23 +441,9 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
 
 async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Local>) -> u64 {
     let mut buf = BytesMut::new();
-    let source = net::source_for(plan.sc.subscribers + idx, plan.sources, plan.addr);
-    let id = format!("b{}-p{idx}", plan.run_id);
-    let raw = plan.sc.raw.then_some((0u8, idx as u32));
-    let ep = Endpoint {
-        addr: plan.addr,
-        source,
-        client_id: &id,
-        keepalive: plan.sc.keepalive,
-        raw,
-    };
-    let s = match open(&coord, &local, &ep, &mut buf).await {
-        Ok(s) => s,
-        Err(e) => {
-            coord.failed.fetch_add(1, Ordering::AcqRel);
-            coord.error(format!("publisher {idx}: {e}"));
-            return 0;
-        }
+    let Some(s) = connect_client(Role::Publisher, idx, &plan, &coord, &local, &mut buf).await
+    else {
+        return 0;
     };
     coord.pubs_ready.fetch_add(1, Ordering::AcqRel);
     let window = Rc::new(glommio::sync::Semaphore::new(plan.sc.inflight as u64));

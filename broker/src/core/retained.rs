@@ -7,6 +7,7 @@
 
 use super::message::SharedMessage;
 use super::time::Timestamp;
+use super::topic::split_level;
 use ahash::AHashMap;
 use std::time::Duration;
 
@@ -52,13 +53,6 @@ pub struct RetainedStore {
     limits: RetainedLimits,
 }
 
-fn next_level(rest: &str) -> (&str, Option<&str>) {
-    match rest.split_once('/') {
-        Some((l, r)) => (l, Some(r)),
-        None => (rest, None),
-    }
-}
-
 impl RetainedStore {
     /// An empty partition.
     pub fn new(limits: RetainedLimits) -> Self {
@@ -98,7 +92,7 @@ impl RetainedStore {
         let mut node = &mut self.root;
         let mut rest = Some(msg.topic.as_str());
         while let Some(r) = rest {
-            let (level, tail) = next_level(r);
+            let (level, tail) = split_level(r);
             if full && !node.children.contains_key(level) {
                 return SetOutcome::RefusedFull;
             }
@@ -158,7 +152,7 @@ fn lookup_rec(
         }
         return;
     };
-    let (level, tail) = next_level(r);
+    let (level, tail) = split_level(r);
     match level {
         "#" => {
             if let Some(m) = live(&node.msg, now) {
@@ -198,7 +192,7 @@ fn remove_rec(node: &mut Node, rest: Option<&str>) -> bool {
     let Some(r) = rest else {
         return node.msg.take().is_some();
     };
-    let (level, tail) = next_level(r);
+    let (level, tail) = split_level(r);
     let Some(child) = node.children.get_mut(level) else {
         return false;
     };

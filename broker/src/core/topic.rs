@@ -4,6 +4,15 @@
 //! number of levels including the parent (`a/#` matches `a`), and topics starting with `$` are
 //! not matched by a wildcard in the first level.
 
+/// Splits the first level off `rest`: (level, the rest after its `/`, if any). A byte search:
+/// `/` is ASCII, so it never splits a UTF-8 sequence.
+pub fn split_level(rest: &str) -> (&str, Option<&str>) {
+    match rest.as_bytes().iter().position(|&b| b == b'/') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    }
+}
+
 /// Whether `filter` contains a wildcard.
 pub fn is_wildcard(filter: &str) -> bool {
     filter.bytes().any(|b| b == b'+' || b == b'#')
@@ -74,6 +83,14 @@ mod tests {
         for (filter, topic, expected) in table {
             assert_eq!(matches(filter, topic), expected, "{filter} vs {topic}");
         }
+    }
+
+    #[test]
+    fn levels_split_on_slash_only() {
+        assert_eq!(split_level("a/b/c"), ("a", Some("b/c")));
+        assert_eq!(split_level("a/"), ("a", Some("")));
+        assert_eq!(split_level("/"), ("", Some("")));
+        assert_eq!(split_level("é"), ("é", None));
     }
 
     #[test]

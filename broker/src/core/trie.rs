@@ -6,6 +6,7 @@
 //! collects `#` values on the way, without allocating. Used for each shard's local
 //! subscription index and its replica of the route table.
 
+use super::topic::split_level;
 use ahash::AHashMap;
 
 /// A map from topic filters to values, matched against topic names.
@@ -42,13 +43,6 @@ impl<V> Node<V> {
             && self.hash.is_none()
             && self.plus.is_none()
             && self.children.is_empty()
-    }
-}
-
-fn next_level(rest: &str) -> (&str, Option<&str>) {
-    match rest.split_once('/') {
-        Some((l, r)) => (l, Some(r)),
-        None => (rest, None),
     }
 }
 
@@ -90,7 +84,7 @@ impl<V> TopicTrie<V> {
             let Some(r) = rest else {
                 break &mut node.value;
             };
-            let (level, tail) = next_level(r);
+            let (level, tail) = split_level(r);
             if level == "#" && tail.is_none() {
                 break &mut node.hash;
             }
@@ -116,7 +110,7 @@ impl<V> TopicTrie<V> {
             let Some(r) = rest else {
                 return node.value.as_ref();
             };
-            let (level, tail) = next_level(r);
+            let (level, tail) = split_level(r);
             if level == "#" && tail.is_none() {
                 return node.hash.as_ref();
             }
@@ -137,7 +131,7 @@ impl<V> TopicTrie<V> {
             let Some(r) = rest else {
                 return node.value.as_mut();
             };
-            let (level, tail) = next_level(r);
+            let (level, tail) = split_level(r);
             if level == "#" && tail.is_none() {
                 return node.hash.as_mut();
             }
@@ -176,7 +170,7 @@ fn remove_rec<V>(node: &mut Node<V>, rest: Option<&str>) -> Option<V> {
     let Some(r) = rest else {
         return node.value.take();
     };
-    let (level, tail) = next_level(r);
+    let (level, tail) = split_level(r);
     if level == "#" && tail.is_none() {
         return node.hash.take();
     }
@@ -214,7 +208,7 @@ fn match_rec<'a, V>(
         }
         return;
     };
-    let (level, tail) = next_level(r);
+    let (level, tail) = split_level(r);
     if let Some(child) = node.children.get(level) {
         match_rec(child, tail, true, f);
     }

@@ -19,6 +19,14 @@ impl ByteStr {
         Ok(ByteStr(bytes))
     }
 
+    /// Wraps `bytes` without checking them.
+    ///
+    /// # Safety
+    /// `bytes` must be valid UTF-8 (for example, a slice the caller has just validated).
+    pub unsafe fn from_utf8_unchecked(bytes: Bytes) -> Self {
+        ByteStr(bytes)
+    }
+
     /// Builds a `ByteStr` from a static string without copying.
     pub const fn from_static(s: &'static str) -> Self {
         ByteStr(Bytes::from_static(s.as_bytes()))

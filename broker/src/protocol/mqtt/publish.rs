@@ -43,8 +43,9 @@ pub fn read(flags: u8, body: &[u8]) -> Result<Publish, DecodeError> {
     let payload_start = r.position();
     // One allocation holds topic and payload; both fields share it.
     let shared = Bytes::copy_from_slice(body);
-    let topic = ByteStr::from_utf8(shared.slice(topic_start..topic_start + topic_len))
-        .map_err(|_| DecodeError::InvalidUtf8("topic name"))?;
+    // SAFETY: these are the bytes `utf8()` validated above, copied unchanged.
+    let topic =
+        unsafe { ByteStr::from_utf8_unchecked(shared.slice(topic_start..topic_start + topic_len)) };
     let payload = shared.slice(payload_start..);
     Ok(Publish {
         dup,
