@@ -92,6 +92,10 @@ pub struct ShardsConfig {
     /// How long an idle shard busy-polls before it sleeps; "0s" sleeps at once. Spinning trades
     /// CPU for lower wake-up latency.
     pub spin_before_park: Duration,
+    /// A connected client with no traffic for this long is parked: its socket waits in the
+    /// shard's epoll set with no task and no buffers, and is promoted back on input or on a
+    /// delivery. "0s" never parks.
+    pub park_idle_after: Duration,
 }
 
 impl Default for ShardsConfig {
@@ -105,6 +109,7 @@ impl Default for ShardsConfig {
             max_pending: 65_536,
             read_buffer: ByteSize(64 << 10),
             spin_before_park: Duration::secs(0),
+            park_idle_after: Duration::secs(2),
         }
     }
 }

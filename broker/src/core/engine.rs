@@ -81,6 +81,8 @@ pub struct EngineConfig {
     pub max_pending: usize,
     /// `shards.batch_size`.
     pub batch_size: usize,
+    /// `shards.park_idle_after`: a connected client idle this long is parked; `None` = never.
+    pub park_after: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -118,6 +120,7 @@ impl EngineConfig {
             session_expiry: m.session_expiry_interval.enabled(),
             max_pending: cfg.shards.max_pending,
             batch_size: cfg.shards.batch_size,
+            park_after: cfg.shards.park_idle_after.enabled(),
         }
     }
 }
@@ -127,6 +130,18 @@ impl EngineConfig {
 pub struct ConnId {
     idx: u32,
     gen: u32,
+}
+
+impl ConnId {
+    /// (slot, generation), to carry the id through a plain integer.
+    pub fn parts(self) -> (u32, u32) {
+        (self.idx, self.gen)
+    }
+
+    /// The id of `parts`.
+    pub fn from_parts(idx: u32, gen: u32) -> Self {
+        ConnId { idx, gen }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +170,22 @@ struct Conn {
     will: Option<Box<LastWill>>,
     /// The deadline a timer is armed for in `conn_timers`.
     timer_at: Option<Timestamp>,
+    /// Last time bytes moved either way.
+    last_io: Timestamp,
+    /// The driver should park the connection (idle for `park_after`).
+    park: bool,
+    /// The socket is parked: no driver task; `waker` promotes it.
+    parked: bool,
+    /// Acknowledgements held back until retained messages this client published are stored
+    /// on their owner shards (so a subscriber that comes after the PUBACK sees them).
+    held: Option<Box<HeldAcks>>,
+}
+
+struct HeldAcks {
+    /// Retained stores not confirmed yet.
+    waiting: u32,
+    /// Acknowledgements written meanwhile, in order.
+    bytes: BytesMut,
 }
 
 impl Conn {
@@ -266,6 +297,8 @@ pub struct ConnStatus {
     pub readable: bool,
     /// When [`Engine::conn_timeout`] must be called.
     pub deadline: Option<Timestamp>,
+    /// The connection has been idle long enough to be parked (when nothing is left to do).
+    pub park: bool,
 }
 
 /// The broker logic of one shard.
@@ -295,6 +328,7 @@ pub struct Engine {
     conn_timers: BinaryHeap<Reverse<(Timestamp, u32, u32)>>,
     timer_waker: Option<Waker>,
     timer_wake_at: Timestamp,
+    parked_count: usize,
     msg_seq: u64,
     client_seq: u64,
     started_at: Timestamp,
@@ -350,6 +384,7 @@ impl Engine {
             conn_timers: BinaryHeap::new(),
             timer_waker: None,
             timer_wake_at: now,
+            parked_count: 0,
             msg_seq: 0,
             client_seq: 0,
             started_at: now,
@@ -415,6 +450,10 @@ impl Engine {
             clean: true,
             will: None,
             timer_at: None,
+            last_io: now,
+            park: false,
+            parked: false,
+            held: None,
         });
         self.metrics.connections_accepted += 1;
         let id = ConnId {
@@ -495,18 +534,81 @@ impl Engine {
             .conns
             .get(id.idx as usize)
             .filter(|c| c.gen == id.gen)?;
-        let deadline = match c.phase {
-            ConnPhase::AwaitingConnect => Some(c.opened_at.after(self.cfg.idle_timeout)),
-            ConnPhase::Connecting | ConnPhase::Connected(_) => {
-                c.keepalive.map(|k| c.last_rx.after(k))
-            }
-            ConnPhase::Closed => None,
+        let deadline = match (self.timeout_deadline(c), self.park_deadline(c)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         Some(ConnStatus {
             close: c.close,
             readable: !c.close && !c.paused && c.phase != ConnPhase::Connecting,
             deadline,
+            park: c.park && !c.close,
         })
+    }
+
+    /// When the connection times out: no CONNECT in time, or keepalive.
+    fn timeout_deadline(&self, c: &Conn) -> Option<Timestamp> {
+        match c.phase {
+            ConnPhase::AwaitingConnect => Some(c.opened_at.after(self.cfg.idle_timeout)),
+            ConnPhase::Connecting | ConnPhase::Connected(_) => {
+                c.keepalive.map(|k| c.last_rx.after(k))
+            }
+            ConnPhase::Closed => None,
+        }
+    }
+
+    /// When an idle, connected client should be parked.
+    fn park_deadline(&self, c: &Conn) -> Option<Timestamp> {
+        let idle = matches!(c.phase, ConnPhase::Connected(_))
+            && !c.close
+            && !c.paused
+            && !c.park
+            && !c.parked;
+        self.cfg
+            .park_after
+            .filter(|_| idle)
+            .map(|d| c.last_io.after(d))
+    }
+
+    /// Bytes moved on the connection: it is not idle.
+    pub fn note_io(&mut self, id: ConnId, now: Timestamp) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            c.last_io = now;
+            c.park = false;
+            if self.cfg.park_after.is_some() {
+                self.arm_conn(id);
+            }
+        }
+    }
+
+    /// The driver parked the socket; `waker` promotes it (a delivery, a close or shutdown
+    /// wakes it, as it would wake a driver).
+    pub fn conn_parked(&mut self, id: ConnId, waker: Waker) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            c.parked = true;
+            c.park = false;
+            c.waker = Some(waker);
+            self.parked_count += 1;
+            self.metrics.connections_parked += 1;
+        }
+    }
+
+    /// A parked socket has a driver again.
+    pub fn conn_promoted(&mut self, id: ConnId, now: Timestamp) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            if c.parked {
+                c.parked = false;
+                self.parked_count -= 1;
+            }
+            c.last_io = now;
+            c.waker = None;
+        }
+        self.arm_conn(id);
+    }
+
+    /// Connections parked now.
+    pub fn parked_count(&self) -> usize {
+        self.parked_count
     }
 
     /// Counts bytes moved by the driver.
@@ -583,13 +685,19 @@ impl Engine {
     /// timeout.
     pub fn conn_timeout(&mut self, id: ConnId, now: Timestamp) {
         self.now = now;
-        let Some(status) = self.conn_status(id) else {
+        let Some(c) = self.conns.get(id.idx as usize).filter(|c| c.gen == id.gen) else {
             return;
         };
-        let Some(deadline) = status.deadline else {
+        if c.close {
             return;
-        };
-        if now < deadline || status.close {
+        }
+        if self.timeout_deadline(c).is_none_or(|d| now < d) {
+            if self.park_deadline(c).is_some_and(|d| d <= now) {
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    c.park = true;
+                    c.wake();
+                }
+            }
             return;
         }
         let Some(c) = conn_mut(&mut self.conns, id) else {
@@ -614,7 +722,9 @@ impl Engine {
             return;
         }
         self.end_connection(id, true);
-        self.conns.remove(id.idx as usize);
+        if self.conns.remove(id.idx as usize).parked {
+            self.parked_count -= 1;
+        }
         self.metrics.connections_closed += 1;
         self.drain_inbox();
     }
@@ -812,21 +922,67 @@ impl Engine {
                 }
             }
         };
+        let remote_retain = route
+            && p.retain
+            && p.qos != QoS::AtMostOnce
+            && self.cfg.retainer_enabled
+            && self.owner(p.topic.as_bytes()) != self.cfg.shard;
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
         let publisher = c.client_id.clone();
+        if remote_retain {
+            c.held
+                .get_or_insert_with(|| {
+                    Box::new(HeldAcks {
+                        waiting: 0,
+                        bytes: BytesMut::new(),
+                    })
+                })
+                .waiting += 1;
+        }
+        let out = match &mut c.held {
+            Some(h) => &mut h.bytes,
+            None => &mut c.outbox,
+        };
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => mqtt::encode(&Packet::Puback(p.packet_id), &mut c.outbox),
-            QoS::ExactlyOnce => mqtt::encode(&Packet::Pubrec(p.packet_id), &mut c.outbox),
+            QoS::AtLeastOnce => mqtt::encode(&Packet::Puback(p.packet_id), out),
+            QoS::ExactlyOnce => mqtt::encode(&Packet::Pubrec(p.packet_id), out),
         }
-        if p.qos != QoS::AtMostOnce {
+        if p.qos != QoS::AtMostOnce && c.held.is_none() {
             c.wake();
         }
         if route {
             let msg = self.new_message(p.topic, p.payload, p.qos, p.retain, publisher);
-            self.accept_message(msg, Some(id));
+            let ack = remote_retain.then_some(Ticket {
+                shard: self.cfg.shard,
+                idx: id.idx,
+                gen: id.gen,
+            });
+            self.accept_message(msg, Some(id), ack);
+        }
+    }
+
+    /// A retained store this connection waited for is done: release its held acknowledgements
+    /// once none is left.
+    fn on_retained_stored(&mut self, conn: Ticket) {
+        let id = ConnId {
+            idx: conn.idx,
+            gen: conn.gen,
+        };
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        let Some(h) = &mut c.held else {
+            return;
+        };
+        h.waiting = h.waiting.saturating_sub(1);
+        if h.waiting == 0 {
+            if let Some(h) = c.held.take() {
+                c.outbox.extend_from_slice(&h.bytes);
+                c.wake();
+            }
         }
     }
 
@@ -851,15 +1007,22 @@ impl Engine {
         })
     }
 
-    /// A message entering the broker: store it if retained, then route it.
-    fn accept_message(&mut self, msg: SharedMessage, origin: Option<ConnId>) {
+    /// A message entering the broker: store it if retained (telling `ack` when the owner shard
+    /// has it), then route it.
+    fn accept_message(&mut self, msg: SharedMessage, origin: Option<ConnId>, ack: Option<Ticket>) {
         self.metrics.messages_received += 1;
         if msg.retain && self.cfg.retainer_enabled {
             let owner = self.owner(msg.topic.as_bytes());
             if owner == self.cfg.shard {
                 self.store_retained(msg.clone());
             } else {
-                self.send(owner, ShardMsg::RetainedSet(msg.clone()));
+                self.send(
+                    owner,
+                    ShardMsg::RetainedSet {
+                        msg: msg.clone(),
+                        ack,
+                    },
+                );
             }
         }
         self.publish(msg, origin);
@@ -884,7 +1047,7 @@ impl Engine {
             will.retain,
             client_id.clone(),
         );
-        self.accept_message(msg, None);
+        self.accept_message(msg, None, None);
     }
 
     fn publish(&mut self, msg: SharedMessage, origin: Option<ConnId>) {
@@ -1408,6 +1571,7 @@ impl Engine {
         self.metrics.messages_sent += sent as u64;
         self.metrics.connects_accepted += 1;
         self.arm(key);
+        self.arm_conn(id);
     }
 
     /// Completes a CONNECT at this (the connecting) shard.
@@ -1907,7 +2071,13 @@ impl Engine {
             } => self.on_forward(from, client_id, msg, qos),
             ShardMsg::ReleaseForward { client_id } => self.on_release(client_id),
             ShardMsg::ForwardDone { client_id } => self.on_forward_done(from, client_id),
-            ShardMsg::RetainedSet(m) => self.store_retained(m),
+            ShardMsg::RetainedSet { msg, ack } => {
+                self.store_retained(msg);
+                if let Some(conn) = ack {
+                    self.send(conn.shard, ShardMsg::RetainedStored { conn });
+                }
+            }
+            ShardMsg::RetainedStored { conn } => self.on_retained_stored(conn),
             ShardMsg::RetainedQuery {
                 session,
                 filter,

@@ -31,6 +31,8 @@ metrics! {
     connections_refused,
     /// Connections ended.
     connections_closed,
+    /// Times an idle connection was parked (its driver task released).
+    connections_parked,
     /// CONNECTs accepted (CONNACK 0).
     connects_accepted,
     /// CONNECTs refused with a CONNACK error code.

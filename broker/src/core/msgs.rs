@@ -108,8 +108,19 @@ pub enum ShardMsg {
         /// Client id.
         client_id: ByteStr,
     },
-    /// Store as the retained message of its topic (sent to the topic's owner shard).
-    RetainedSet(SharedMessage),
+    /// Store as the retained message of its topic (sent to the topic's owner shard), then
+    /// answer [`ShardMsg::RetainedStored`] to `ack` if given.
+    RetainedSet {
+        /// The message.
+        msg: SharedMessage,
+        /// The publishing connection, whose acknowledgements wait for the store.
+        ack: Option<Ticket>,
+    },
+    /// The retained message published on `conn` is stored: its PUBACK/PUBREC may go out.
+    RetainedStored {
+        /// The publishing connection.
+        conn: Ticket,
+    },
     /// Retained messages matching `filter`, for a new subscription of `session`.
     RetainedQuery {
         /// The subscribing session.

@@ -6,8 +6,11 @@
 //! in the engine's timer heap, not in per-connection timers). Reads go into the shard's
 //! shared scratch buffer; only the tail of an incomplete packet is copied into the
 //! connection's own buffer, which is freed once it empties. Writes send the whole outbox (many
-//! deliveries, one `send`) whenever it has bytes; a flushed outbox is freed too.
+//! deliveries, one `send`) whenever it has bytes; a flushed outbox is freed too. When the engine
+//! says the connection has been idle long enough, the driver hands the socket to the shard's
+//! [`ParkingLot`] and ends; the lot starts a new driver when the socket or the engine needs one.
 
+use super::park::ParkingLot;
 use crate::core::engine::{ConnId, Engine};
 use crate::core::time::Timestamp;
 use crate::protocol::mqtt;
@@ -24,9 +27,18 @@ use std::task::{Context, Poll};
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
 
+/// What every connection driver of a shard shares.
+pub struct ConnCtx {
+    /// The shard's engine.
+    pub engine: Rc<RefCell<Engine>>,
+    /// The shard's read scratch buffer.
+    pub scratch: RefCell<Vec<u8>>,
+    /// Where idle sockets are parked (`None` when parking is off).
+    pub parking: RefCell<Option<Rc<ParkingLot>>>,
+}
+
 struct Driver {
-    engine: Rc<RefCell<Engine>>,
-    scratch: Rc<RefCell<Vec<u8>>>,
+    ctx: Rc<ConnCtx>,
     stream: TcpStream,
     id: ConnId,
     partial: BytesMut,
@@ -38,27 +50,38 @@ enum End {
     Closed,
     /// The peer closed or the socket failed.
     Transport,
+    /// Idle: hand the socket to the parking lot.
+    Park,
 }
 
-/// Runs the connection until it ends, then closes the socket and tells the engine.
-pub async fn drive(
-    engine: Rc<RefCell<Engine>>,
-    scratch: Rc<RefCell<Vec<u8>>>,
-    stream: TcpStream,
-    id: ConnId,
-) {
+/// Runs the connection until it ends (then closes the socket and tells the engine) or until it
+/// is parked.
+pub async fn drive(ctx: Rc<ConnCtx>, stream: TcpStream, id: ConnId) {
     let mut d = Driver {
-        engine,
-        scratch,
+        ctx,
         stream,
         id,
         partial: BytesMut::new(),
     };
     let end = poll_fn(|cx| d.poll(cx)).await;
-    if let End::Closed = end {
-        let _ = d.stream.shutdown(Shutdown::Both).await;
+    let Driver {
+        ctx, stream, id, ..
+    } = d;
+    match end {
+        End::Park => {
+            let lot = ctx.parking.borrow().clone();
+            if let Some(lot) = lot {
+                if lot.park(&ctx, id, stream).is_ok() {
+                    return;
+                }
+            }
+        }
+        End::Closed => {
+            let _ = stream.shutdown(Shutdown::Both).await;
+        }
+        End::Transport => {}
     }
-    d.engine.borrow_mut().conn_closed(d.id, Timestamp::now());
+    ctx.engine.borrow_mut().conn_closed(id, Timestamp::now());
 }
 
 impl Driver {
@@ -67,8 +90,8 @@ impl Driver {
             if let Some(end) = self.flush(cx) {
                 return Poll::Ready(end);
             }
-            let engine = self.engine.clone();
-            let mut e = engine.borrow_mut();
+            let ctx = self.ctx.clone();
+            let mut e = ctx.engine.borrow_mut();
             let Some(status) = e.conn_status(self.id) else {
                 return Poll::Ready(End::Transport);
             };
@@ -82,19 +105,24 @@ impl Driver {
                 continue;
             }
             if status.readable {
-                let mut scratch = self.scratch.borrow_mut();
+                let mut scratch = ctx.scratch.borrow_mut();
                 match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Transport),
                     Poll::Ready(Ok(n)) => {
                         e.count_io(n, 0);
+                        e.note_io(self.id, now);
                         drop(scratch);
-                        let scratch = self.scratch.clone();
-                        let data = scratch.borrow();
+                        let data = ctx.scratch.borrow();
                         self.process(&mut e, Some(&data[..n]), now);
                         continue;
                     }
                     Poll::Pending => {}
                 }
+            }
+            let idle =
+                self.partial.is_empty() && e.conn_outbox(self.id).is_some_and(|o| o.is_empty());
+            if status.park && idle && self.ctx.parking.borrow().is_some() {
+                return Poll::Ready(End::Park);
             }
             e.set_conn_waker(self.id, cx.waker());
             return Poll::Pending;
@@ -106,7 +134,7 @@ impl Driver {
 
     /// Writes as much of the outbox as the socket takes. `Some` when the connection ends.
     fn flush(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        let mut e = self.engine.borrow_mut();
+        let mut e = self.ctx.engine.borrow_mut();
         let Some(out) = e.conn_outbox(self.id) else {
             return Some(End::Transport);
         };
@@ -131,6 +159,9 @@ impl Driver {
             *out = BytesMut::new();
         }
         e.count_io(0, sent);
+        if sent > 0 {
+            e.note_io(self.id, Timestamp::now());
+        }
         if failed {
             return Some(End::Transport);
         }

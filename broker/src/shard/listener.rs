@@ -2,15 +2,13 @@
 //! kernel spreads connections), the probe that refuses to share a port with another process,
 //! and the accept loop.
 
-use super::connection;
+use super::connection::{self, ConnCtx};
 use crate::config::TcpListenerConfig;
-use crate::core::engine::Engine;
 use crate::core::time::Timestamp;
 use glommio::net::TcpListener;
 use glommio::timer::sleep;
 use glommio::{spawn_local, Task};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -44,8 +42,7 @@ pub fn spawn_accept(
     name: String,
     listener: TcpListener,
     cfg: TcpListenerConfig,
-    engine: Rc<RefCell<Engine>>,
-    scratch: Rc<RefCell<Vec<u8>>>,
+    ctx: Rc<ConnCtx>,
 ) -> Task<()> {
     spawn_local(async move {
         let mut backoff = Duration::from_millis(10);
@@ -53,7 +50,7 @@ pub fn spawn_accept(
             match listener.accept().await {
                 Ok(stream) => {
                     backoff = Duration::from_millis(10);
-                    let mut e = engine.borrow_mut();
+                    let mut e = ctx.engine.borrow_mut();
                     if e.connection_count() >= cfg.max_connections {
                         e.metrics.connections_refused += 1;
                         drop(stream);
@@ -65,17 +62,11 @@ pub fn spawn_accept(
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                     let id = e.open_conn(peer, Timestamp::now());
                     drop(e);
-                    spawn_local(connection::drive(
-                        engine.clone(),
-                        scratch.clone(),
-                        stream,
-                        id,
-                    ))
-                    .detach();
+                    spawn_local(connection::drive(ctx.clone(), stream, id)).detach();
                 }
                 Err(err) => {
                     // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.
-                    engine.borrow_mut().metrics.accept_errors += 1;
+                    ctx.engine.borrow_mut().metrics.accept_errors += 1;
                     warn!(listener = %name, error = %err, retry_in = ?backoff, "accept failed");
                     sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod listener;
 pub mod mesh;
+pub mod park;
 pub mod runtime;
 
 pub use runtime::{start, BrokerHandle, ShardStats, StartError};

@@ -6,8 +6,10 @@
 //! Each shard then runs its engine, connection drivers, mesh tasks and timers until the
 //! shutdown flag is raised; it closes its listeners and connections and exits.
 
+use super::connection::ConnCtx;
 use super::listener;
 use super::mesh::{self, MeshEnds};
+use super::park::ParkingLot;
 use crate::config::{Config, TcpListenerConfig};
 use crate::core::engine::{Engine, EngineConfig};
 use crate::core::metrics::Metrics;
@@ -83,6 +85,8 @@ pub struct ShardStats {
     pub local_filters: usize,
     /// Retained messages in this shard's partition.
     pub retained: u64,
+    /// Connections parked (idle, no driver task).
+    pub parked: usize,
 }
 
 /// (shard, CPU, executor thread) of a running shard.
@@ -393,7 +397,25 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         EngineConfig::from_config(&cfg, shard, shards),
         Timestamp::now(),
     )));
-    let scratch = Rc::new(RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]));
+    let ctx = Rc::new(ConnCtx {
+        engine: engine.clone(),
+        scratch: RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]),
+        parking: RefCell::new(None),
+    });
+    let mut park_task = None;
+    if cfg.shards.park_idle_after.enabled().is_some() {
+        match ParkingLot::start(ctx.clone(), shutdown.clone()) {
+            Ok((lot, task)) => {
+                *ctx.parking.borrow_mut() = Some(lot);
+                park_task = Some(task);
+            }
+            Err(e) => {
+                let msg = format!("cannot create the parking epoll set: {e}");
+                let _ = report.send(Err(msg.clone()));
+                return Err(msg);
+            }
+        }
+    }
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
     let timer_task = spawn_local(run_timers(engine.clone()));
     let publish_stats = {
@@ -408,6 +430,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                     sessions: e.session_count(),
                     local_filters: e.local_filter_count(),
                     retained: e.retained_count(),
+                    parked: e.parked_count(),
                 };
             }
         }
@@ -429,8 +452,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                     name.clone(),
                     l,
                     lcfg.clone(),
-                    engine.clone(),
-                    scratch.clone(),
+                    ctx.clone(),
                 )),
                 Err(e) => {
                     let msg = format!("listener {name}: cannot bind {addr}: {e}");
@@ -452,5 +474,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     drop(stats_task);
     drop(timer_task);
     drop(mesh_tasks);
+    drop(park_task);
+    ctx.parking.borrow_mut().take();
     Ok(())
 }

@@ -963,3 +963,90 @@ proptest! {
         takeover_under_load(steps, from, to);
     }
 }
+
+#[test]
+fn puback_of_a_retained_publish_waits_until_its_owner_shard_stored_it() {
+    let mut cl = Cluster::new(2);
+    let p = cl.connect(0, "p", true);
+    // A topic owned by shard 1, published on shard 0.
+    let topic = (0..100)
+        .map(|i| format!("ret/{i}"))
+        .find(|t| owner_shard(t.as_bytes(), 2) == 1)
+        .unwrap();
+    cl.input(
+        p,
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: topic.as_str().into(),
+            packet_id: 7,
+            payload: Bytes::from_static(b"v"),
+        }),
+    );
+    // A later, non-retained publish on the same connection: its PUBACK must not overtake.
+    cl.input(
+        p,
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "plain".into(),
+            packet_id: 8,
+            payload: Bytes::new(),
+        }),
+    );
+    assert!(
+        cl.recv(p).is_empty(),
+        "PUBACK before the owner stored the retained message"
+    );
+    cl.settle();
+    assert_eq!(cl.recv(p), vec![Packet::Puback(7), Packet::Puback(8)]);
+    // A subscriber arriving after the PUBACK gets it.
+    let s = cl.connect(0, "s", true);
+    cl.send(
+        s,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![(topic.clone(), QoS::AtLeastOnce)],
+        }),
+    );
+    assert_eq!(
+        publishes(&cl.recv(s)),
+        vec![(topic, "v".to_string(), QoS::AtLeastOnce, true)]
+    );
+}
+
+#[test]
+fn idle_connections_are_asked_to_park_and_traffic_defers_it() {
+    let mut cl = Cluster::with(1, |c| c.park_after = Some(Duration::from_secs(2)));
+    let c = cl.connect(0, "idle", true);
+    let status = |cl: &Cluster| cl.engines[0].conn_status(c.id).unwrap();
+    assert!(!status(&cl).park);
+    cl.advance(Duration::from_millis(1_500));
+    cl.engines[0].note_io(c.id, cl.now);
+    cl.advance(Duration::from_millis(1_500));
+    assert!(!status(&cl).park, "traffic moved the park deadline");
+    cl.advance(Duration::from_millis(600));
+    assert!(status(&cl).park);
+    // Parked: deliveries wake the parking waker; promotion clears the state.
+    cl.engines[0].conn_parked(c.id, std::task::Waker::noop().clone());
+    assert_eq!(cl.engines[0].parked_count(), 1);
+    assert!(!status(&cl).park);
+    cl.engines[0].conn_promoted(c.id, cl.now);
+    assert_eq!(cl.engines[0].parked_count(), 0);
+    // An unconnected socket is never parked; keepalive still closes a parked one.
+    cl.engines[0].conn_parked(c.id, std::task::Waker::noop().clone());
+    let raw = cl.open(0);
+    cl.advance(Duration::from_secs(10));
+    assert!(!status_of(&cl, raw).park);
+    cl.advance(Duration::from_secs(2));
+    assert!(
+        cl.closing(c),
+        "keepalive (15 s) closed the parked connection"
+    );
+}
+
+fn status_of(cl: &Cluster, c: Client) -> ConnStatus {
+    cl.engines[c.shard].conn_status(c.id).unwrap()
+}

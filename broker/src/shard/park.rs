@@ -1,0 +1,237 @@
+//! Parking idle connections: a connected client with no traffic for `shards.park_idle_after`
+//! gives up its driver task, its glommio stream and its buffers. Its socket waits in the
+//! shard's epoll set; the engine keeps all its state. It is promoted back to a driver when the
+//! socket becomes readable (the client sent something or went away) or when the engine wakes
+//! it (a delivery, a close, shutdown).
+//!
+//! An idle glommio connection costs a task, a stream and an armed read source (about 1.2 KB);
+//! a parked one costs an entry in a map and the kernel's epoll item.
+//!
+//! One OS thread per shard blocks in `epoll_wait` and hands ready sockets to the shard through
+//! a queue and a socketpair doorbell, which the shard's promoter task awaits with glommio.
+
+use super::connection::{self, ConnCtx};
+use crate::core::engine::ConnId;
+use crate::core::time::Timestamp;
+use ahash::AHashMap;
+use futures_lite::AsyncRead;
+use glommio::net::{TcpStream, UnixStream};
+use glommio::{spawn_local, Task};
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Wake, Waker};
+
+/// Sockets waiting for promotion, by token (connection slot and generation).
+type Queue = Arc<Mutex<Vec<u64>>>;
+
+fn token(id: ConnId) -> u64 {
+    let (idx, gen) = id.parts();
+    (u64::from(idx) << 32) | u64::from(gen)
+}
+
+fn conn_id(token: u64) -> ConnId {
+    ConnId::from_parts((token >> 32) as u32, token as u32)
+}
+
+/// The engine's waker of a parked connection: queues it for promotion. Only ever woken on the
+/// shard's own thread (the engine lives there), so the mutexes are uncontended.
+struct ParkWake {
+    token: u64,
+    queue: Queue,
+    promoter: Arc<Mutex<Option<Waker>>>,
+}
+
+impl Wake for ParkWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.push(self.token);
+        }
+        if let Some(w) = self.promoter.lock().ok().and_then(|mut w| w.take()) {
+            w.wake();
+        }
+    }
+}
+
+/// One shard's parked sockets.
+pub struct ParkingLot {
+    epoll: Arc<OwnedFd>,
+    parked: RefCell<AHashMap<u64, OwnedFd>>,
+    /// Tokens the engine woke.
+    woken: Queue,
+    /// Tokens epoll reported ready.
+    ready: Queue,
+    promoter: Arc<Mutex<Option<Waker>>>,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+impl ParkingLot {
+    /// Creates the epoll set, its watcher thread and the promoter task. The thread exits when
+    /// `shutdown` is raised.
+    pub fn start(
+        ctx: Rc<ConnCtx>,
+        shutdown: Arc<AtomicBool>,
+    ) -> io::Result<(Rc<ParkingLot>, Task<()>)> {
+        // SAFETY: epoll_create1 returns a new descriptor or -1.
+        let epfd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `epfd` is a fresh descriptor we own.
+        let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(epfd) });
+        let (bell_rx, bell_tx) = std::os::unix::net::UnixStream::pair()?;
+        bell_rx.set_nonblocking(true)?;
+        bell_tx.set_nonblocking(true)?;
+        let lot = Rc::new(ParkingLot {
+            epoll: epoll.clone(),
+            parked: RefCell::new(AHashMap::new()),
+            woken: Arc::new(Mutex::new(Vec::new())),
+            ready: Arc::new(Mutex::new(Vec::new())),
+            promoter: Arc::new(Mutex::new(None)),
+        });
+        let ready = lot.ready.clone();
+        std::thread::Builder::new()
+            .name("shardmq-park".into())
+            .spawn(move || watch(epoll, ready, bell_tx, shutdown))?;
+        // SAFETY: a connected, non-blocking socket we own and hand over.
+        let bell = unsafe { UnixStream::from_raw_fd(bell_rx.into_raw_fd()) };
+        let task = spawn_local(promote_loop(lot.clone(), bell, ctx));
+        Ok((lot, task))
+    }
+
+    /// Parks the connection's socket. On error the connection is closed by the caller.
+    pub fn park(&self, ctx: &ConnCtx, id: ConnId, stream: TcpStream) -> io::Result<()> {
+        // SAFETY: dup(2) of a descriptor the stream owns; the copy is ours.
+        let fd = cvt(unsafe { libc::dup(stream.as_raw_fd()) })?;
+        // SAFETY: `fd` is the fresh duplicate.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        drop(stream);
+        let t = token(id);
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            u64: t,
+        };
+        // SAFETY: valid epoll and socket descriptors; `ev` lives across the call.
+        cvt(unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        })?;
+        self.parked.borrow_mut().insert(t, fd);
+        let waker = Waker::from(Arc::new(ParkWake {
+            token: t,
+            queue: self.woken.clone(),
+            promoter: self.promoter.clone(),
+        }));
+        ctx.engine.borrow_mut().conn_parked(id, waker);
+        Ok(())
+    }
+
+    /// Sockets parked now.
+    pub fn len(&self) -> usize {
+        self.parked.borrow().len()
+    }
+
+    /// Whether no socket is parked.
+    pub fn is_empty(&self) -> bool {
+        self.parked.borrow().is_empty()
+    }
+
+    fn promote(&self, ctx: &Rc<ConnCtx>, t: u64) {
+        let Some(fd) = self.parked.borrow_mut().remove(&t) else {
+            return; // Already promoted (woken and ready at once).
+        };
+        // SAFETY: removing a registered descriptor; the event argument is ignored.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            );
+        }
+        let id = conn_id(t);
+        // SAFETY: a connected TCP socket we own and hand over.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        ctx.engine.borrow_mut().conn_promoted(id, Timestamp::now());
+        spawn_local(connection::drive(ctx.clone(), stream, id)).detach();
+    }
+}
+
+/// Promotes what epoll reported or the engine woke.
+async fn promote_loop(lot: Rc<ParkingLot>, mut bell: UnixStream, ctx: Rc<ConnCtx>) {
+    let mut scratch = [0u8; 64];
+    loop {
+        let bell_ok = poll_fn(|cx| {
+            if let Ok(mut p) = lot.promoter.lock() {
+                *p = Some(cx.waker().clone());
+            }
+            let woken = lot.woken.lock().map(|q| !q.is_empty()).unwrap_or(false);
+            let ready = lot.ready.lock().map(|q| !q.is_empty()).unwrap_or(false);
+            // Drain the doorbell; readiness of the queues decides.
+            let mut rang = false;
+            loop {
+                match Pin::new(&mut bell).poll_read(cx, &mut scratch) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
+                    Poll::Ready(Ok(_)) => rang = true,
+                    Poll::Pending => break,
+                }
+            }
+            if woken || ready || rang {
+                Poll::Ready(true)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let mut tokens = std::mem::take(&mut *lot.woken.lock().unwrap_or_else(|e| e.into_inner()));
+        tokens.append(&mut lot.ready.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tokens {
+            lot.promote(&ctx, t);
+        }
+        if !bell_ok {
+            return;
+        }
+    }
+}
+
+/// The watcher thread: waits on the epoll set and hands ready tokens to the shard.
+fn watch(
+    epoll: Arc<OwnedFd>,
+    ready: Queue,
+    bell: std::os::unix::net::UnixStream,
+    shutdown: Arc<AtomicBool>,
+) {
+    use std::io::Write;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let epfd: RawFd = epoll.as_raw_fd();
+    let mut bell = bell;
+    while !shutdown.load(Ordering::Acquire) {
+        // SAFETY: `events` has room for `events.len()` entries.
+        let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, 100) };
+        if n <= 0 {
+            continue;
+        }
+        if let Ok(mut q) = ready.lock() {
+            q.extend(events[..n as usize].iter().map(|e| e.u64));
+        }
+        // A full socketpair buffer means the shard is already being rung.
+        let _ = bell.write(&[1]);
+    }
+}
