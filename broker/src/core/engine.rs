@@ -546,6 +546,13 @@ impl Engine {
         })
     }
 
+    /// Whether to read more input now (the `readable` of [`Engine::conn_status`], cheaper).
+    pub fn conn_readable(&self, id: ConnId) -> bool {
+        self.conns.get(id.idx as usize).is_some_and(|c| {
+            c.gen == id.gen && !c.close && !c.paused && c.phase != ConnPhase::Connecting
+        })
+    }
+
     /// When the connection times out: no CONNECT in time, or keepalive.
     fn timeout_deadline(&self, c: &Conn) -> Option<Timestamp> {
         match c.phase {
@@ -574,8 +581,11 @@ impl Engine {
     pub fn note_io(&mut self, id: ConnId, now: Timestamp) {
         if let Some(c) = conn_mut(&mut self.conns, id) {
             c.last_io = now;
+            // The park deadline only moves later, so an armed timer already covers it, unless
+            // none is armed or the armed one is the later keepalive (after a park request).
+            let rearm = self.cfg.park_after.is_some() && (c.park || c.timer_at.is_none());
             c.park = false;
-            if self.cfg.park_after.is_some() {
+            if rearm {
                 self.arm_conn(id);
             }
         }

@@ -184,7 +184,7 @@ impl Driver {
         let mut used = 0;
         let mut handled = false;
         loop {
-            if !e.conn_status(self.id).is_some_and(|s| s.readable) {
+            if !e.conn_readable(self.id) {
                 break;
             }
             let opts = e.decode_options(self.id);
