@@ -26,6 +26,7 @@
 //!   holder forwards deliveries that still reach it until every shard routes to the new holder,
 //!   which drops duplicates by message id meanwhile.
 
+use super::index::ClientIndex;
 use super::message::{message_id, Message, MessageId, SharedMessage};
 use super::metrics::Metrics;
 use super::msgs::{ShardMsg, Ticket};
@@ -46,7 +47,7 @@ use bytes::{Bytes, BytesMut};
 use slab::Slab;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Duration;
@@ -149,7 +150,8 @@ enum ConnPhase {
     AwaitingConnect,
     /// CONNECT received; waiting for the owner shard (and maybe the old holder).
     Connecting,
-    Connected(usize),
+    /// Attached to the session in this slot (a `u32` keeps the phase, and `Conn`, small).
+    Connected(u32),
     Closed,
 }
 
@@ -161,15 +163,15 @@ struct Conn {
     paused: bool,
     phase: ConnPhase,
     level: ProtocolLevel,
-    keepalive: Option<Duration>,
+    /// Keepalive allowance (keepalive × multiplier) in milliseconds; 0 = none.
+    keepalive_ms: u32,
+    /// When the last packet arrived (before CONNECT: when the connection opened).
     last_rx: Timestamp,
-    opened_at: Timestamp,
-    peer: SocketAddr,
-    client_id: ByteStr,
+    peer: Peer,
     clean: bool,
     will: Option<Box<LastWill>>,
-    /// The deadline a timer is armed for in `conn_timers`.
-    timer_at: Option<Timestamp>,
+    /// The deadline a timer is armed for in `conn_timers` (`NEVER`: none).
+    timer_at: Timestamp,
     /// Last time bytes moved either way.
     last_io: Timestamp,
     /// The driver should park the connection (idle for `park_after`).
@@ -179,6 +181,19 @@ struct Conn {
     /// Acknowledgements held back until retained messages this client published are stored
     /// on their owner shards (so a subscriber that comes after the PUBACK sees them).
     held: Option<Box<HeldAcks>>,
+}
+
+/// A peer address in 20 bytes (`SocketAddr` takes 32), kept for logs.
+#[derive(Clone, Copy)]
+struct Peer {
+    ip: IpAddr,
+    port: u16,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        SocketAddr::new(self.ip, self.port).fmt(f)
+    }
 }
 
 struct HeldAcks {
@@ -203,8 +218,10 @@ struct ActiveSession {
     epoch: u64,
     /// Set while the shard this session moved from still forwards deliveries to it.
     arrival: Option<Box<Arrival>>,
-    expires_at: Option<Timestamp>,
-    timer_at: Option<Timestamp>,
+    /// When the detached session expires (`NEVER`: not detached, or no expiry).
+    expires_at: Timestamp,
+    /// The deadline a timer is armed for in `timers` (`NEVER`: none).
+    timer_at: Timestamp,
 }
 
 /// The tail of a move between shards, kept off the common session path.
@@ -247,13 +264,16 @@ impl SessionSlot {
     }
 }
 
-/// The owner's record of a client id.
+/// The owner's record of a client id (16 bytes: one per client id in the cluster).
 struct Registration {
-    holder: Option<usize>,
     epoch: u64,
+    /// The shard holding the session; `NO_HOLDER` before the first connect is placed.
+    holder: u32,
+    /// A connect is being placed; later ones wait in `Engine::reg_waiting`.
     busy: bool,
-    waiting: VecDeque<(Ticket, bool)>,
 }
+
+const NO_HOLDER: u32 = u32::MAX;
 
 enum Waiter {
     Suback {
@@ -307,9 +327,12 @@ pub struct Engine {
     conns: Slab<Conn>,
     sessions: Slab<SessionSlot>,
     next_gen: u32,
-    by_client: AHashMap<ByteStr, usize>,
+    /// Client id → key of its active session slot here.
+    by_client: ClientIndex,
     forwarders: AHashMap<ByteStr, usize>,
     registry: AHashMap<ByteStr, Registration>,
+    /// Connects waiting for a busy registration, in arrival order (never empty lists).
+    reg_waiting: AHashMap<ByteStr, VecDeque<(Ticket, bool)>>,
     next_epoch: u64,
     local: TopicTrie<Vec<(usize, QoS)>>,
     routes: RouteTable,
@@ -347,6 +370,22 @@ fn attached(conns: &mut Slab<Conn>, id: Option<ConnId>) -> Option<&mut Conn> {
     id.and_then(|id| conn_mut(conns, id)).filter(|c| !c.close)
 }
 
+/// The client id of a connection attached to a session ("" before that).
+fn client_of<'a>(sessions: &'a Slab<SessionSlot>, c: &Conn) -> &'a str {
+    match c.phase {
+        ConnPhase::Connected(key) => match sessions.get(key as usize) {
+            Some(SessionSlot::Active(a)) => a.session.client_id.as_str(),
+            _ => "",
+        },
+        _ => "",
+    }
+}
+
+/// Whether slot `key` holds the active session of `client_id`.
+fn slot_holds(sessions: &Slab<SessionSlot>, key: u32, client_id: &ByteStr) -> bool {
+    matches!(sessions.get(key as usize), Some(SessionSlot::Active(a)) if a.session.client_id == *client_id)
+}
+
 fn push_pending(list: &mut Vec<ByteStr>, cancel: &mut Vec<ByteStr>, filter: &str) {
     if let Some(i) = cancel.iter().position(|f| f.as_str() == filter) {
         cancel.swap_remove(i);
@@ -365,9 +404,10 @@ impl Engine {
             conns: Slab::new(),
             sessions: Slab::new(),
             next_gen: 0,
-            by_client: AHashMap::new(),
+            by_client: ClientIndex::default(),
             forwarders: AHashMap::new(),
             registry: AHashMap::new(),
+            reg_waiting: AHashMap::new(),
             next_epoch: 0,
             local: TopicTrie::new(),
             routes: RouteTable::new(),
@@ -442,14 +482,15 @@ impl Engine {
             paused: false,
             phase: ConnPhase::AwaitingConnect,
             level: ProtocolLevel::V311,
-            keepalive: None,
+            keepalive_ms: 0,
             last_rx: now,
-            opened_at: now,
-            peer,
-            client_id: ByteStr::default(),
+            peer: Peer {
+                ip: peer.ip(),
+                port: peer.port(),
+            },
             clean: true,
             will: None,
-            timer_at: None,
+            timer_at: Timestamp::NEVER,
             last_io: now,
             park: false,
             parked: false,
@@ -473,8 +514,8 @@ impl Engine {
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
-        if c.timer_at.is_none_or(|t| deadline < t) {
-            c.timer_at = Some(deadline);
+        if deadline < c.timer_at {
+            c.timer_at = deadline;
             self.conn_timers.push(Reverse((deadline, id.idx, id.gen)));
             self.note_timer(deadline);
         }
@@ -556,10 +597,11 @@ impl Engine {
     /// When the connection times out: no CONNECT in time, or keepalive.
     fn timeout_deadline(&self, c: &Conn) -> Option<Timestamp> {
         match c.phase {
-            ConnPhase::AwaitingConnect => Some(c.opened_at.after(self.cfg.idle_timeout)),
-            ConnPhase::Connecting | ConnPhase::Connected(_) => {
-                c.keepalive.map(|k| c.last_rx.after(k))
-            }
+            ConnPhase::AwaitingConnect => Some(c.last_rx.after(self.cfg.idle_timeout)),
+            ConnPhase::Connecting | ConnPhase::Connected(_) => (c.keepalive_ms > 0).then(|| {
+                c.last_rx
+                    .after(Duration::from_millis(u64::from(c.keepalive_ms)))
+            }),
             ConnPhase::Closed => None,
         }
     }
@@ -583,7 +625,7 @@ impl Engine {
             c.last_io = now;
             // The park deadline only moves later, so an armed timer already covers it, unless
             // none is armed or the armed one is the later keepalive (after a park request).
-            let rearm = self.cfg.park_after.is_some() && (c.park || c.timer_at.is_none());
+            let rearm = self.cfg.park_after.is_some() && (c.park || c.timer_at == Timestamp::NEVER);
             c.park = false;
             if rearm {
                 self.arm_conn(id);
@@ -600,6 +642,11 @@ impl Engine {
             c.waker = Some(waker);
             self.parked_count += 1;
             self.metrics.connections_parked += 1;
+            if let ConnPhase::Connected(key) = c.phase {
+                if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key as usize) {
+                    a.session.shrink();
+                }
+            }
         }
     }
 
@@ -647,7 +694,7 @@ impl Engine {
             (ConnPhase::Connected(_), Packet::Connect(_)) => {
                 self.violation(id, "[MQTT-3.1.0-2] second CONNECT on a connection")
             }
-            (ConnPhase::Connected(key), p) => self.on_session_packet(id, key, p),
+            (ConnPhase::Connected(key), p) => self.on_session_packet(id, key as usize, p),
             (ConnPhase::Connecting, p) => {
                 // The driver stops reading while connecting; a packet here is a driver bug,
                 // never something to trust.
@@ -686,7 +733,7 @@ impl Engine {
             return;
         }
         self.metrics.malformed_packets += 1;
-        debug!(peer = %c.peer, client_id = %c.client_id, error = %err, "malformed packet, closing");
+        debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), error = %err, "malformed packet, closing");
         self.end_connection(id, true);
         self.drain_inbox();
     }
@@ -718,7 +765,7 @@ impl Engine {
             debug!(peer = %c.peer, "no CONNECT within idle_timeout, closing");
         } else {
             self.metrics.keepalive_timeouts += 1;
-            debug!(peer = %c.peer, client_id = %c.client_id, "keepalive timeout, closing");
+            debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "keepalive timeout, closing");
         }
         self.end_connection(id, true);
         self.drain_inbox();
@@ -759,7 +806,7 @@ impl Engine {
     fn violation(&mut self, id: ConnId, what: &str) {
         self.metrics.protocol_errors += 1;
         if let Some(c) = conn_mut(&mut self.conns, id) {
-            debug!(peer = %c.peer, client_id = %c.client_id, "protocol error: {what}; closing");
+            debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "protocol error: {what}; closing");
         }
         self.end_connection(id, true);
     }
@@ -774,9 +821,12 @@ impl Engine {
         c.wake();
         let phase = std::mem::replace(&mut c.phase, ConnPhase::Closed);
         let will = c.will.take().filter(|_| will_allowed);
-        let client_id = c.client_id.clone();
         if let ConnPhase::Connected(key) = phase {
-            self.detach(key);
+            let client_id = match self.sessions.get(key as usize) {
+                Some(SessionSlot::Active(a)) => a.session.client_id.clone(),
+                _ => ByteStr::default(),
+            };
+            self.detach(key as usize);
             if let Some(w) = will {
                 self.publish_will(&client_id, *w);
             }
@@ -786,7 +836,7 @@ impl Engine {
     fn refuse(&mut self, id: ConnId, code: ConnectReturnCode) {
         self.metrics.connects_refused += 1;
         if let Some(c) = conn_mut(&mut self.conns, id) {
-            debug!(peer = %c.peer, client_id = %c.client_id, ?code, "refusing CONNECT");
+            debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), ?code, "refusing CONNECT");
             mqtt::encode(
                 &Packet::Connack(Connack {
                     session_present: false,
@@ -837,16 +887,20 @@ impl Engine {
             client_id
         };
         let client_id = ByteStr::from(client_id);
-        let ka = (keep_alive > 0)
-            .then(|| Duration::from_secs_f64(keep_alive as f64 * self.cfg.keepalive_multiplier));
+        // Whole milliseconds, at least 1 for a non-zero keepalive, saturating at u32::MAX.
+        let ka = if keep_alive == 0 {
+            0
+        } else {
+            (f64::from(keep_alive) * self.cfg.keepalive_multiplier * 1000.0)
+                .clamp(1.0, f64::from(u32::MAX)) as u32
+        };
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
         c.level = level;
-        c.client_id = client_id.clone();
         c.clean = clean_session;
         c.will = will.map(Box::new);
-        c.keepalive = ka;
+        c.keepalive_ms = ka;
         c.phase = ConnPhase::Connecting;
         self.arm_conn(id);
         let ticket = Ticket {
@@ -937,10 +991,13 @@ impl Engine {
             && p.qos != QoS::AtMostOnce
             && self.cfg.retainer_enabled
             && self.owner(p.topic.as_bytes()) != self.cfg.shard;
+        let publisher = match self.sessions.get(key) {
+            Some(SessionSlot::Active(a)) => a.session.client_id.clone(),
+            _ => ByteStr::default(),
+        };
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
-        let publisher = c.client_id.clone();
         if remote_retain {
             c.held
                 .get_or_insert_with(|| {
@@ -1447,6 +1504,15 @@ impl Engine {
 
     // ---------------------------------------------------------------- sessions
 
+    /// The key of the active session of `client_id` on this shard.
+    fn local_session(&self, client_id: &ByteStr) -> Option<usize> {
+        self.by_client
+            .get(client_id.as_bytes(), |k| {
+                slot_holds(&self.sessions, k, client_id)
+            })
+            .map(|k| k as usize)
+    }
+
     fn new_session(&mut self, client_id: ByteStr, clean: bool, epoch: u64) -> usize {
         let gen = self.next_gen();
         let key = self.sessions.insert(SessionSlot::Active(ActiveSession {
@@ -1455,10 +1521,14 @@ impl Engine {
             conn: None,
             epoch,
             arrival: None,
-            expires_at: None,
-            timer_at: None,
+            expires_at: Timestamp::NEVER,
+            timer_at: Timestamp::NEVER,
         }));
-        self.by_client.insert(client_id, key);
+        let sessions = &self.sessions;
+        self.by_client
+            .insert(client_id.as_bytes(), key as u32, |k| {
+                slot_holds(sessions, k, &client_id)
+            });
         key
     }
 
@@ -1488,10 +1558,14 @@ impl Engine {
                     dedup: dedup.into_iter().collect(),
                 })
             }),
-            expires_at: None,
-            timer_at: None,
+            expires_at: Timestamp::NEVER,
+            timer_at: Timestamp::NEVER,
         }));
-        self.by_client.insert(client_id.clone(), key);
+        let sessions = &self.sessions;
+        self.by_client
+            .insert(client_id.as_bytes(), key as u32, |k| {
+                slot_holds(sessions, k, &client_id)
+            });
         for (f, q) in subs {
             self.add_local_sub(&f, key, q);
         }
@@ -1519,9 +1593,7 @@ impl Engine {
             return;
         };
         let client_id = a.session.client_id.clone();
-        if self.by_client.get(&client_id) == Some(&key) {
-            self.by_client.remove(&client_id);
-        }
+        self.by_client.remove(client_id.as_bytes(), key as u32);
         for f in a.session.subscriptions.keys() {
             self.remove_local_sub(f, key);
         }
@@ -1552,7 +1624,8 @@ impl Engine {
         if a.session.clean_session {
             self.discard_session(key, true);
         } else {
-            a.expires_at = expiry.map(|d| now.after(d));
+            a.session.shrink();
+            a.expires_at = expiry.map_or(Timestamp::NEVER, |d| now.after(d));
             self.arm(key);
         }
     }
@@ -1566,8 +1639,8 @@ impl Engine {
             return;
         };
         a.conn = Some(id);
-        a.expires_at = None;
-        c.phase = ConnPhase::Connected(key);
+        a.expires_at = Timestamp::NEVER;
+        c.phase = ConnPhase::Connected(key as u32);
         mqtt::encode(
             &Packet::Connack(Connack {
                 session_present: present && c.level == ProtocolLevel::V311,
@@ -1576,7 +1649,7 @@ impl Engine {
             &mut c.outbox,
         );
         let sent = a.session.resume(now, &self.cfg.limits, &mut c.outbox);
-        debug!(peer = %c.peer, client_id = %c.client_id, session_present = present, "connected");
+        debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), session_present = present, "connected");
         c.wake();
         self.metrics.messages_sent += sent as u64;
         self.metrics.connects_accepted += 1;
@@ -1663,7 +1736,7 @@ impl Engine {
 
     /// At the holder: close the old connection and give the session to `ticket`.
     fn on_takeover(&mut self, client_id: ByteStr, ticket: Ticket, epoch: u64, clean: bool) {
-        let Some(&key) = self.by_client.get(&client_id) else {
+        let Some(key) = self.local_session(&client_id) else {
             return self.reply_fresh(client_id, ticket, epoch);
         };
         let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
@@ -1672,7 +1745,7 @@ impl Engine {
         if let Some(old) = a.conn.take() {
             self.metrics.takeovers += 1;
             if let Some(c) = conn_mut(&mut self.conns, old) {
-                debug!(peer = %c.peer, client_id = %c.client_id, "taken over by a new connection");
+                debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "taken over by a new connection");
                 c.close = true;
                 c.phase = ConnPhase::Closed;
                 let will = c.will.take();
@@ -1707,7 +1780,7 @@ impl Engine {
         let SessionSlot::Active(a) = std::mem::replace(&mut self.sessions[key], forwarder) else {
             return;
         };
-        self.by_client.remove(&client_id);
+        self.by_client.remove(client_id.as_bytes(), key as u32);
         self.forwarders.insert(client_id.clone(), key);
         self.metrics.sessions_moved += 1;
         let dedup = a
@@ -1803,7 +1876,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(&key) = self.by_client.get(&client_id) {
+        if let Some(key) = self.local_session(&client_id) {
             self.deliver_to_session(key, &msg, qos, false);
         }
     }
@@ -1817,7 +1890,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(&key) = self.by_client.get(&client_id) {
+        if let Some(key) = self.local_session(&client_id) {
             if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
                 if a.arrival.as_ref().is_some_and(|x| x.upstream == from) {
                     a.arrival = None;
@@ -1833,21 +1906,23 @@ impl Engine {
             .registry
             .entry(client_id.clone())
             .or_insert(Registration {
-                holder: None,
                 epoch: 0,
+                holder: NO_HOLDER,
                 busy: false,
-                waiting: VecDeque::new(),
             });
         if reg.busy {
-            reg.waiting.push_back((ticket, clean));
+            self.reg_waiting
+                .entry(client_id)
+                .or_default()
+                .push_back((ticket, clean));
             return;
         }
         self.next_epoch += 1;
         let epoch = self.next_epoch;
         reg.busy = true;
         reg.epoch = epoch;
-        let previous = reg.holder.replace(ticket.shard);
-        match previous {
+        let previous = std::mem::replace(&mut reg.holder, ticket.shard as u32);
+        match (previous != NO_HOLDER).then_some(previous as usize) {
             None => self.reply_fresh(client_id, ticket, epoch),
             Some(holder) => self.send(
                 holder,
@@ -1869,14 +1944,21 @@ impl Engine {
             return;
         }
         reg.busy = false;
-        if let Some((ticket, clean)) = reg.waiting.pop_front() {
+        let Some(queue) = self.reg_waiting.get_mut(&client_id) else {
+            return;
+        };
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.reg_waiting.remove(&client_id);
+        }
+        if let Some((ticket, clean)) = next {
             self.on_register(client_id, ticket, clean);
         }
     }
 
     fn on_unregister(&mut self, client_id: ByteStr, epoch: u64) {
         if let Some(reg) = self.registry.get(&client_id) {
-            if reg.epoch == epoch && !reg.busy && reg.waiting.is_empty() {
+            if reg.epoch == epoch && !reg.busy && !self.reg_waiting.contains_key(&client_id) {
                 self.registry.remove(&client_id);
             }
         }
@@ -1890,16 +1972,12 @@ impl Engine {
             return;
         };
         let session_due = a.session.next_deadline(a.conn.is_some(), &self.cfg.limits);
-        let due = match (session_due, a.expires_at) {
-            (Some(x), Some(y)) => Some(x.min(y)),
-            (x, y) => x.or(y),
-        };
-        if let Some(d) = due {
-            if a.timer_at.is_none_or(|t| d < t) {
-                a.timer_at = Some(d);
-                self.timers.push(Reverse((d, key, a.gen)));
-                self.note_timer(d);
-            }
+        let due = session_due.map_or(a.expires_at, |d| d.min(a.expires_at));
+        // `timer_at` is at most NEVER, so a NEVER `due` (nothing to do) arms nothing.
+        if due < a.timer_at {
+            a.timer_at = due;
+            self.timers.push(Reverse((due, key, a.gen)));
+            self.note_timer(due);
         }
     }
 
@@ -1932,10 +2010,10 @@ impl Engine {
             let Some(c) = conn_mut(&mut self.conns, id) else {
                 continue;
             };
-            if c.timer_at != Some(due) {
+            if c.timer_at != due {
                 continue;
             }
-            c.timer_at = None;
+            c.timer_at = Timestamp::NEVER;
             self.conn_timeout(id, now);
             self.arm_conn(id);
         }
@@ -1947,11 +2025,11 @@ impl Engine {
             let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
                 continue;
             };
-            if a.gen != gen || a.timer_at != Some(due) {
+            if a.gen != gen || a.timer_at != due {
                 continue;
             }
-            a.timer_at = None;
-            if a.conn.is_none() && a.expires_at.is_some_and(|e| e <= now) {
+            a.timer_at = Timestamp::NEVER;
+            if a.conn.is_none() && a.expires_at <= now {
                 self.metrics.sessions_expired += 1;
                 debug!(client_id = %a.session.client_id, "session expired");
                 self.discard_session(key, true);

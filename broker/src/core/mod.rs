@@ -6,6 +6,7 @@
 //! carries the current time, and tests drive it on a simulated clock.
 
 pub mod engine;
+pub mod index;
 pub mod message;
 pub mod metrics;
 pub mod msgs;

@@ -111,17 +111,30 @@ pub struct Session {
     pub clean_session: bool,
     /// Topic filter → granted QoS.
     pub subscriptions: BTreeMap<String, QoS>,
+    /// Delivery state, allocated by the first delivery that must be remembered (queued, or
+    /// waiting for an acknowledgement) and freed by [`Session::shrink`] once empty, so an idle
+    /// session does not carry it.
+    pub flows: Option<Box<Flows>>,
+    /// Last packet id used.
+    pub last_packet_id: u16,
+    /// When the session was created.
+    pub created_at: Timestamp,
+}
+
+/// A session's deliveries in progress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Flows {
     /// Outbound deliveries waiting for acknowledgement, in send order.
     pub inflight: VecDeque<InflightEntry>,
     /// Deliveries waiting for window room or for the client to come back.
     pub queue: VecDeque<Queued>,
     /// Inbound QoS 2 packet ids waiting for PUBREL, with their arrival time.
     pub awaiting_rel: BTreeMap<u16, Timestamp>,
-    /// Last packet id used.
-    pub last_packet_id: u16,
-    /// When the session was created.
-    pub created_at: Timestamp,
 }
+
+static NO_INFLIGHT: VecDeque<InflightEntry> = VecDeque::new();
+static NO_QUEUE: VecDeque<Queued> = VecDeque::new();
+static NO_AWAITING_REL: BTreeMap<u16, Timestamp> = BTreeMap::new();
 
 impl Session {
     /// A new, empty session.
@@ -130,11 +143,39 @@ impl Session {
             client_id,
             clean_session,
             subscriptions: BTreeMap::new(),
-            inflight: VecDeque::new(),
-            queue: VecDeque::new(),
-            awaiting_rel: BTreeMap::new(),
+            flows: None,
             last_packet_id: 0,
             created_at: now,
+        }
+    }
+
+    /// Outbound deliveries waiting for acknowledgement, in send order.
+    pub fn inflight(&self) -> &VecDeque<InflightEntry> {
+        self.flows.as_ref().map_or(&NO_INFLIGHT, |f| &f.inflight)
+    }
+
+    /// Deliveries waiting for window room or for the client to come back.
+    pub fn queue(&self) -> &VecDeque<Queued> {
+        self.flows.as_ref().map_or(&NO_QUEUE, |f| &f.queue)
+    }
+
+    /// Inbound QoS 2 packet ids waiting for PUBREL, with their arrival time.
+    pub fn awaiting_rel(&self) -> &BTreeMap<u16, Timestamp> {
+        self.flows
+            .as_ref()
+            .map_or(&NO_AWAITING_REL, |f| &f.awaiting_rel)
+    }
+
+    fn flows_mut(&mut self) -> &mut Flows {
+        self.flows.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the delivery state if nothing is in progress (called when the client goes idle).
+    pub fn shrink(&mut self) {
+        if self.flows.as_ref().is_some_and(|f| {
+            f.inflight.is_empty() && f.queue.is_empty() && f.awaiting_rel.is_empty()
+        }) {
+            self.flows = None;
         }
     }
 
@@ -156,7 +197,7 @@ impl Session {
                 self.enqueue(msg, qos, retain, lim)
             }
             Some(out) => {
-                if !self.queue.is_empty() {
+                if !self.queue().is_empty() {
                     return self.enqueue(msg, qos, retain, lim);
                 }
                 if qos == QoS::AtMostOnce {
@@ -174,8 +215,9 @@ impl Session {
                     );
                     return Delivery::Sent;
                 }
-                if self.inflight.len() < lim.max_inflight {
-                    self.send_new(msg.clone(), qos, retain, now, out);
+                if self.inflight().len() < lim.max_inflight {
+                    let f = self.flows.get_or_insert_with(Box::default);
+                    f.send_new(&mut self.last_packet_id, msg.clone(), qos, retain, now, out);
                     Delivery::Sent
                 } else {
                     self.enqueue(msg, qos, retain, lim)
@@ -191,11 +233,12 @@ impl Session {
         retain: bool,
         lim: &SessionLimits,
     ) -> Delivery {
-        let dropped_oldest = self.queue.len() >= lim.max_mqueue_len;
+        let queue = &mut self.flows_mut().queue;
+        let dropped_oldest = queue.len() >= lim.max_mqueue_len;
         if dropped_oldest {
-            self.queue.pop_front();
+            queue.pop_front();
         }
-        self.queue.push_back(Queued {
+        queue.push_back(Queued {
             msg: msg.clone(),
             qos,
             retain,
@@ -203,95 +246,24 @@ impl Session {
         Delivery::Queued { dropped_oldest }
     }
 
-    fn next_packet_id(&mut self) -> u16 {
-        loop {
-            self.last_packet_id = self.last_packet_id.wrapping_add(1).max(1);
-            let id = self.last_packet_id;
-            if !self.inflight.iter().any(|e| e.packet_id == id) {
-                return id;
-            }
-        }
-    }
-
-    fn send_new(
-        &mut self,
-        msg: SharedMessage,
-        qos: QoS,
-        retain: bool,
-        now: Timestamp,
-        out: &mut BytesMut,
-    ) {
-        let packet_id = self.next_packet_id();
-        mqtt::encode_publish(
-            false,
-            qos,
-            retain,
-            msg.topic.as_bytes(),
-            packet_id,
-            &msg.payload,
-            out,
-        );
-        self.inflight.push_back(InflightEntry {
-            packet_id,
-            msg,
-            qos,
-            retain,
-            phase: Phase::Published,
-            sent_at: now,
-        });
-    }
-
     /// Moves queued deliveries to the connection while the window has room. Returns how many
     /// messages were written.
     pub fn drain(&mut self, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> usize {
-        let mut sent = 0;
-        while let Some(front) = self.queue.front() {
-            if front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight {
-                break;
-            }
-            let Some(q) = self.queue.pop_front() else {
-                break;
-            };
-            if q.qos == QoS::AtMostOnce {
-                mqtt::encode_publish(
-                    false,
-                    q.qos,
-                    q.retain,
-                    q.msg.topic.as_bytes(),
-                    0,
-                    &q.msg.payload,
-                    out,
-                );
-            } else {
-                self.send_new(q.msg, q.qos, q.retain, now, out);
-            }
-            sent += 1;
+        match self.flows.as_deref_mut() {
+            Some(f) => f.drain(&mut self.last_packet_id, now, lim, out),
+            None => 0,
         }
-        sent
-    }
-
-    fn resend(entry: &mut InflightEntry, now: Timestamp, out: &mut BytesMut) {
-        match entry.phase {
-            Phase::Published => mqtt::encode_publish(
-                true,
-                entry.qos,
-                entry.retain,
-                entry.msg.topic.as_bytes(),
-                entry.packet_id,
-                &entry.msg.payload,
-                out,
-            ),
-            Phase::Released => mqtt::encode(&mqtt::Packet::Pubrel(entry.packet_id), out),
-        }
-        entry.sent_at = now;
     }
 
     /// A connection attached: resend the window (DUP / PUBREL), then drain the queue. Returns
     /// the number of PUBLISH packets written.
     pub fn resume(&mut self, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> usize {
+        let Some(f) = self.flows.as_deref_mut() else {
+            return 0;
+        };
         let mut n = 0;
-        for e in self.inflight.iter_mut() {
-            Self::resend(e, now, out);
+        for e in f.inflight.iter_mut() {
+            Flows::resend(e, now, out);
             n += (e.phase == Phase::Published) as usize;
         }
         n + self.drain(now, lim, out)
@@ -316,6 +288,9 @@ impl Session {
         out: &mut BytesMut,
     ) -> Result<(), UnknownPacketId> {
         let e = self
+            .flows
+            .as_deref_mut()
+            .ok_or(UnknownPacketId(id))?
             .inflight
             .iter_mut()
             .find(|e| e.packet_id == id && e.qos == QoS::ExactlyOnce)
@@ -346,13 +321,14 @@ impl Session {
         lim: &SessionLimits,
         out: &mut BytesMut,
     ) -> Result<usize, UnknownPacketId> {
-        let pos = self
+        let f = self.flows.as_deref_mut().ok_or(UnknownPacketId(id))?;
+        let pos = f
             .inflight
             .iter()
             .position(|e| e.packet_id == id && expected(e))
             .ok_or(UnknownPacketId(id))?;
-        self.inflight.remove(pos);
-        Ok(self.drain(now, lim, out))
+        f.inflight.remove(pos);
+        Ok(f.drain(&mut self.last_packet_id, now, lim, out))
     }
 
     /// An inbound QoS 2 PUBLISH: `Ok(true)` if it is new and must be routed, `Ok(false)` if it
@@ -363,31 +339,34 @@ impl Session {
         now: Timestamp,
         lim: &SessionLimits,
     ) -> Result<bool, AwaitingRelFull> {
-        if self.awaiting_rel.contains_key(&id) {
+        let rel = self.awaiting_rel();
+        if rel.contains_key(&id) {
             return Ok(false);
         }
-        if self.awaiting_rel.len() >= lim.max_awaiting_rel {
+        if rel.len() >= lim.max_awaiting_rel {
             return Err(AwaitingRelFull);
         }
-        self.awaiting_rel.insert(id, now);
+        self.flows_mut().awaiting_rel.insert(id, now);
         Ok(true)
     }
 
     /// PUBREL from the client: forget the id. The caller answers PUBCOMP either way.
     pub fn on_pubrel(&mut self, id: u16) -> bool {
-        self.awaiting_rel.remove(&id).is_some()
+        self.flows
+            .as_deref_mut()
+            .is_some_and(|f| f.awaiting_rel.remove(&id).is_some())
     }
 
     /// The next time [`Session::on_timeout`] has work: a retry (only when `online`) or an
     /// inbound QoS 2 id expiring.
     pub fn next_deadline(&self, online: bool, lim: &SessionLimits) -> Option<Timestamp> {
         let retry = match lim.retry_interval {
-            Some(r) if online => self.inflight.iter().map(|e| e.sent_at.after(r)).min(),
+            Some(r) if online => self.inflight().iter().map(|e| e.sent_at.after(r)).min(),
             _ => None,
         };
         let rel = lim
             .await_rel_timeout
-            .and_then(|t| self.awaiting_rel.values().map(|at| at.after(t)).min());
+            .and_then(|t| self.awaiting_rel().values().map(|at| at.after(t)).min());
         match (retry, rel) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -402,24 +381,117 @@ impl Session {
         lim: &SessionLimits,
         out: Option<&mut BytesMut>,
     ) -> (usize, usize) {
+        let Some(f) = self.flows.as_deref_mut() else {
+            return (0, 0);
+        };
         let mut resent = 0;
         if let (Some(r), Some(out)) = (lim.retry_interval, out) {
-            for e in self.inflight.iter_mut() {
+            for e in f.inflight.iter_mut() {
                 if e.sent_at.after(r) <= now {
-                    Self::resend(e, now, out);
+                    Flows::resend(e, now, out);
                     resent += 1;
                 }
             }
         }
         let mut expired = 0;
         if let Some(t) = lim.await_rel_timeout {
-            self.awaiting_rel.retain(|_, at| {
+            f.awaiting_rel.retain(|_, at| {
                 let keep = at.after(t) > now;
                 expired += (!keep) as usize;
                 keep
             });
         }
         (resent, expired)
+    }
+}
+
+impl Flows {
+    fn next_packet_id(&self, last: &mut u16) -> u16 {
+        loop {
+            *last = last.wrapping_add(1).max(1);
+            let id = *last;
+            if !self.inflight.iter().any(|e| e.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    fn send_new(
+        &mut self,
+        last: &mut u16,
+        msg: SharedMessage,
+        qos: QoS,
+        retain: bool,
+        now: Timestamp,
+        out: &mut BytesMut,
+    ) {
+        let packet_id = self.next_packet_id(last);
+        mqtt::encode_publish(
+            false,
+            qos,
+            retain,
+            msg.topic.as_bytes(),
+            packet_id,
+            &msg.payload,
+            out,
+        );
+        self.inflight.push_back(InflightEntry {
+            packet_id,
+            msg,
+            qos,
+            retain,
+            phase: Phase::Published,
+            sent_at: now,
+        });
+    }
+
+    fn drain(
+        &mut self,
+        last: &mut u16,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: &mut BytesMut,
+    ) -> usize {
+        let mut sent = 0;
+        while let Some(front) = self.queue.front() {
+            if front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight {
+                break;
+            }
+            let Some(q) = self.queue.pop_front() else {
+                break;
+            };
+            if q.qos == QoS::AtMostOnce {
+                mqtt::encode_publish(
+                    false,
+                    q.qos,
+                    q.retain,
+                    q.msg.topic.as_bytes(),
+                    0,
+                    &q.msg.payload,
+                    out,
+                );
+            } else {
+                self.send_new(last, q.msg, q.qos, q.retain, now, out);
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    fn resend(entry: &mut InflightEntry, now: Timestamp, out: &mut BytesMut) {
+        match entry.phase {
+            Phase::Published => mqtt::encode_publish(
+                true,
+                entry.qos,
+                entry.retain,
+                entry.msg.topic.as_bytes(),
+                entry.packet_id,
+                &entry.msg.payload,
+                out,
+            ),
+            Phase::Released => mqtt::encode(&mqtt::Packet::Pubrel(entry.packet_id), out),
+        }
+        entry.sent_at = now;
     }
 }
 

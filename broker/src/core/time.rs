@@ -14,6 +14,9 @@ use std::time::Duration;
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
+    /// Later than any real time: "not set" for deadlines, without the space of an `Option`.
+    pub const NEVER: Timestamp = Timestamp(u64::MAX);
+
     /// The timestamp `d` later (saturating).
     pub fn after(self, d: Duration) -> Timestamp {
         Timestamp(

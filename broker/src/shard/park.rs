@@ -5,7 +5,8 @@
 //! it (a delivery, a close, shutdown).
 //!
 //! An idle glommio connection costs a task, a stream and an armed read source (about 1.2 KB);
-//! a parked one costs an entry in a map and the kernel's epoll item.
+//! a parked one costs an 8-byte slot in a vector and the kernel's epoll item (its waker is
+//! the connection's token, with no allocation).
 //!
 //! One OS thread per shard blocks in `epoll_wait` and hands ready sockets to the shard through
 //! a queue and a socketpair doorbell, which the shard's promoter task awaits with glommio.
@@ -13,11 +14,10 @@
 use super::connection::{self, ConnCtx};
 use crate::core::engine::ConnId;
 use crate::core::time::Timestamp;
-use ahash::AHashMap;
 use futures_lite::AsyncRead;
 use glommio::net::{TcpStream, UnixStream};
 use glommio::{spawn_local, Task};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -25,7 +25,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Poll, Wake, Waker};
+use std::task::{Poll, RawWaker, RawWakerVTable, Waker};
 
 /// Sockets waiting for promotion, by token (connection slot and generation).
 type Queue = Arc<Mutex<Vec<u64>>>;
@@ -39,33 +39,63 @@ fn conn_id(token: u64) -> ConnId {
     ConnId::from_parts((token >> 32) as u32, token as u32)
 }
 
-/// The engine's waker of a parked connection: queues it for promotion. Only ever woken on the
-/// shard's own thread (the engine lives there), so the mutexes are uncontended.
-struct ParkWake {
-    token: u64,
-    queue: Queue,
-    promoter: Arc<Mutex<Option<Waker>>>,
+/// Where a parked connection's waker queues its token: the queue of promotions and the
+/// promoter task's waker, set by [`ParkingLot::start`] on the shard's thread.
+type WakeTarget = (Queue, Arc<Mutex<Option<Waker>>>);
+
+thread_local! {
+    static WAKE_TARGET: RefCell<Option<WakeTarget>> = const { RefCell::new(None) };
 }
 
-impl Wake for ParkWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
+/// The engine's waker of a parked connection, with no allocation: the waker's data word is
+/// the connection's token, and waking queues it for promotion on the current thread's parking
+/// lot. The engine (not `Send`) holds and wakes these wakers only on its own shard thread,
+/// which is the thread whose lot parked the connection.
+fn park_waker(token: u64) -> Waker {
+    // SAFETY: the vtable functions treat the data word as a plain integer and never
+    // dereference it, so any value is valid and clone/drop need no bookkeeping.
+    unsafe {
+        Waker::from_raw(RawWaker::new(
+            token as usize as *const (),
+            &PARK_WAKER_VTABLE,
+        ))
     }
+}
 
-    fn wake_by_ref(self: &Arc<Self>) {
-        if let Ok(mut q) = self.queue.lock() {
-            q.push(self.token);
+static PARK_WAKER_VTABLE: RawWakerVTable = RawWakerVTable::new(
+    park_waker_clone,
+    park_waker_wake,
+    park_waker_wake,
+    park_waker_drop,
+);
+
+fn park_waker_clone(data: *const ()) -> RawWaker {
+    RawWaker::new(data, &PARK_WAKER_VTABLE)
+}
+
+fn park_waker_wake(data: *const ()) {
+    let token = data as usize as u64;
+    WAKE_TARGET.with(|t| {
+        let Some((queue, promoter)) = &*t.borrow() else {
+            return;
+        };
+        if let Ok(mut q) = queue.lock() {
+            q.push(token);
         }
-        if let Some(w) = self.promoter.lock().ok().and_then(|mut w| w.take()) {
+        if let Some(w) = promoter.lock().ok().and_then(|mut w| w.take()) {
             w.wake();
         }
-    }
+    });
 }
+
+fn park_waker_drop(_: *const ()) {}
 
 /// One shard's parked sockets.
 pub struct ParkingLot {
     epoll: Arc<OwnedFd>,
-    parked: RefCell<AHashMap<u64, OwnedFd>>,
+    /// Parked sockets by connection slot, with the connection's generation.
+    parked: RefCell<Vec<Option<(u32, OwnedFd)>>>,
+    parked_len: Cell<usize>,
     /// Tokens the engine woke.
     woken: Queue,
     /// Tokens epoll reported ready.
@@ -97,11 +127,13 @@ impl ParkingLot {
         bell_tx.set_nonblocking(true)?;
         let lot = Rc::new(ParkingLot {
             epoll: epoll.clone(),
-            parked: RefCell::new(AHashMap::new()),
+            parked: RefCell::new(Vec::new()),
+            parked_len: Cell::new(0),
             woken: Arc::new(Mutex::new(Vec::new())),
             ready: Arc::new(Mutex::new(Vec::new())),
             promoter: Arc::new(Mutex::new(None)),
         });
+        WAKE_TARGET.with(|t| *t.borrow_mut() = Some((lot.woken.clone(), lot.promoter.clone())));
         let ready = lot.ready.clone();
         std::thread::Builder::new()
             .name("shardmq-park".into())
@@ -133,30 +165,46 @@ impl ParkingLot {
                 &mut ev,
             )
         })?;
-        self.parked.borrow_mut().insert(t, fd);
-        let waker = Waker::from(Arc::new(ParkWake {
-            token: t,
-            queue: self.woken.clone(),
-            promoter: self.promoter.clone(),
-        }));
-        ctx.engine.borrow_mut().conn_parked(id, waker);
+        let (idx, gen) = id.parts();
+        let mut parked = self.parked.borrow_mut();
+        if parked.len() <= idx as usize {
+            parked.resize_with(idx as usize + 1, || None);
+        }
+        if parked[idx as usize].replace((gen, fd)).is_none() {
+            self.parked_len.set(self.parked_len.get() + 1);
+        }
+        drop(parked);
+        ctx.engine.borrow_mut().conn_parked(id, park_waker(t));
         Ok(())
     }
 
     /// Sockets parked now.
     pub fn len(&self) -> usize {
-        self.parked.borrow().len()
+        self.parked_len.get()
     }
 
     /// Whether no socket is parked.
     pub fn is_empty(&self) -> bool {
-        self.parked.borrow().is_empty()
+        self.len() == 0
     }
 
     fn promote(&self, ctx: &Rc<ConnCtx>, t: u64) {
-        let Some(fd) = self.parked.borrow_mut().remove(&t) else {
-            return; // Already promoted (woken and ready at once).
+        let id = conn_id(t);
+        let (idx, gen) = id.parts();
+        let fd = {
+            let mut parked = self.parked.borrow_mut();
+            let Some(slot) = parked.get_mut(idx as usize) else {
+                return;
+            };
+            if slot.as_ref().is_none_or(|(g, _)| *g != gen) {
+                return; // Already promoted (woken and ready at once).
+            }
+            let Some((_, fd)) = slot.take() else {
+                return;
+            };
+            fd
         };
+        self.parked_len.set(self.parked_len.get() - 1);
         // SAFETY: removing a registered descriptor; the event argument is ignored.
         unsafe {
             libc::epoll_ctl(
@@ -166,7 +214,6 @@ impl ParkingLot {
                 std::ptr::null_mut(),
             );
         }
-        let id = conn_id(t);
         // SAFETY: a connected TCP socket we own and hand over.
         let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         ctx.engine.borrow_mut().conn_promoted(id, Timestamp::now());

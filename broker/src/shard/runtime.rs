@@ -104,6 +104,17 @@ pub struct BrokerHandle {
 const MEMLOCK_PER_SHARD: u64 = 512 * 1024;
 /// How often each shard publishes its [`ShardStats`].
 const STATS_INTERVAL: Duration = Duration::from_millis(100);
+/// While connections keep coming, going or parking, freed memory goes back to the OS every this
+/// many stats ticks.
+const COLLECT_EVERY: u32 = 10;
+
+/// Returns the memory this thread freed to the OS. The allocator (mimalloc) hands freed pages
+/// back only when the thread allocates again; a shard whose connections just went idle (parked,
+/// their driver tasks and buffers freed) would otherwise keep them resident.
+fn return_freed_memory() {
+    // SAFETY: mi_collect has no preconditions; it only walks this thread's own heap.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
 /// How long a shard waits for its connections to close at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -437,10 +448,30 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     };
     let stats_task = spawn_local({
         let publish_stats = publish_stats.clone();
+        let engine = engine.clone();
         async move {
+            let mut last_shape = (0, 0);
+            let mut changed_ticks = 0;
             loop {
                 sleep(STATS_INTERVAL).await;
                 publish_stats();
+                let shape = {
+                    let e = engine.borrow();
+                    (e.connection_count(), e.parked_count())
+                };
+                // Hand freed memory back once connections stop coming, going or parking (one
+                // quiet tick), and at least every COLLECT_EVERY ticks while they keep changing.
+                if shape != last_shape {
+                    last_shape = shape;
+                    changed_ticks += 1;
+                    if changed_ticks >= COLLECT_EVERY {
+                        return_freed_memory();
+                        changed_ticks = 1;
+                    }
+                } else if changed_ticks > 0 {
+                    return_freed_memory();
+                    changed_ticks = 0;
+                }
             }
         }
     });

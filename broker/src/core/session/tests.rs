@@ -68,7 +68,7 @@ fn qos1_window_queue_and_order() {
     }
     let sent: Vec<_> = packets(&mut out).iter().map(publish).collect();
     assert_eq!(sent, vec![(1, false, "1".into()), (2, false, "2".into())]);
-    assert_eq!(s.queue.len(), 2);
+    assert_eq!(s.queue().len(), 2);
     // QoS 0 behind a non-empty queue waits its turn (per-topic order).
     s.deliver(
         &msg(5, QoS::AtMostOnce),
@@ -123,7 +123,7 @@ fn queue_drops_oldest_when_full() {
             dropped_oldest: true
         }
     );
-    let ids: Vec<u64> = s.queue.iter().map(|q| q.msg.id).collect();
+    let ids: Vec<u64> = s.queue().iter().map(|q| q.msg.id).collect();
     assert_eq!(ids, vec![2, 3, 4]);
     let mut l0 = l;
     l0.mqueue_store_qos0 = false;
@@ -178,7 +178,7 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
         "PUBCOMP before PUBREC"
     );
     assert_eq!(s.on_pubcomp(1, Timestamp(3), &l, &mut out), Ok(0));
-    assert_eq!(s.inflight.len(), 1);
+    assert_eq!(s.inflight().len(), 1);
 }
 
 #[test]
@@ -228,7 +228,7 @@ fn inbound_qos2_exactly_once_and_limits() {
     );
     assert_eq!(s.next_deadline(false, &l), Some(Timestamp(30_002)));
     assert_eq!(s.on_timeout(Timestamp(30_002), &l, None), (0, 1));
-    assert_eq!(s.awaiting_rel.len(), 1);
+    assert_eq!(s.awaiting_rel().len(), 1);
 }
 
 #[test]
@@ -250,7 +250,7 @@ fn packet_ids_skip_those_in_flight_and_wrap() {
             Some(&mut out),
         );
     }
-    let ids: Vec<u16> = s.inflight.iter().map(|e| e.packet_id).collect();
+    let ids: Vec<u16> = s.inflight().iter().map(|e| e.packet_id).collect();
     assert_eq!(ids, vec![65_535, 1, 2]);
     s.on_puback(1, Timestamp(0), &l, &mut out).unwrap();
     s.last_packet_id = 65_534;
@@ -263,7 +263,7 @@ fn packet_ids_skip_those_in_flight_and_wrap() {
         Some(&mut out),
     );
     assert_eq!(
-        s.inflight.back().unwrap().packet_id,
+        s.inflight().back().unwrap().packet_id,
         1,
         "65535 is in flight, so 1 is next"
     );
