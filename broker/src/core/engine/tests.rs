@@ -1050,3 +1050,38 @@ fn idle_connections_are_asked_to_park_and_traffic_defers_it() {
 fn status_of(cl: &Cluster, c: Client) -> ConnStatus {
     cl.engines[c.shard].conn_status(c.id).unwrap()
 }
+
+#[test]
+fn parking_frees_an_idle_sessions_delivery_state() {
+    let mut cl = Cluster::new(1);
+    let sub = cl.connect(0, "sub", false);
+    cl.subscribe(sub, &[("t", QoS::AtLeastOnce)]);
+    let publisher = cl.connect(0, "pub", true);
+    cl.publish(publisher, "t", "m", QoS::AtLeastOnce, false, 1);
+    let got = cl.recv(sub);
+    let flows_of = |cl: &Cluster| {
+        let e = &cl.engines[0];
+        let ConnPhase::Connected(key) = e.conns[sub.id.idx as usize].phase else {
+            panic!("not connected");
+        };
+        match &e.sessions[key as usize] {
+            SessionSlot::Active(a) => a.session.flows.is_some(),
+            SessionSlot::Forwarding(_) => panic!("moved"),
+        }
+    };
+    assert!(flows_of(&cl), "a QoS 1 delivery in flight has state");
+    ack_all(&mut cl, sub, &got);
+    cl.settle();
+    cl.engines[0].conn_parked(sub.id, std::task::Waker::noop().clone());
+    assert!(!flows_of(&cl), "parked with nothing pending: state freed");
+    // A delivery to the parked client allocates it again and is not lost.
+    cl.publish(publisher, "t", "again", QoS::AtLeastOnce, false, 2);
+    let again = cl.recv(sub);
+    assert!(
+        again
+            .iter()
+            .any(|p| matches!(p, Packet::Publish(p) if &p.payload[..] == b"again")),
+        "{again:?}"
+    );
+    assert!(flows_of(&cl));
+}

@@ -307,3 +307,54 @@ fn session_state_serializes() {
     let back: Session = serde_json::from_str(&json).unwrap();
     assert_eq!(back, s);
 }
+
+#[test]
+fn delivery_state_is_allocated_on_demand_and_freed_when_idle() {
+    let l = lim();
+    let mut s = Session::new("c".into(), false, Timestamp(0));
+    let mut out = BytesMut::new();
+    // QoS 0 to a connected client needs no state.
+    s.deliver(
+        &msg(1, QoS::AtMostOnce),
+        QoS::AtMostOnce,
+        false,
+        Timestamp(0),
+        &l,
+        Some(&mut out),
+    );
+    assert!(s.flows.is_none());
+    // A QoS 1 delivery waits for its PUBACK: state exists, and shrinking keeps it.
+    s.deliver(
+        &msg(2, QoS::AtLeastOnce),
+        QoS::AtLeastOnce,
+        false,
+        Timestamp(0),
+        &l,
+        Some(&mut out),
+    );
+    let pid = s.inflight()[0].packet_id;
+    s.shrink();
+    assert_eq!(s.inflight().len(), 1, "shrink keeps pending deliveries");
+    s.on_puback(pid, Timestamp(1), &l, &mut out).unwrap();
+    assert!(s.flows.is_some());
+    s.shrink();
+    assert!(s.flows.is_none(), "nothing pending: freed");
+    // Packet ids keep counting after the state was freed.
+    s.deliver(
+        &msg(3, QoS::AtLeastOnce),
+        QoS::AtLeastOnce,
+        false,
+        Timestamp(2),
+        &l,
+        Some(&mut out),
+    );
+    assert_eq!(s.inflight()[0].packet_id, pid + 1);
+    // Inbound QoS 2 ids are state too.
+    let mut s = Session::new("d".into(), false, Timestamp(0));
+    assert_eq!(s.on_inbound_qos2(5, Timestamp(0), &l), Ok(true));
+    s.shrink();
+    assert_eq!(s.awaiting_rel().len(), 1);
+    assert!(s.on_pubrel(5));
+    s.shrink();
+    assert!(s.flows.is_none());
+}
