@@ -276,9 +276,14 @@ struct Registration {
 const NO_HOLDER: u32 = u32::MAX;
 
 enum Waiter {
+    /// SUBACK once every shard has the new routes, then the retained messages of the granted
+    /// filters: a client that sees either knows that publishes from anywhere reach it.
     Suback {
         conn: ConnId,
         packet: Bytes,
+        key: usize,
+        gen: u32,
+        granted: Vec<(String, QoS)>,
     },
     Release {
         client_id: ByteStr,
@@ -1298,16 +1303,19 @@ impl Engine {
             }),
             &mut packet,
         );
+        let Some(gen) = self.sessions.get(key).map(SessionSlot::gen) else {
+            return;
+        };
         self.add_waiter(
             seq,
             Waiter::Suback {
                 conn: id,
                 packet: packet.freeze(),
+                key,
+                gen,
+                granted,
             },
         );
-        for (filter, qos) in granted {
-            self.query_retained(key, &filter, qos);
-        }
     }
 
     fn on_unsubscribe(&mut self, id: ConnId, key: usize, unsub: Unsubscribe) {
@@ -1460,11 +1468,22 @@ impl Engine {
 
     fn fire(&mut self, w: Waiter) {
         match w {
-            Waiter::Suback { conn, packet } => {
+            Waiter::Suback {
+                conn,
+                packet,
+                key,
+                gen,
+                granted,
+            } => {
                 if let Some(c) = conn_mut(&mut self.conns, conn) {
                     if !c.close {
                         c.outbox.extend_from_slice(&packet);
                         c.wake();
+                    }
+                }
+                if self.sessions.get(key).is_some_and(|s| s.gen() == gen) {
+                    for (filter, qos) in granted {
+                        self.query_retained(key, &filter, qos);
                     }
                 }
             }

@@ -1085,3 +1085,34 @@ fn parking_frees_an_idle_sessions_delivery_state() {
     );
     assert!(flows_of(&cl));
 }
+
+#[test]
+fn retained_messages_follow_the_suback_once_every_shard_has_the_route() {
+    let mut cl = Cluster::new(2);
+    let publisher = cl.connect(1, "pub", true);
+    for topic in ["r/0", "r/1", "r/2", "r/3"] {
+        cl.publish(publisher, topic, topic, QoS::AtMostOnce, true, 0);
+    }
+    let sub = cl.connect(0, "sub", true);
+    cl.input(
+        sub,
+        Packet::Subscribe(Subscribe {
+            packet_id: 9,
+            filters: vec![("r/+".to_string(), QoS::AtMostOnce)],
+        }),
+    );
+    // Shard 1 has not acknowledged the route yet: neither the SUBACK nor any retained message
+    // (some are stored on shard 0 itself) may reach the client.
+    assert_eq!(cl.recv(sub), Vec::new());
+    cl.settle();
+    let got = cl.recv(sub);
+    assert!(matches!(got.first(), Some(Packet::Suback(_))), "{got:?}");
+    let retained: Vec<_> = got[1..]
+        .iter()
+        .map(|p| match p {
+            Packet::Publish(p) if p.retain => p.topic.to_string(),
+            other => panic!("expected a retained PUBLISH, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(retained.len(), 4, "{retained:?}");
+}
