@@ -34,15 +34,8 @@ MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 cargo build --release -q -p shardmq -p shardmq-bench
 BENCH=target/release/shardmq-bench
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 if [ "$placement" = pinned ]; then
   on_broker_cpu=(taskset -c 0)
@@ -72,15 +65,7 @@ shardmq_port=$BROKER_PORT
 
 # --- Mosquitto: anonymous, no persistence, no logging, no connection limit ---------------
 mosq_port=$(free_port)
-cat >"$out/mosquitto.conf" <<EOF
-listener $mosq_port 127.0.0.1
-allow_anonymous true
-max_connections -1
-persistence false
-max_inflight_messages 100
-log_type none
-log_dest none
-EOF
+mosquitto_conf "$mosq_port" "$out/mosquitto.conf"
 "${on_broker_cpu[@]}" "$MOSQUITTO" -c "$out/mosquitto.conf" >/dev/null 2>&1 &
 mosq_pid=$!
 pids+=("$mosq_pid")

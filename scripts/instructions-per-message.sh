@@ -19,14 +19,8 @@ cargo build --release -q -p shardmq -p shardmq-bench
 out=${OUT:-target/bench/instructions}
 mkdir -p "$out"
 BENCH=target/release/shardmq-bench
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 600); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 # run BROKER RATE -> prints "instructions messages"
 run() {
@@ -39,15 +33,12 @@ run() {
         valgrind --tool=callgrind --callgrind-out-file="$cg" target/release/shardmq >"$out/$broker.log" 2>&1 &
       ;;
     mosquitto)
-      # `user`: started as root, Mosquitto would switch to user mosquitto and callgrind could
-      # no longer write its output file.
-      printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\nuser %s\n' \
-        "$port" "$(id -un)" >"$out/mosquitto.conf"
+      mosquitto_conf "$port" "$out/mosquitto.conf"
       valgrind --tool=callgrind --callgrind-out-file="$cg" mosquitto -c "$out/mosquitto.conf" >"$out/$broker.log" 2>&1 &
       ;;
   esac
   pid=$!
-  wait_port "$port"
+  wait_port "$port" 60 # valgrind starts slowly
   "$BENCH" pubsub --quiet --threads 1 --cpus 1 --broker "127.0.0.1:$port" --broker-name "$broker" \
     --publishers 10 --subscribers 10 --pattern p2p --qos 0 --rate "$rate" --inflight 8 \
     --duration "${secs}s" --warmup 1s --drain 10s --out "$out/$broker.$rate.json" >/dev/null

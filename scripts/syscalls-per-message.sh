@@ -32,14 +32,8 @@ EOF
 fi
 cargo build --release -q -p shardmq -p shardmq-bench
 BENCH=target/release/shardmq-bench
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 100); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 window=4
 events=raw_syscalls:sys_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_read,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait
@@ -54,8 +48,7 @@ for broker in shardmq mosquitto; do
         taskset -c 0 target/release/shardmq >"$out/$broker.log" 2>&1 &
       ;;
     mosquitto)
-      printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_type none\nmax_inflight_messages 100\nuser %s\n' \
-        "$port" "$(id -un)" >"$out/mosquitto.conf"
+      mosquitto_conf "$port" "$out/mosquitto.conf"
       taskset -c 0 mosquitto -c "$out/mosquitto.conf" >"$out/$broker.log" 2>&1 &
       ;;
   esac

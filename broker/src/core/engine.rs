@@ -204,6 +204,11 @@ struct HeldAcks {
 }
 
 impl Conn {
+    /// Whether the driver should read more input.
+    fn readable(&self) -> bool {
+        !self.close && !self.paused && self.phase != ConnPhase::Connecting
+    }
+
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -586,7 +591,7 @@ impl Engine {
         };
         Some(ConnStatus {
             close: c.close,
-            readable: !c.close && !c.paused && c.phase != ConnPhase::Connecting,
+            readable: c.readable(),
             deadline,
             park: c.park && !c.close,
         })
@@ -594,9 +599,9 @@ impl Engine {
 
     /// Whether to read more input now (the `readable` of [`Engine::conn_status`], cheaper).
     pub fn conn_readable(&self, id: ConnId) -> bool {
-        self.conns.get(id.idx as usize).is_some_and(|c| {
-            c.gen == id.gen && !c.close && !c.paused && c.phase != ConnPhase::Connecting
-        })
+        self.conns
+            .get(id.idx as usize)
+            .is_some_and(|c| c.gen == id.gen && c.readable())
     }
 
     /// When the connection times out: no CONNECT in time, or keepalive.
@@ -1533,13 +1538,25 @@ impl Engine {
     }
 
     fn new_session(&mut self, client_id: ByteStr, clean: bool, epoch: u64) -> usize {
+        let session = Session::new(client_id, clean, self.now);
+        self.add_active(session, epoch, None).0
+    }
+
+    /// Puts `session` in a new active slot indexed by its client id; returns (key, gen).
+    fn add_active(
+        &mut self,
+        session: Session,
+        epoch: u64,
+        arrival: Option<Box<Arrival>>,
+    ) -> (usize, u32) {
         let gen = self.next_gen();
+        let client_id = session.client_id.clone();
         let key = self.sessions.insert(SessionSlot::Active(ActiveSession {
             gen,
-            session: Session::new(client_id.clone(), clean, self.now),
+            session,
             conn: None,
             epoch,
-            arrival: None,
+            arrival,
             expires_at: Timestamp::NEVER,
             timer_at: Timestamp::NEVER,
         }));
@@ -1548,7 +1565,7 @@ impl Engine {
             .insert(client_id.as_bytes(), key as u32, |k| {
                 slot_holds(sessions, k, &client_id)
             });
-        key
+        (key, gen)
     }
 
     fn install_session(
@@ -1558,33 +1575,20 @@ impl Engine {
         dedup: Vec<MessageId>,
         upstream: Option<usize>,
     ) -> usize {
-        let gen = self.next_gen();
         let client_id = session.client_id.clone();
         let subs: Vec<(String, QoS)> = session
             .subscriptions
             .iter()
             .map(|(f, q)| (f.clone(), *q))
             .collect();
-        let key = self.sessions.insert(SessionSlot::Active(ActiveSession {
-            gen,
-            session,
-            conn: None,
-            epoch,
-            arrival: upstream.map(|upstream| {
-                Box::new(Arrival {
-                    upstream,
-                    released: false,
-                    dedup: dedup.into_iter().collect(),
-                })
-            }),
-            expires_at: Timestamp::NEVER,
-            timer_at: Timestamp::NEVER,
-        }));
-        let sessions = &self.sessions;
-        self.by_client
-            .insert(client_id.as_bytes(), key as u32, |k| {
-                slot_holds(sessions, k, &client_id)
-            });
+        let arrival = upstream.map(|upstream| {
+            Box::new(Arrival {
+                upstream,
+                released: false,
+                dedup: dedup.into_iter().collect(),
+            })
+        });
+        let (key, gen) = self.add_active(session, epoch, arrival);
         for (f, q) in subs {
             self.add_local_sub(&f, key, q);
         }

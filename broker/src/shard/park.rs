@@ -62,6 +62,9 @@ fn park_waker(token: u64) -> Waker {
     }
 }
 
+// The token (slot and generation, 64 bits) travels in the waker's data word.
+const _: () = assert!(usize::BITS >= 64, "park wakers need 64-bit pointers");
+
 static PARK_WAKER_VTABLE: RawWakerVTable = RawWakerVTable::new(
     park_waker_clone,
     park_waker_wake,

@@ -1,0 +1,33 @@
+# Sourced by the benchmark scripts: free loopback ports, waiting for a listener, and the
+# Mosquitto configuration every comparison uses.
+
+# A free TCP port on 127.0.0.1.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# wait_port PORT [SECONDS, default 10]: returns once something accepts on 127.0.0.1:PORT.
+wait_port() {
+  local deadline=$((SECONDS + ${2:-10}))
+  while [ "$SECONDS" -le "$deadline" ]; do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $1), 0.2)" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+# mosquitto_conf PORT FILE: Mosquitto as compared everywhere — anonymous, no persistence, no
+# logging, no connection limit, 100 unacknowledged deliveries per client, and it keeps the
+# current user (started as root it would switch to user mosquitto, and tools that write
+# files from inside its process, such as callgrind, could no longer do so).
+mosquitto_conf() {
+  cat >"$2" <<EOT
+listener $1 127.0.0.1
+allow_anonymous true
+max_connections -1
+persistence false
+max_inflight_messages 100
+log_type none
+log_dest none
+user $(id -un)
+EOT
+}
