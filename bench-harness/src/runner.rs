@@ -490,12 +490,24 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
     } else {
         None
     };
-    let started = Instant::now();
+    // Fixed rate: publisher `idx` starts `idx / publishers` of a tick late and then keeps to
+    // its own timeline (tick k at `started + k · tick`), so the publishers' sends stay spread
+    // evenly over each tick instead of arriving as one burst per tick.
+    let phase = tick.map_or(Duration::ZERO, |t| {
+        publisher_phase(t, idx, plan.sc.publishers)
+    });
+    let started = Instant::now() + phase;
+    let mut next_tick = started;
     let mut window_state = Window::default();
     while coord.phase() < STOP {
         let n = match tick {
             Some(t) => {
-                sleep(t).await;
+                next_tick += t;
+                sleep(on_send_grid(
+                    &coord,
+                    next_tick.saturating_duration_since(Instant::now()),
+                ))
+                .await;
                 let due = (started.elapsed().as_secs_f64() * plan.sc.rate) as u64;
                 due.saturating_sub(seq as u64)
                     .min(plan.sc.inflight.max(1) as u64 * 64) as usize
@@ -565,6 +577,28 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
         let _ = s.write_all(&[0xE0, 0]).await;
     }
     seq as u64
+}
+
+/// Fixed-rate sends are timed to this grid: a worker wakes at most once per step for all its
+/// publishers that are due, instead of once per publisher.
+const SEND_GRID: Duration = Duration::from_micros(100);
+
+/// `wait` rounded up so that it ends on a multiple of [`SEND_GRID`] of the run's clock.
+fn on_send_grid(coord: &Coord, wait: Duration) -> Duration {
+    grid_wait(coord.now_ns(), wait)
+}
+
+/// The wait from `now_ns` that covers `wait` and ends on a multiple of [`SEND_GRID`].
+fn grid_wait(now_ns: u64, wait: Duration) -> Duration {
+    let grid = SEND_GRID.as_nanos() as u64;
+    let at = now_ns + wait.as_nanos() as u64;
+    Duration::from_nanos(at.div_ceil(grid) * grid - now_ns)
+}
+
+/// How late publisher `idx` of `publishers` starts its fixed-rate timeline: an even share of
+/// one tick, so the publishers' sends spread over the tick.
+fn publisher_phase(tick: Duration, idx: usize, publishers: usize) -> Duration {
+    tick.mul_f64(idx as f64 / publishers.max(1) as f64)
 }
 
 /// A message that has not arrived after this long is taken as lost: its slot in the
@@ -1102,4 +1136,30 @@ pub fn run_conn(
         errors: coord.error_count.load(Ordering::Relaxed),
         error_samples: coord.errors.lock().map(|e| e.clone()).unwrap_or_default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_rate_waits_end_on_the_send_grid() {
+        let grid = SEND_GRID.as_nanos() as u64;
+        for (now, wait_us) in [(0u64, 0u64), (1, 36_000), (123_456_789, 24), (grid, 100)] {
+            let wait = Duration::from_micros(wait_us);
+            let got = grid_wait(now, wait);
+            assert!(got >= wait, "{got:?} < {wait:?}");
+            assert!(got < wait + SEND_GRID, "{got:?} overshoots {wait:?}");
+            assert_eq!((now + got.as_nanos() as u64) % grid, 0);
+        }
+    }
+
+    #[test]
+    fn publishers_spread_evenly_over_a_tick() {
+        let tick = Duration::from_millis(36);
+        assert_eq!(publisher_phase(tick, 0, 1000), Duration::ZERO);
+        assert_eq!(publisher_phase(tick, 500, 1000), Duration::from_millis(18));
+        assert!(publisher_phase(tick, 999, 1000) < tick);
+        assert_eq!(publisher_phase(tick, 0, 0), Duration::ZERO);
+    }
 }

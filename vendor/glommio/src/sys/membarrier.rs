@@ -219,10 +219,9 @@ pub(crate) fn light() {
 #[inline]
 #[allow(dead_code)]
 pub(crate) fn heavy() {
-    use self::Strategy::*;
-    match *STRATEGY {
-        Membarrier => syscall::barrier(),
-        Mprotect => mprotect::barrier(),
-        Fallback => atomic::fence(atomic::Ordering::SeqCst),
-    }
+    // ShardMQ patch: a plain sequentially consistent fence, paired with the one in
+    // `SleepNotifier::notify`. The process-wide barrier (`membarrier` or `mprotect`) interrupts
+    // every other CPU running a thread of the process, and an executor issues it each time it
+    // goes to sleep: thousands of times a second on a lightly loaded broker.
+    atomic::fence(atomic::Ordering::SeqCst)
 }

@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // ShardMQ patch: pairs with the fence a sleeping executor issues after setting
+        // `should_notify` (`membarrier::heavy`), so either it sees what was queued for it or
+        // this sees that it sleeps.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -623,6 +623,16 @@ impl UringQueueState {
         self.submissions.is_empty() && self.cancellations.is_empty()
     }
 
+    /// ShardMQ patch: cancels an in-flight timeout (see `Source`'s drop).
+    pub(crate) fn remove_timeout(&mut self, id: SourceId) {
+        self.cancellations.push_back(UringDescriptor {
+            args: UringOpDescriptor::TimeoutRemove(to_user_data(id)),
+            fd: -1,
+            flags: SubmissionFlags::empty(),
+            user_data: 0,
+        });
+    }
+
     pub(crate) fn cancel_request(&mut self, id: SourceId) {
         self.cancellations.push_back(UringDescriptor {
             args: UringOpDescriptor::Cancel(to_user_data(id)),
