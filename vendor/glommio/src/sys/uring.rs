@@ -1851,16 +1851,27 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        //
+        // ShardMQ patch: when we will not sleep (a preempt timer is wanted) and the one armed
+        // on an earlier turn has not fired, it is kept: it preempts a little early at worst.
+        // The same for the throughput timer. Dropping and re-arming both on every turn cost
+        // four submissions and two kernel timer updates per turn of a busy loop.
+        let keep_latency_timer = preempt_timer().is_some()
+            && Self::still_pending(&self.latency_preemption_timeout_src);
+        if !keep_latency_timer {
+            drop(self.latency_preemption_timeout_src.take());
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        if !Self::still_pending(&self.throughput_preemption_timeout_src) {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1910,7 +1921,7 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt_timer().filter(|_| !keep_latency_timer) {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
             flush_rings!(lat_ring, main_ring)?;
@@ -1924,6 +1935,14 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// ShardMQ patch: whether the timer in `cell` is armed and has not completed.
+    fn still_pending(cell: &Cell<Option<Source>>) -> bool {
+        let src = cell.take();
+        let pending = src.as_ref().is_some_and(|s| s.result().is_none());
+        cell.set(src);
+        pending
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
