@@ -503,11 +503,8 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
         let n = match tick {
             Some(t) => {
                 next_tick += t;
-                sleep(on_send_grid(
-                    &coord,
-                    next_tick.saturating_duration_since(Instant::now()),
-                ))
-                .await;
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                sleep(grid_wait(coord.now_ns(), wait)).await;
                 let due = (started.elapsed().as_secs_f64() * plan.sc.rate) as u64;
                 due.saturating_sub(seq as u64)
                     .min(plan.sc.inflight.max(1) as u64 * 64) as usize
@@ -583,12 +580,8 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
 /// publishers that are due, instead of once per publisher.
 const SEND_GRID: Duration = Duration::from_micros(100);
 
-/// `wait` rounded up so that it ends on a multiple of [`SEND_GRID`] of the run's clock.
-fn on_send_grid(coord: &Coord, wait: Duration) -> Duration {
-    grid_wait(coord.now_ns(), wait)
-}
-
-/// The wait from `now_ns` that covers `wait` and ends on a multiple of [`SEND_GRID`].
+/// The wait from `now_ns` (the run's clock) that covers `wait` and ends on a multiple of
+/// [`SEND_GRID`].
 fn grid_wait(now_ns: u64, wait: Duration) -> Duration {
     let grid = SEND_GRID.as_nanos() as u64;
     let at = now_ns + wait.as_nanos() as u64;

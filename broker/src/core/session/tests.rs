@@ -30,6 +30,18 @@ fn msg(n: u64, qos: QoS) -> SharedMessage {
     })
 }
 
+/// Delivers message `n` (not retained) at its own QoS.
+fn deliver(
+    s: &mut Session,
+    n: u64,
+    qos: QoS,
+    now: Timestamp,
+    lim: &SessionLimits,
+    out: Option<&mut BytesMut>,
+) -> Delivery {
+    s.deliver(&msg(n, qos), qos, false, now, lim, out)
+}
+
 fn packets(out: &mut BytesMut) -> Vec<Packet> {
     let mut v = Vec::new();
     while let Some(p) = decode(out, &DecodeOptions::default()).unwrap() {
@@ -57,27 +69,13 @@ fn qos1_window_queue_and_order() {
     let mut out = BytesMut::new();
     let now = Timestamp(0);
     for n in 1..=4 {
-        s.deliver(
-            &msg(n, QoS::AtLeastOnce),
-            QoS::AtLeastOnce,
-            false,
-            now,
-            &l,
-            Some(&mut out),
-        );
+        deliver(&mut s, n, QoS::AtLeastOnce, now, &l, Some(&mut out));
     }
     let sent: Vec<_> = packets(&mut out).iter().map(publish).collect();
     assert_eq!(sent, vec![(1, false, "1".into()), (2, false, "2".into())]);
     assert_eq!(s.queue().len(), 2);
     // QoS 0 behind a non-empty queue waits its turn (per-topic order).
-    s.deliver(
-        &msg(5, QoS::AtMostOnce),
-        QoS::AtMostOnce,
-        false,
-        now,
-        &l,
-        Some(&mut out),
-    );
+    deliver(&mut s, 5, QoS::AtMostOnce, now, &l, Some(&mut out));
     assert!(out.is_empty());
     assert_eq!(s.on_puback(1, now, &l, &mut out), Ok(1));
     assert_eq!(
@@ -97,28 +95,14 @@ fn queue_drops_oldest_when_full() {
     let mut s = Session::new("c".into(), false, Timestamp(0));
     for n in 1..=3 {
         assert_eq!(
-            s.deliver(
-                &msg(n, QoS::AtLeastOnce),
-                QoS::AtLeastOnce,
-                false,
-                Timestamp(0),
-                &l,
-                None
-            ),
+            deliver(&mut s, n, QoS::AtLeastOnce, Timestamp(0), &l, None),
             Delivery::Queued {
                 dropped_oldest: false
             }
         );
     }
     assert_eq!(
-        s.deliver(
-            &msg(4, QoS::AtLeastOnce),
-            QoS::AtLeastOnce,
-            false,
-            Timestamp(0),
-            &l,
-            None
-        ),
+        deliver(&mut s, 4, QoS::AtLeastOnce, Timestamp(0), &l, None),
         Delivery::Queued {
             dropped_oldest: true
         }
@@ -128,14 +112,7 @@ fn queue_drops_oldest_when_full() {
     let mut l0 = l;
     l0.mqueue_store_qos0 = false;
     assert_eq!(
-        s.deliver(
-            &msg(5, QoS::AtMostOnce),
-            QoS::AtMostOnce,
-            false,
-            Timestamp(0),
-            &l0,
-            None
-        ),
+        deliver(&mut s, 5, QoS::AtMostOnce, Timestamp(0), &l0, None),
         Delivery::DroppedQos0Offline
     );
 }
@@ -145,10 +122,10 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     let mut out = BytesMut::new();
-    s.deliver(
-        &msg(1, QoS::ExactlyOnce),
+    deliver(
+        &mut s,
+        1,
         QoS::ExactlyOnce,
-        false,
         Timestamp(0),
         &l,
         Some(&mut out),
@@ -186,10 +163,10 @@ fn retry_interval_resends_with_dup() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     let mut out = BytesMut::new();
-    s.deliver(
-        &msg(1, QoS::AtLeastOnce),
+    deliver(
+        &mut s,
+        1,
         QoS::AtLeastOnce,
-        false,
         Timestamp(1_000),
         &l,
         Some(&mut out),
@@ -241,10 +218,10 @@ fn packet_ids_skip_those_in_flight_and_wrap() {
     s.last_packet_id = 65_534;
     let mut out = BytesMut::new();
     for n in 0..3 {
-        s.deliver(
-            &msg(n, QoS::AtLeastOnce),
+        deliver(
+            &mut s,
+            n,
             QoS::AtLeastOnce,
-            false,
             Timestamp(0),
             &l,
             Some(&mut out),
@@ -254,10 +231,10 @@ fn packet_ids_skip_those_in_flight_and_wrap() {
     assert_eq!(ids, vec![65_535, 1, 2]);
     s.on_puback(1, Timestamp(0), &l, &mut out).unwrap();
     s.last_packet_id = 65_534;
-    s.deliver(
-        &msg(9, QoS::AtLeastOnce),
+    deliver(
+        &mut s,
+        9,
         QoS::AtLeastOnce,
-        false,
         Timestamp(0),
         &l,
         Some(&mut out),
@@ -278,14 +255,7 @@ fn slow_consumer_drops_qos0() {
     let mut s = Session::new("c".into(), true, Timestamp(0));
     let mut out = BytesMut::from(&[0u8; 10][..]);
     assert_eq!(
-        s.deliver(
-            &msg(1, QoS::AtMostOnce),
-            QoS::AtMostOnce,
-            false,
-            Timestamp(0),
-            &l,
-            Some(&mut out)
-        ),
+        deliver(&mut s, 1, QoS::AtMostOnce, Timestamp(0), &l, Some(&mut out)),
         Delivery::DroppedSlowConsumer
     );
 }
@@ -295,14 +265,7 @@ fn session_state_serializes() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
     s.subscriptions.insert("a/#".into(), QoS::ExactlyOnce);
-    s.deliver(
-        &msg(1, QoS::AtLeastOnce),
-        QoS::AtLeastOnce,
-        false,
-        Timestamp(0),
-        &l,
-        None,
-    );
+    deliver(&mut s, 1, QoS::AtLeastOnce, Timestamp(0), &l, None);
     let json = serde_json::to_string(&s).unwrap();
     let back: Session = serde_json::from_str(&json).unwrap();
     assert_eq!(back, s);
@@ -314,20 +277,13 @@ fn delivery_state_is_allocated_on_demand_and_freed_when_idle() {
     let mut s = Session::new("c".into(), false, Timestamp(0));
     let mut out = BytesMut::new();
     // QoS 0 to a connected client needs no state.
-    s.deliver(
-        &msg(1, QoS::AtMostOnce),
-        QoS::AtMostOnce,
-        false,
-        Timestamp(0),
-        &l,
-        Some(&mut out),
-    );
+    deliver(&mut s, 1, QoS::AtMostOnce, Timestamp(0), &l, Some(&mut out));
     assert!(s.flows.is_none());
     // A QoS 1 delivery waits for its PUBACK: state exists, and shrinking keeps it.
-    s.deliver(
-        &msg(2, QoS::AtLeastOnce),
+    deliver(
+        &mut s,
+        2,
         QoS::AtLeastOnce,
-        false,
         Timestamp(0),
         &l,
         Some(&mut out),
@@ -340,10 +296,10 @@ fn delivery_state_is_allocated_on_demand_and_freed_when_idle() {
     s.shrink();
     assert!(s.flows.is_none(), "nothing pending: freed");
     // Packet ids keep counting after the state was freed.
-    s.deliver(
-        &msg(3, QoS::AtLeastOnce),
+    deliver(
+        &mut s,
+        3,
         QoS::AtLeastOnce,
-        false,
         Timestamp(2),
         &l,
         Some(&mut out),
