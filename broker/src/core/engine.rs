@@ -981,7 +981,8 @@ impl Engine {
                     .on_inbound_qos2(p.packet_id, now, &self.cfg.limits)
                 {
                     Ok(new) => {
-                        self.arm(key);
+                        let due = self.cfg.limits.await_rel_timeout.map(|t| now.after(t));
+                        self.arm_new(key, due);
                         new
                     }
                     Err(_) => {
@@ -1217,7 +1218,7 @@ impl Engine {
                             c.wake();
                         }
                         if qos != QoS::AtMostOnce {
-                            self.arm(key);
+                            self.arm_new(key, self.retry_due(now));
                         }
                     }
                     Delivery::Queued { dropped_oldest } => {
@@ -1264,7 +1265,7 @@ impl Engine {
                     c.wake();
                 }
                 if sent > 0 {
-                    self.arm(key);
+                    self.arm_new(key, self.retry_due(now));
                 }
             }
             Err(_) => {
@@ -1997,6 +1998,31 @@ impl Engine {
         let session_due = a.session.next_deadline(a.conn.is_some(), &self.cfg.limits);
         let due = session_due.map_or(a.expires_at, |d| d.min(a.expires_at));
         // `timer_at` is at most NEVER, so a NEVER `due` (nothing to do) arms nothing.
+        if due < a.timer_at {
+            a.timer_at = due;
+            self.timers.push(Reverse((due, key, a.gen)));
+            self.note_timer(due);
+        }
+    }
+
+    /// When a delivery sent now is due for a resend (`None` when resends are off).
+    fn retry_due(&self, now: Timestamp) -> Option<Timestamp> {
+        self.cfg.limits.retry_interval.map(|r| now.after(r))
+    }
+
+    /// Arms session `key` for a deadline it has just gained (`now` plus its interval). Every
+    /// deadline the session already has is earlier or equal, so a timer is needed only when
+    /// none is armed at or before `due`: one comparison per message instead of
+    /// [`Engine::arm`]'s walk over the whole inflight window (which the timer handler still
+    /// does when the timer fires).
+    fn arm_new(&mut self, key: usize, due: Option<Timestamp>) {
+        let Some(due) = due else {
+            return;
+        };
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let due = due.min(a.expires_at);
         if due < a.timer_at {
             a.timer_at = due;
             self.timers.push(Reverse((due, key, a.gen)));

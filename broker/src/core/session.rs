@@ -65,6 +65,9 @@ pub struct InflightEntry {
     pub phase: Phase,
     /// When it was last sent.
     pub sent_at: Timestamp,
+    /// [`Flows::allocated`] when its packet id was taken.
+    #[serde(default)]
+    pub alloc: u64,
 }
 
 /// A queued delivery.
@@ -130,6 +133,15 @@ pub struct Flows {
     pub queue: VecDeque<Queued>,
     /// Inbound QoS 2 packet ids waiting for PUBREL, with their arrival time.
     pub awaiting_rel: BTreeMap<u16, Timestamp>,
+    /// Packet ids tried so far (taken or skipped as in use), counting from when these flows
+    /// were created; see [`Flows::next_packet_id`]. State read back without it starts far
+    /// ahead of its entries' (0), so their ids are searched until they are gone.
+    #[serde(default = "unknown_allocations")]
+    pub allocated: u64,
+}
+
+fn unknown_allocations() -> u64 {
+    1 << 62
 }
 
 static NO_INFLIGHT: VecDeque<InflightEntry> = VecDeque::new();
@@ -406,11 +418,22 @@ impl Session {
 }
 
 impl Flows {
-    fn next_packet_id(&self, last: &mut u16) -> u16 {
+    /// The next free packet id after `last`. Ids are tried in order (1..=65535, then 1
+    /// again) and the inflight window is in the order they were taken, so a candidate can
+    /// only still be in use once the oldest delivery in flight has seen the whole id space go
+    /// by since it took its id. Until then (always, for any sane client) no search is needed;
+    /// after that the window is searched for each candidate.
+    fn next_packet_id(&mut self, last: &mut u16) -> u16 {
+        const IDS: u64 = u16::MAX as u64;
         loop {
+            let may_be_used = self
+                .inflight
+                .front()
+                .is_some_and(|f| self.allocated - f.alloc >= IDS - 1);
             *last = last.wrapping_add(1).max(1);
+            self.allocated += 1;
             let id = *last;
-            if !self.inflight.iter().any(|e| e.packet_id == id) {
+            if !may_be_used || !self.inflight.iter().any(|e| e.packet_id == id) {
                 return id;
             }
         }
@@ -426,6 +449,7 @@ impl Flows {
         out: &mut BytesMut,
     ) {
         let packet_id = self.next_packet_id(last);
+        let alloc = self.allocated;
         mqtt::encode_publish(
             false,
             qos,
@@ -442,6 +466,7 @@ impl Flows {
             retain,
             phase: Phase::Published,
             sent_at: now,
+            alloc,
         });
     }
 

@@ -1,19 +1,26 @@
 //! `TopicTrie<V>`: topic filters → values, matched against topic names.
 //!
-//! One node per filter level. A node holds the value of the filter that ends at it, the value
-//! of the filter that ends with `#` below it, its exact-level children and its `+` child.
-//! Matching walks the topic's levels once, following the exact child and the `+` child, and
-//! collects `#` values on the way, without allocating. Used for each shard's local
-//! subscription index and its replica of the route table.
+//! Filters without wildcards (most subscriptions in IoT: one device, one topic) live in a hash
+//! map keyed by the whole filter, so matching them costs one hash of the topic and one
+//! comparison. Filters with `+` or `#` live in a trie with one node per level: a node holds the
+//! value of the filter that ends at it, the value of the filter that ends with `#` below it, its
+//! exact-level children and its `+` child. Matching walks the topic's levels once, following the
+//! exact child and the `+` child, and collects `#` values on the way, without allocating; it is
+//! skipped while no wildcard filter is stored. Used for each shard's local subscription index
+//! and its replica of the route table.
 
-use super::topic::split_level;
+use super::topic::{is_wildcard, split_level};
 use ahash::AHashMap;
 
 /// A map from topic filters to values, matched against topic names.
 #[derive(Debug, Clone)]
 pub struct TopicTrie<V> {
+    /// Filters without wildcards, by the whole filter.
+    exact: AHashMap<Box<str>, V>,
+    /// Filters with wildcards.
     root: Node<V>,
-    len: usize,
+    /// Filters in `root`.
+    wild: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -49,8 +56,9 @@ impl<V> Node<V> {
 impl<V> Default for TopicTrie<V> {
     fn default() -> Self {
         TopicTrie {
+            exact: AHashMap::new(),
             root: Node::default(),
-            len: 0,
+            wild: 0,
         }
     }
 }
@@ -63,12 +71,12 @@ impl<V> TopicTrie<V> {
 
     /// Number of filters stored.
     pub fn len(&self) -> usize {
-        self.len
+        self.exact.len() + self.wild
     }
 
     /// Whether no filter is stored.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The value of `filter`, inserting `make()` if absent. Returns the value and whether it
@@ -78,6 +86,12 @@ impl<V> TopicTrie<V> {
         filter: &str,
         make: impl FnOnce() -> V,
     ) -> (&mut V, bool) {
+        if !is_wildcard(filter) {
+            return match self.exact.entry(filter.into()) {
+                std::collections::hash_map::Entry::Occupied(e) => (e.into_mut(), false),
+                std::collections::hash_map::Entry::Vacant(e) => (e.insert(make()), true),
+            };
+        }
         let mut node = &mut self.root;
         let mut rest = Some(filter);
         let slot = loop {
@@ -97,13 +111,16 @@ impl<V> TopicTrie<V> {
         };
         let inserted = slot.is_none();
         if inserted {
-            self.len += 1;
+            self.wild += 1;
         }
         (slot.get_or_insert_with(make), inserted)
     }
 
     /// The value of `filter`.
     pub fn get(&self, filter: &str) -> Option<&V> {
+        if !is_wildcard(filter) {
+            return self.exact.get(filter);
+        }
         let mut node = &self.root;
         let mut rest = Some(filter);
         loop {
@@ -125,6 +142,9 @@ impl<V> TopicTrie<V> {
 
     /// The value of `filter`, mutably.
     pub fn get_mut(&mut self, filter: &str) -> Option<&mut V> {
+        if !is_wildcard(filter) {
+            return self.exact.get_mut(filter);
+        }
         let mut node = &mut self.root;
         let mut rest = Some(filter);
         loop {
@@ -146,21 +166,32 @@ impl<V> TopicTrie<V> {
 
     /// Removes `filter`, pruning nodes left empty.
     pub fn remove(&mut self, filter: &str) -> Option<V> {
+        if !is_wildcard(filter) {
+            return self.exact.remove(filter);
+        }
         let v = remove_rec(&mut self.root, Some(filter));
         if v.is_some() {
-            self.len -= 1;
+            self.wild -= 1;
         }
         v
     }
 
     /// Calls `f` with the value of every filter that matches `topic`.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a V)) {
-        let dollar = topic.starts_with('$');
-        match_rec(&self.root, Some(topic), !dollar, &mut f);
+        if let Some(v) = self.exact.get(topic) {
+            f(v);
+        }
+        if self.wild > 0 {
+            let dollar = topic.starts_with('$');
+            match_rec(&self.root, Some(topic), !dollar, &mut f);
+        }
     }
 
     /// Calls `f` with every (filter, value) pair, in no particular order.
     pub fn for_each(&self, mut f: impl FnMut(&str, &V)) {
+        for (filter, v) in &self.exact {
+            f(filter, v);
+        }
         let mut path = String::new();
         walk(&self.root, true, &mut path, &mut f);
     }
@@ -270,6 +301,7 @@ mod tests {
         "+/b/#",
         "$SYS/#",
         "$SYS/+/x",
+        "$SYS/broker/x",
         "+/monitor/Clients",
         "sport/tennis/player1/#",
         "sport/+",
@@ -288,7 +320,10 @@ mod tests {
             matched(&t, "a/b"),
             vec!["#", "+/+", "+/b/#", "a/#", "a/+", "a/b"]
         );
-        assert_eq!(matched(&t, "$SYS/broker/x"), vec!["$SYS/#", "$SYS/+/x"]);
+        assert_eq!(
+            matched(&t, "$SYS/broker/x"),
+            vec!["$SYS/#", "$SYS/+/x", "$SYS/broker/x"]
+        );
         assert_eq!(matched(&t, "$SYS/monitor/Clients"), vec!["$SYS/#"]);
         assert_eq!(matched(&t, "/finance"), vec!["#", "+/+", "/+"]);
         assert_eq!(
@@ -315,6 +350,25 @@ mod tests {
         }
         assert!(t.is_empty());
         assert!(t.root.is_empty(), "nodes were not pruned");
+    }
+
+    #[test]
+    fn exact_filters_without_a_trie() {
+        let mut t = TopicTrie::new();
+        t.entry_or_insert_with("a/b", || 1);
+        t.entry_or_insert_with("$SYS/x", || 2);
+        assert_eq!((t.len(), t.wild), (2, 0));
+        assert!(t.root.is_empty(), "exact filters went into the trie");
+        let mut seen = Vec::new();
+        t.for_each_match("a/b", |v| seen.push(*v));
+        t.for_each_match("$SYS/x", |v| seen.push(*v));
+        t.for_each_match("a", |v| seen.push(*v));
+        assert_eq!(seen, vec![1, 2]);
+        t.entry_or_insert_with("a/+", || 3);
+        assert_eq!((t.len(), t.wild), (3, 1));
+        assert_eq!(t.remove("a/b"), Some(1));
+        assert_eq!(t.remove("a/+"), Some(3));
+        assert_eq!((t.len(), t.wild), (1, 0));
     }
 
     #[test]

@@ -229,21 +229,27 @@ fn packet_ids_skip_those_in_flight_and_wrap() {
     }
     let ids: Vec<u16> = s.inflight().iter().map(|e| e.packet_id).collect();
     assert_eq!(ids, vec![65_535, 1, 2]);
-    s.on_puback(1, Timestamp(0), &l, &mut out).unwrap();
-    s.last_packet_id = 65_534;
-    deliver(
-        &mut s,
-        9,
-        QoS::AtLeastOnce,
-        Timestamp(0),
-        &l,
-        Some(&mut out),
-    );
-    assert_eq!(
-        s.inflight().back().unwrap().packet_id,
-        1,
-        "65535 is in flight, so 1 is next"
-    );
+}
+
+#[test]
+fn a_delivery_stuck_in_flight_keeps_its_id_through_a_wrap() {
+    let l = lim();
+    let t = Timestamp(0);
+    let mut s = Session::new("c".into(), false, t);
+    let mut out = BytesMut::new();
+    // Message 0 takes id 1 and is never acknowledged.
+    deliver(&mut s, 0, QoS::AtLeastOnce, t, &l, Some(&mut out));
+    let mut seen = std::collections::HashSet::new();
+    for n in 1..=70_000u64 {
+        deliver(&mut s, n, QoS::AtLeastOnce, t, &l, Some(&mut out));
+        let id = s.inflight().back().unwrap().packet_id;
+        assert_ne!(id, 1, "message {n} took the id still in flight");
+        seen.insert(id);
+        s.on_puback(id, t, &l, &mut out).unwrap();
+        out.clear();
+    }
+    assert_eq!(seen.len(), 65_534, "every other id was used");
+    assert_eq!(s.inflight().len(), 1);
 }
 
 #[test]
