@@ -56,10 +56,12 @@ trap cleanup EXIT
 # --- ShardMQ -----------------------------------------------------------------------------
 . scripts/start-broker.sh
 # Comparable settings: 100 unacknowledged deliveries per client on every broker (rumqttd's
-# max_inflight_count below, Mosquitto's max_inflight_messages, ShardMQ's mqtt.max_inflight);
+# max_inflight_count below, Mosquitto's max_inflight_messages, ShardMQ's mqtt.max_inflight),
+# and queues that never drop in the standard scenarios (fan-in keeps 16,000 messages on their
+# way to one subscriber: ShardMQ's mqtt.max_mqueue_len, Mosquitto's max_queued_messages 0);
 # every other setting is each broker's default.
 start_broker target/release/shardmq SHARDMQ_SHARDS__CPUS="$shard_cpus" SHARDMQ_LOG__LEVEL=warn \
-  SHARDMQ_MQTT__MAX_INFLIGHT=100
+  SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000
 pids+=("$BROKER_PID")
 shardmq_port=$BROKER_PORT
 
