@@ -41,12 +41,18 @@ pub fn read(flags: u8, body: &[u8]) -> Result<Publish, DecodeError> {
         r.packet_id()?
     };
     let payload_start = r.position();
-    // One allocation holds topic and payload; both fields share it.
-    let shared = Bytes::copy_from_slice(body);
+    // Topic and payload get a buffer each. Slicing both out of one shared copy would save an
+    // allocation but cost more: the first slice turns the copy into a reference-counted
+    // buffer (a second allocation), and every slice and drop is then an atomic operation.
+    // These two are never cloned on the way through the broker (the message is shared as a
+    // whole), so each is freed with one plain `free`.
     // SAFETY: these are the bytes `utf8()` validated above, copied unchanged.
-    let topic =
-        unsafe { ByteStr::from_utf8_unchecked(shared.slice(topic_start..topic_start + topic_len)) };
-    let payload = shared.slice(payload_start..);
+    let topic = unsafe {
+        ByteStr::from_utf8_unchecked(Bytes::copy_from_slice(
+            &body[topic_start..topic_start + topic_len],
+        ))
+    };
+    let payload = Bytes::copy_from_slice(&body[payload_start..]);
     Ok(Publish {
         dup,
         qos,
