@@ -143,5 +143,12 @@ warmup = "2s"
 EOF
 "$BENCH" compare --quiet "${load[@]}" "${targets[@]}" --out "$out/half-rate" "$out/half-rate.toml" | tee "$out/half-rate.txt"
 
+# The same open-loop load through the raw forwarder: the latency floor of this load generator,
+# kernel and machine at that rate, with no MQTT logic in between.
+"$BENCH" pubsub --quiet "${load[@]}" --broker "$fwd_addr" --broker-name forwarder --raw \
+  --name p2p-qos0-half-mosquitto-max-raw --publishers 1000 --subscribers 1000 --pattern p2p \
+  --qos 0 --rate "$per_pub" --duration "${HALF_RATE_SECS:-10}s" --warmup 2s \
+  --out "$out/half-rate-raw-forwarder.json" | tee -a "$out/half-rate.txt"
+
 python3 scripts/bench_report.py "$out" "$placement" >"$out/report.md"
 echo "report: $out/report.md"

@@ -68,6 +68,8 @@ rs = ordered(out)
 half = ordered(os.path.join(out, "half-rate"))
 raw_path = os.path.join(out, "p2p-qos0-raw-forwarder.json")
 raw = load(raw_path) if os.path.exists(raw_path) else None
+half_raw_path = os.path.join(out, "half-rate-raw-forwarder.json")
+half_raw = load(half_raw_path) if os.path.exists(half_raw_path) else None
 brokers = []
 for r in rs:
     if r["broker"] not in brokers:
@@ -146,11 +148,17 @@ if half:
     print()
     print("| broker | msgs/s out | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | lost |")
     print("|---|---|---|---|---|---|---|---|")
-    for b in brokers:
-        r = find(half, sc["name"], b)
+    rows = [(b, find(half, sc["name"], b)) for b in brokers]
+    if half_raw:
+        rows.append(("raw forwarder (no MQTT)", half_raw))
+    for b, r in rows:
         if r:
             o = r["outcome"]
             l = o["latency"]
             print(f"| {b} | {num(o['rate_out'])} | {l['p50_us']:.0f} | {l['p90_us']:.0f} | {l['p99_us']:.0f} | "
                   f"{l['p999_us']:.0f} | {l['max_us']:.0f} | {o['delivery']['lost']} |")
     print()
+    if half_raw:
+        print("The raw forwarder's row is the floor of this load generator, kernel and machine at "
+              "that rate: the same sockets and load with no MQTT logic in between.")
+        print()

@@ -95,6 +95,10 @@ bitflags::bitflags! {
         /// Completions for a running task wait for its next kernel entry instead of
         /// interrupting it (Linux 5.19). ShardMQ patch.
         const COOP_TASKRUN = 1 << 8;
+        /// With COOP_TASKRUN: the kernel raises IORING_SQ_TASKRUN in the SQ ring's flags while
+        /// task work waits, so a task that polls the ring without system calls knows when to
+        /// enter (Linux 5.19). ShardMQ patch.
+        const TASKRUN_FLAG = 1 << 9;
     }
 }
 

@@ -933,18 +933,51 @@ impl SleepableRing {
     /// interrupt while the receiver is busy. Kernels before 5.19 reject the flag; the ring is
     /// then set up without it. The latency ring keeps interrupts: its preemption timer must
     /// reach a task that makes no system calls.
+    ///
+    /// With the flag, completions of the main ring become visible only when the executor
+    /// enters the kernel, so the ring is also set up with `IORING_SETUP_TASKRUN_FLAG`: the
+    /// kernel marks the SQ ring while task work waits, and a spinning executor
+    /// ([`SleepableRing::run_pending_task_work`]) enters only then.
     fn new_ring(size: usize, name: &'static str) -> io::Result<iou::IoUring> {
         if name == "main" {
-            let coop = iou::IoUring::new_with_flags(
-                size as _,
+            for flags in [
+                iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG,
                 iou::SetupFlags::COOP_TASKRUN,
-                iou::SetupFeatures::empty(),
-            );
-            if let Ok(ring) = coop {
-                return Ok(ring);
+            ] {
+                let ring =
+                    iou::IoUring::new_with_flags(size as _, flags, iou::SetupFeatures::empty());
+                if let Ok(ring) = ring {
+                    return Ok(ring);
+                }
             }
         }
         iou::IoUring::new(size as _)
+    }
+
+    /// ShardMQ patch: runs the task work the kernel has flagged for this ring (completions
+    /// of socket polls, with `IORING_SETUP_COOP_TASKRUN`), so that they reach the completion
+    /// queue. One `io_uring_enter` when flagged, nothing otherwise.
+    fn run_pending_task_work(&self) {
+        let raw = self.ring.raw();
+        // SAFETY: `kflags` points into the SQ ring mapping, which lives as long as the ring;
+        // the kernel updates it concurrently, hence the atomic load.
+        let flags = unsafe {
+            (*(raw.sq.kflags as *const std::sync::atomic::AtomicU32))
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        if flags & uring_sys::IORING_SQ_TASKRUN != 0 {
+            // SAFETY: a plain io_uring_enter on our own ring: nothing to submit, nothing to
+            // wait for; it runs pending task work and returns.
+            unsafe {
+                uring_sys::syscalls::io_uring_enter(
+                    raw.ring_fd,
+                    0,
+                    0,
+                    uring_sys::IORING_ENTER_GETEVENTS,
+                    std::ptr::null(),
+                );
+            }
+        }
     }
 
     fn ring_fd(&self) -> RawFd {
@@ -1765,6 +1798,13 @@ impl Reactor {
             None,
         );
         ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+    }
+
+    /// ShardMQ patch: [`Reactor::poll_io`] for a spinning executor, which makes no other
+    /// system calls: first lets the kernel post the main ring's flagged completions.
+    pub(crate) fn spin_poll_io(&self, woke: &mut usize) -> io::Result<()> {
+        self.main_ring.borrow().run_pending_task_work();
+        self.poll_io(woke)
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
