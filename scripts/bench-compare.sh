@@ -116,9 +116,10 @@ targets=(--target "shardmq=127.0.0.1:$shardmq_port@$BROKER_PID"
 
 # Raw-limit baseline: the p2p QoS 0 load (same publishers, subscribers, payload, window)
 # through the forwarder.
-"$BENCH" pubsub --quiet "${load[@]}" --broker "$fwd_addr" --broker-name forwarder --raw \
-  --name p2p-qos0-raw --publishers 1000 --subscribers 1000 --pattern p2p --qos 0 \
-  --duration 10s --warmup 2s --out "$out/p2p-qos0-raw-forwarder.json" | tee "$out/raw.txt"
+raw_p2p=("$BENCH" pubsub --quiet "${load[@]}" --broker "$fwd_addr" --broker-name forwarder --raw
+  --publishers 1000 --subscribers 1000 --pattern p2p --qos 0 --warmup 2s)
+"${raw_p2p[@]}" --name p2p-qos0-raw --duration 10s \
+  --out "$out/p2p-qos0-raw-forwarder.json" | tee "$out/raw.txt"
 
 # Latency at half of Mosquitto's maximum p2p QoS 0 rate, against every broker.
 half=$(python3 - "$out" <<'EOF'
@@ -145,10 +146,9 @@ EOF
 
 # The same open-loop load through the raw forwarder: the latency floor of this load generator,
 # kernel and machine at that rate, with no MQTT logic in between.
-"$BENCH" pubsub --quiet "${load[@]}" --broker "$fwd_addr" --broker-name forwarder --raw \
-  --name p2p-qos0-half-mosquitto-max-raw --publishers 1000 --subscribers 1000 --pattern p2p \
-  --qos 0 --rate "$per_pub" --duration "${HALF_RATE_SECS:-10}s" --warmup 2s \
-  --out "$out/half-rate-raw-forwarder.json" | tee -a "$out/half-rate.txt"
+"${raw_p2p[@]}" --name p2p-qos0-half-mosquitto-max-raw --rate "$per_pub" \
+  --duration "${HALF_RATE_SECS:-10}s" --out "$out/half-rate-raw-forwarder.json" |
+  tee -a "$out/half-rate.txt"
 
 python3 scripts/bench_report.py "$out" "$placement" >"$out/report.md"
 echo "report: $out/report.md"

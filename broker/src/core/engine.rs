@@ -1996,13 +1996,7 @@ impl Engine {
             return;
         };
         let session_due = a.session.next_deadline(a.conn.is_some(), &self.cfg.limits);
-        let due = session_due.map_or(a.expires_at, |d| d.min(a.expires_at));
-        // `timer_at` is at most NEVER, so a NEVER `due` (nothing to do) arms nothing.
-        if due < a.timer_at {
-            a.timer_at = due;
-            self.timers.push(Reverse((due, key, a.gen)));
-            self.note_timer(due);
-        }
+        self.arm_at(key, session_due.unwrap_or(Timestamp::NEVER));
     }
 
     /// When a delivery sent now is due for a resend (`None` when resends are off).
@@ -2016,13 +2010,19 @@ impl Engine {
     /// [`Engine::arm`]'s walk over the whole inflight window (which the timer handler still
     /// does when the timer fires).
     fn arm_new(&mut self, key: usize, due: Option<Timestamp>) {
-        let Some(due) = due else {
-            return;
-        };
+        if let Some(due) = due {
+            self.arm_at(key, due);
+        }
+    }
+
+    /// Arms session `key`'s timer for `due` (or its expiry, if earlier) unless one is already
+    /// armed at or before it.
+    fn arm_at(&mut self, key: usize, due: Timestamp) {
         let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
             return;
         };
         let due = due.min(a.expires_at);
+        // `timer_at` is at most NEVER, so a NEVER `due` (nothing to do) arms nothing.
         if due < a.timer_at {
             a.timer_at = due;
             self.timers.push(Reverse((due, key, a.gen)));
