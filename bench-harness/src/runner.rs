@@ -359,6 +359,9 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
         }
     }
     coord.subs_ready.fetch_add(1, Ordering::AcqRel);
+    // A subscriber frees the publishers' windows: when its socket turns readable it runs
+    // before the publisher tasks woken with it.
+    glommio::task::set_wake_first(true);
     let mut acks = BytesMut::new();
     let mut per_publisher: ahash::AHashMap<u32, u64> = ahash::AHashMap::new();
     loop {

@@ -1337,6 +1337,9 @@ impl LocalExecutor {
     }
 
     fn run_one_task_queue(&self) -> bool {
+        /// ShardMQ patch 8: how often a busy task queue looks at the main ring's completions.
+        const REAP_EVERY_TASKS: u64 = 8;
+
         let mut tq = self.queues.borrow_mut();
         let candidate = tq.active_executors.pop();
         tq.stats.scheduler_runs += 1;
@@ -1381,6 +1384,16 @@ impl LocalExecutor {
                     drop(queue_ref);
                     r.run();
                     tasks_executed_this_loop += 1;
+                    // ShardMQ patch 8: on an executor with tasks that asked to be woken first,
+                    // completions the kernel posted while these tasks ran (socket readiness,
+                    // with the main ring's cooperative task work, arrives at their system
+                    // calls) wake their tasks now rather than after the queue drains, so such
+                    // a task runs next.
+                    if tasks_executed_this_loop % REAP_EVERY_TASKS == 0
+                        && crate::task::wake_first_in_use()
+                    {
+                        self.reactor.sys.reap_main_ring();
+                    }
                 } else {
                     break;
                 }

@@ -1807,6 +1807,16 @@ impl Reactor {
         self.poll_io(woke)
     }
 
+    /// ShardMQ patch 8: wakes the tasks of completions already on the main ring's completion
+    /// queue, without a system call (nothing is submitted, no task work is run).
+    pub(crate) fn reap_main_ring(&self) -> usize {
+        let mut woke = 0;
+        if let Ok(mut ring) = self.main_ring.try_borrow_mut() {
+            ring.consume_completion_queue(&mut woke);
+        }
+        woke
+    }
+
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
         self.poll_ring.borrow_mut().poll(woke)?;
         self.main_ring.borrow_mut().poll(woke)?;

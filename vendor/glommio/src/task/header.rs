@@ -30,6 +30,9 @@ pub(crate) struct Header {
     /// Latency matters or not
     pub(crate) latency_matters: bool,
 
+    /// ShardMQ patch 7: when woken, the task goes to the front of its queue.
+    pub(crate) wake_first: bool,
+
     /// Current reference count of the task.
     pub(crate) references: AtomicI16,
 
