@@ -61,7 +61,7 @@ trap cleanup EXIT
 # way to one subscriber: ShardMQ's mqtt.max_mqueue_len, Mosquitto's max_queued_messages 0);
 # every other setting is each broker's default.
 start_broker target/release/shardmq SHARDMQ_SHARDS__CPUS="$shard_cpus" SHARDMQ_LOG__LEVEL=warn \
-  SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000
+  "${shardmq_compared_env[@]}"
 pids+=("$BROKER_PID")
 shardmq_port=$BROKER_PORT
 

@@ -15,6 +15,12 @@ wait_port() {
   return 1
 }
 
+# ShardMQ's settings wherever it is compared, the counterpart of mosquitto_conf (environment
+# for the broker process; every other setting is its default): 100 unacknowledged deliveries
+# per client and a queue that does not drop in the standard scenarios (fan-in keeps 16,000
+# messages on their way to one subscriber).
+shardmq_compared_env=(SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000)
+
 # mosquitto_conf PORT FILE: Mosquitto as compared everywhere — anonymous, no persistence, no
 # logging, no connection limit, 100 unacknowledged deliveries per client, no limit on queued
 # QoS 1/2 messages (with any finite max_queued_messages we tried — 1,000, 10,000, 100,000 —

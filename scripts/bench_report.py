@@ -66,10 +66,13 @@ def ordered(directory):
 
 rs = ordered(out)
 half = ordered(os.path.join(out, "half-rate"))
-raw_path = os.path.join(out, "p2p-qos0-raw-forwarder.json")
-raw = load(raw_path) if os.path.exists(raw_path) else None
-half_raw_path = os.path.join(out, "half-rate-raw-forwarder.json")
-half_raw = load(half_raw_path) if os.path.exists(half_raw_path) else None
+def load_if_present(name):
+    path = os.path.join(out, name)
+    return load(path) if os.path.exists(path) else None
+
+
+raw = load_if_present("p2p-qos0-raw-forwarder.json")
+half_raw = load_if_present("half-rate-raw-forwarder.json")
 brokers = []
 for r in rs:
     if r["broker"] not in brokers:

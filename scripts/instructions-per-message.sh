@@ -29,7 +29,8 @@ run() {
   cg="$out/callgrind.$broker.$rate.out"
   case $broker in
     shardmq)
-      SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:$port SHARDMQ_SHARDS__CPUS='[0]' SHARDMQ_LOG__LEVEL=warn \
+      env "${shardmq_compared_env[@]}" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:$port \
+        SHARDMQ_SHARDS__CPUS='[0]' SHARDMQ_LOG__LEVEL=warn \
         valgrind --tool=callgrind --callgrind-out-file="$cg" target/release/shardmq >"$out/$broker.log" 2>&1 &
       ;;
     mosquitto)

@@ -44,8 +44,8 @@ for broker in shardmq mosquitto; do
   port=$(free_port)
   case $broker in
     shardmq)
-      SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:$port SHARDMQ_SHARDS__CPUS='[0]' SHARDMQ_LOG__LEVEL=warn \
-        taskset -c 0 target/release/shardmq >"$out/$broker.log" 2>&1 &
+      env "${shardmq_compared_env[@]}" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:$port \
+        SHARDMQ_SHARDS__CPUS='[0]' SHARDMQ_LOG__LEVEL=warn taskset -c 0 target/release/shardmq >"$out/$broker.log" 2>&1 &
       ;;
     mosquitto)
       mosquitto_conf "$port" "$out/mosquitto.conf"

@@ -1809,12 +1809,10 @@ impl Reactor {
 
     /// ShardMQ patch 8: wakes the tasks of completions already on the main ring's completion
     /// queue, without a system call (nothing is submitted, no task work is run).
-    pub(crate) fn reap_main_ring(&self) -> usize {
-        let mut woke = 0;
+    pub(crate) fn reap_main_ring(&self) {
         if let Ok(mut ring) = self.main_ring.try_borrow_mut() {
-            ring.consume_completion_queue(&mut woke);
+            ring.consume_completion_queue(&mut 0);
         }
-        woke
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
