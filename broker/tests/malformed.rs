@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use shardmq::core::route::owner_shard;
 use shardmq::protocol::mqtt::{ConnectReturnCode, Packet, QoS};
 
 /// A CONNECT for client `id` (3.1.1, clean session, keepalive 60).
@@ -52,7 +53,9 @@ fn case(name: &'static str, after_connect: bool, bytes: Vec<u8>) -> Case {
     }
 }
 
-fn cases() -> Vec<Case> {
+/// Every case, with `id` as the client id of the CONNECTs that carry one.
+fn cases(id: &str) -> Vec<Case> {
+    let id = id.as_bytes();
     let mut v = vec![
         // Before CONNECT.
         case(
@@ -77,66 +80,58 @@ fn cases() -> Vec<Case> {
         case(
             "unknown protocol name",
             false,
-            connect_with(b"HTTP", 4, 0x02, &[b"c"]),
+            connect_with(b"HTTP", 4, 0x02, &[id]),
         ),
         Case {
             connack: Some(ConnectReturnCode::UnacceptableProtocolVersion),
-            ..case(
-                "MQTT level 5",
-                false,
-                connect_with(b"MQTT", 5, 0x02, &[b"c"]),
-            )
+            ..case("MQTT level 5", false, connect_with(b"MQTT", 5, 0x02, &[id]))
         },
         Case {
             connack: Some(ConnectReturnCode::UnacceptableProtocolVersion),
-            ..case(
-                "MQTT level 3",
-                false,
-                connect_with(b"MQTT", 3, 0x02, &[b"c"]),
-            )
+            ..case("MQTT level 3", false, connect_with(b"MQTT", 3, 0x02, &[id]))
         },
         Case {
             connack: Some(ConnectReturnCode::UnacceptableProtocolVersion),
             ..case(
                 "MQIsdp level 4",
                 false,
-                connect_with(b"MQIsdp", 4, 0x02, &[b"c"]),
+                connect_with(b"MQIsdp", 4, 0x02, &[id]),
             )
         },
         case(
             "CONNECT reserved flag",
             false,
-            connect_with(b"MQTT", 4, 0x03, &[b"c"]),
+            connect_with(b"MQTT", 4, 0x03, &[id]),
         ),
         case(
             "CONNECT will QoS 3",
             false,
-            connect_with(b"MQTT", 4, 0x02 | 0x04 | 0x18, &[b"c", b"t", b"m"]),
+            connect_with(b"MQTT", 4, 0x02 | 0x04 | 0x18, &[id, b"t", b"m"]),
         ),
         case(
             "CONNECT will QoS without will flag",
             false,
-            connect_with(b"MQTT", 4, 0x02 | 0x08, &[b"c"]),
+            connect_with(b"MQTT", 4, 0x02 | 0x08, &[id]),
         ),
         case(
             "CONNECT will retain without will flag",
             false,
-            connect_with(b"MQTT", 4, 0x02 | 0x20, &[b"c"]),
+            connect_with(b"MQTT", 4, 0x02 | 0x20, &[id]),
         ),
         case(
             "CONNECT password without user name",
             false,
-            connect_with(b"MQTT", 4, 0x02 | 0x40, &[b"c", b"pw"]),
+            connect_with(b"MQTT", 4, 0x02 | 0x40, &[id, b"pw"]),
         ),
         case(
             "CONNECT trailing bytes",
             false,
-            connect_with(b"MQTT", 4, 0x02, &[b"c", b"junk"]),
+            connect_with(b"MQTT", 4, 0x02, &[id, b"junk"]),
         ),
         case(
             "CONNECT missing user name",
             false,
-            connect_with(b"MQTT", 4, 0x02 | 0x80, &[b"c"]),
+            connect_with(b"MQTT", 4, 0x02 | 0x80, &[id]),
         ),
         case(
             "CONNECT client id invalid UTF-8",
@@ -151,10 +146,10 @@ fn cases() -> Vec<Case> {
         case(
             "CONNECT will topic with wildcard",
             false,
-            connect_with(b"MQTT", 4, 0x02 | 0x04, &[b"c", b"w/#", b"m"]),
+            connect_with(b"MQTT", 4, 0x02 | 0x04, &[id, b"w/#", b"m"]),
         ),
         case("CONNECT header flags set", false, {
-            let mut b = connect_bytes("c");
+            let mut b = connect_with(b"MQTT", 4, 0x02, &[id]);
             b[0] = 0x12;
             b
         }),
@@ -309,13 +304,64 @@ fn cases() -> Vec<Case> {
     v
 }
 
+/// Two clients that must keep working whatever the others send.
+struct Witnesses {
+    sub: Raw,
+    publ: Raw,
+    next: u16,
+}
+
+impl Witnesses {
+    fn new(b: &Broker) -> Witnesses {
+        let mut sub = Raw::ok(b.addr, "witness-sub");
+        sub.subscribe(&[("witness", QoS::AtLeastOnce)]);
+        let publ = Raw::ok(b.addr, "witness-pub");
+        Witnesses { sub, publ, next: 0 }
+    }
+
+    /// One QoS 1 message from one witness to the other.
+    fn still_work(&mut self, what: &str) {
+        self.next += 1;
+        let pid = self.next;
+        self.publ
+            .publish("witness", &pid.to_be_bytes(), QoS::AtLeastOnce, false, pid);
+        assert_eq!(self.publ.recv(), Some(Packet::Puback(pid)), "{what}");
+        assert_eq!(
+            &self.sub.next_publish().payload[..],
+            &pid.to_be_bytes(),
+            "{what}"
+        );
+    }
+}
+
+/// Reads until the broker closes `r` (within `WAIT`) and checks what came before the close:
+/// the case's CONNACK error code, or nothing but PUBRECs (after a CONNACK 0 if `accepted`).
+fn assert_closed_as_expected(r: &mut Raw, c: &Case, accepted: bool, what: &str) {
+    let mut seen = r.expect_closed();
+    if accepted {
+        assert!(
+            matches!(seen.first(), Some(Packet::Connack(a)) if a.code == ConnectReturnCode::Accepted),
+            "{what}: expected CONNACK 0 first, saw {seen:?}"
+        );
+        seen.remove(0);
+    }
+    match c.connack {
+        Some(code) => assert!(
+            matches!(seen.first(), Some(Packet::Connack(a)) if a.code == code && !a.session_present),
+            "{what}: expected CONNACK {code:?}, saw {seen:?}"
+        ),
+        None => assert!(
+            seen.iter().all(|p| matches!(p, Packet::Pubrec(_))),
+            "{what}: unexpected reply before close: {seen:?}"
+        ),
+    }
+}
+
 #[test]
 fn malformed_and_out_of_order_packets_close_only_the_offender() {
     let b = Broker::with_shards(2);
-    let mut witness_sub = Raw::ok(b.addr, "witness-sub");
-    witness_sub.subscribe(&[("witness", QoS::AtLeastOnce)]);
-    let mut witness_pub = Raw::ok(b.addr, "witness-pub");
-    let all = cases();
+    let mut witnesses = Witnesses::new(&b);
+    let all = cases("c");
     assert!(all.len() >= 40, "only {} cases", all.len());
     for (i, c) in all.iter().enumerate() {
         eprintln!("case {i}: {}", c.name);
@@ -329,34 +375,58 @@ fn malformed_and_out_of_order_packets_close_only_the_offender() {
             );
         }
         r.send_raw(&c.bytes);
-        let seen = r.expect_closed();
-        match c.connack {
-            Some(code) => assert!(
-                matches!(seen.first(), Some(Packet::Connack(a)) if a.code == code && !a.session_present),
-                "{}: expected CONNACK {code:?}, saw {seen:?}",
-                c.name
-            ),
-            None => assert!(
-                seen.iter().all(|p| matches!(p, Packet::Pubrec(_))),
-                "{}: unexpected reply before close: {seen:?}",
-                c.name
-            ),
-        }
-        // Everyone else keeps working.
-        let pid = i as u16 + 1;
-        witness_pub.publish("witness", &pid.to_be_bytes(), QoS::AtLeastOnce, false, pid);
-        assert_eq!(witness_pub.recv(), Some(Packet::Puback(pid)), "{}", c.name);
-        assert_eq!(
-            &witness_sub.next_publish().payload[..],
-            &pid.to_be_bytes(),
-            "{}",
-            c.name
-        );
+        assert_closed_as_expected(&mut r, c, false, c.name);
+        witnesses.still_work(c.name);
     }
     let expected = all.len() as u64;
     b.wait_metrics("every bad input counted", |m| {
         m.malformed_packets + m.protocol_errors + m.connects_refused >= expected
     });
+}
+
+/// A client id whose owner shard is (or is not) `shard`, of 2.
+fn id_owned(prefix: &str, shard: usize, here: bool) -> String {
+    (0..)
+        .map(|k| format!("{prefix}-{k}"))
+        .find(|id| (owner_shard(id.as_bytes(), 2) == shard) == here)
+        .expect("ids spread over both shards")
+}
+
+/// Every case again, with the CONNECT and the bad bytes in one `send` (so the bad bytes are
+/// buffered while the CONNECT waits for the client id's owner), once with a client id owned by
+/// the shard that accepted the connection and once with one owned by the other shard. The
+/// broker must close the connection either way, at once.
+#[test]
+fn bad_bytes_behind_a_connect_close_the_connection_wherever_its_client_id_is_owned() {
+    let b = Broker::with_shards(2);
+    assert_eq!(b.handle().stats().len(), 2, "this test needs 2 CPUs");
+    let mut witnesses = Witnesses::new(&b);
+    let mut known = b.accepted_when(2);
+    let mut ran = [0usize; 2];
+    for (i, c) in cases("").iter().enumerate() {
+        for here in [true, false] {
+            let (mut r, shard) = b.open_located(&mut known);
+            let id = id_owned(&format!("bad{i}"), shard, here);
+            let what = format!(
+                "{} (shard {shard}, client id owned by {})",
+                c.name,
+                if here { "it" } else { "the other shard" }
+            );
+            eprintln!("case {i}: {what}");
+            // The case's own CONNECTs (before-CONNECT cases) carry the id as well.
+            let case = &cases(&id)[i];
+            let mut bytes = Vec::new();
+            if case.after_connect {
+                bytes.extend_from_slice(&connect_bytes(&id));
+            }
+            bytes.extend_from_slice(&case.bytes);
+            r.send_raw(&bytes);
+            assert_closed_as_expected(&mut r, case, case.after_connect, &what);
+            witnesses.still_work(&what);
+            ran[usize::from(here)] += 1;
+        }
+    }
+    assert_eq!(ran[0], ran[1]);
 }
 
 #[test]

@@ -84,9 +84,14 @@ pub struct ShardsConfig {
     pub channel_capacity: usize,
     /// Most messages in one cross-shard batch.
     pub batch_size: usize,
-    /// Messages waiting for one destination shard before the overload policy applies: QoS 0
-    /// dropped and counted, QoS 1/2 pause the publishing connection.
+    /// Most messages of every kind waiting for one destination shard. A full queue drops QoS 0
+    /// deliveries (counted), and holds back client input that would add to it (QoS 1/2
+    /// PUBLISH, SUBSCRIBE, UNSUBSCRIBE, CONNECT) until the queues are below half.
     pub max_pending: usize,
+    /// Bytes waiting to be written to all the connections of one shard together. Above it,
+    /// QoS 0 deliveries are dropped (counted) and QoS 1/2 deliveries wait in their sessions'
+    /// queues.
+    pub max_write_buffer: ByteSize,
     /// Size of each shard's read scratch buffer.
     pub read_buffer: ByteSize,
     /// How long an idle shard busy-polls before it sleeps; "0s" sleeps at once. Spinning trades
@@ -107,6 +112,7 @@ impl Default for ShardsConfig {
             channel_capacity: 256,
             batch_size: 256,
             max_pending: 65_536,
+            max_write_buffer: ByteSize(64 << 20),
             read_buffer: ByteSize(64 << 10),
             spin_before_park: Duration::secs(0),
             park_idle_after: Duration::secs(2),
@@ -194,9 +200,13 @@ pub struct MqttConfig {
     /// An offline persistent session is freed after this. EMQX:
     /// `zone.external.session_expiry_interval`.
     pub session_expiry_interval: Duration,
-    /// Bytes waiting to be written to one connection above which QoS 0 deliveries to it are
-    /// dropped and counted (a slow consumer).
+    /// Bytes waiting to be written to one connection. Above it, QoS 0 deliveries to it are
+    /// dropped and counted (a slow consumer), QoS 1/2 deliveries wait in its session's queue,
+    /// and the connection is not read until its client has read enough.
     pub max_write_buffer: ByteSize,
+    /// How long a connection the broker is closing may take to write its last bytes (a CONNACK
+    /// refusal, say) before its socket is reset.
+    pub close_timeout: Duration,
 }
 
 impl Default for MqttConfig {
@@ -214,7 +224,8 @@ impl Default for MqttConfig {
             max_mqueue_len: 1000,
             mqueue_store_qos0: true,
             session_expiry_interval: Duration::secs(7200),
-            max_write_buffer: ByteSize(4 << 20),
+            max_write_buffer: ByteSize(64 << 10),
+            close_timeout: Duration::secs(5),
         }
     }
 }
@@ -451,6 +462,9 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if s.max_write_buffer.0 < 1024 {
+            return Err(invalid("shards.max_write_buffer", "must be at least 1KB"));
+        }
         if s.read_buffer.0 < 1024 {
             return Err(invalid("shards.read_buffer", "must be at least 1KB"));
         }
@@ -510,6 +524,9 @@ impl Config {
         }
         if m.max_write_buffer.0 < 1024 {
             return Err(invalid("mqtt.max_write_buffer", "must be at least 1KB"));
+        }
+        if m.close_timeout.enabled().is_none() {
+            return Err(invalid("mqtt.close_timeout", "must be more than 0s"));
         }
         Ok(())
     }

@@ -27,12 +27,12 @@
 //!   which drops duplicates by message id meanwhile.
 
 use super::index::ClientIndex;
-use super::message::{message_id, Message, MessageId, SharedMessage};
+use super::message::{message_id, message_origin, Message, SharedMessage};
 use super::metrics::Metrics;
 use super::msgs::{ShardMsg, Ticket};
 use super::retained::{RetainedLimits, RetainedStore, SetOutcome};
 use super::route::{owner_shard, RouteTable, ShardSet};
-use super::session::{Delivery, Session, SessionLimits};
+use super::session::{Delivery, Outbox, Session, SessionLimits};
 use super::time::Timestamp;
 use super::topic;
 use super::trie::TopicTrie;
@@ -42,7 +42,7 @@ use crate::protocol::mqtt::{
     self, Connack, Connect, ConnectReturnCode, DecodeError, DecodeOptions, LastWill, Packet,
     ProtocolLevel, Publish, QoS, Suback, SubackCode, Subscribe, Unsubscribe,
 };
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
 use std::cmp::Reverse;
@@ -76,10 +76,16 @@ pub struct EngineConfig {
     pub idle_timeout: Duration,
     /// `mqtt.keepalive_multiplier`.
     pub keepalive_multiplier: f64,
+    /// `mqtt.close_timeout`: how long a closing connection may take to write its last bytes.
+    pub close_timeout: Duration,
     /// `mqtt.session_expiry_interval`; `None` = never.
     pub session_expiry: Option<Duration>,
-    /// `shards.max_pending`.
+    /// `shards.max_pending`: messages of every kind queued for one destination shard.
     pub max_pending: usize,
+    /// `mqtt.max_write_buffer`: bytes waiting to be written to one connection.
+    pub max_write_buffer: usize,
+    /// `shards.max_write_buffer`: bytes waiting to be written to all connections together.
+    pub shard_write_buffer: usize,
     /// `shards.batch_size`.
     pub batch_size: usize,
     /// `shards.park_idle_after`: a connected client idle this long is parked; `None` = never.
@@ -105,7 +111,6 @@ impl EngineConfig {
                 retry_interval: m.retry_interval.enabled(),
                 max_awaiting_rel: m.max_awaiting_rel,
                 await_rel_timeout: m.await_rel_timeout.enabled(),
-                max_write_buffer: m.max_write_buffer.as_usize(),
             },
             retained: RetainedLimits {
                 max_messages: per_partition,
@@ -118,8 +123,11 @@ impl EngineConfig {
             v31_max_clientid_len: m.v31_max_clientid_len,
             idle_timeout: m.idle_timeout.0,
             keepalive_multiplier: m.keepalive_multiplier,
+            close_timeout: m.close_timeout.0,
             session_expiry: m.session_expiry_interval.enabled(),
             max_pending: cfg.shards.max_pending,
+            max_write_buffer: m.max_write_buffer.as_usize(),
+            shard_write_buffer: cfg.shards.max_write_buffer.as_usize(),
             batch_size: cfg.shards.batch_size,
             park_after: cfg.shards.park_idle_after.enabled(),
         }
@@ -159,8 +167,17 @@ struct Conn {
     gen: u32,
     outbox: BytesMut,
     waker: Option<Waker>,
+    /// Flush the outbox, then close. `last_rx` then holds when the close began.
     close: bool,
+    /// The close took longer than `close_timeout`: the outbox was dropped, reset the socket.
+    abort: bool,
+    /// Not read: a packet it sent waits in `Engine::stalled` for room in the cross-shard
+    /// queues.
     paused: bool,
+    /// Deliveries or resends wait for room in the outbox (`Engine::refill`).
+    starved: bool,
+    /// More than one of its packets waits in `Engine::stalled`.
+    more_stalled: bool,
     phase: ConnPhase,
     level: ProtocolLevel,
     /// Keepalive allowance (keepalive × multiplier) in milliseconds; 0 = none.
@@ -204,15 +221,32 @@ struct HeldAcks {
 }
 
 impl Conn {
-    /// Whether the driver should read more input.
-    fn readable(&self) -> bool {
-        !self.close && !self.paused && self.phase != ConnPhase::Connecting
+    /// Whether the driver should read more input: not while connecting, while a packet waits
+    /// for room in the cross-shard queues, or while the client has not read what it was sent
+    /// (so TCP pushes back on a client that floods without reading).
+    fn readable(&self, max_write_buffer: usize) -> bool {
+        !self.close
+            && !self.paused
+            && self.phase != ConnPhase::Connecting
+            && self.outbox.len() + self.held.as_ref().map_or(0, |h| h.bytes.len())
+                < max_write_buffer
     }
 
     fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
+    }
+
+    /// Starts closing: the driver flushes what is written, then closes the socket, within
+    /// `close_timeout` of `now` (after it, the outbox is dropped and the socket reset).
+    fn start_close(&mut self, now: Timestamp) {
+        if !self.close {
+            self.close = true;
+            self.last_rx = now;
+        }
+        self.phase = ConnPhase::Closed;
+        self.wake();
     }
 }
 
@@ -230,13 +264,54 @@ struct ActiveSession {
 }
 
 /// The tail of a move between shards, kept off the common session path.
+///
+/// Until the old holder is done forwarding, a message can reach the session two ways: through
+/// the old holder (forwarded) or straight from the shard it was published on (direct), and the
+/// direct copy of a later message may come first. So forwarded messages are delivered at once
+/// and direct ones are held until the old holder's `ForwardDone`, then delivered unless they
+/// were forwarded too. What each shard publishes reaches the old holder in order, and the old
+/// holder forwards until it has heard from every shard after they all routed to this one: the
+/// forwarded messages of one origin shard are a prefix of what it published (of what matches),
+/// so a direct message was forwarded as well exactly when its sequence number is at most the
+/// highest forwarded one of its origin. A direct copy can still be on its way after
+/// `ForwardDone`; the arrival ends once every shard has answered a barrier sent then.
 struct Arrival {
     /// The shard still forwarding deliveries for this session.
     upstream: usize,
-    /// Whether it was told to stop.
+    /// The registration epoch of the move, carried by every forward.
+    epoch: u64,
+    /// Whether the upstream was told to stop.
     released: bool,
-    /// Ids delivered meanwhile, to drop the copies it forwards.
-    dedup: AHashSet<MessageId>,
+    /// `ForwardDone` came: nothing is held any more, direct copies of forwarded messages that
+    /// are still on their way are dropped until the barrier sent then is answered.
+    done: bool,
+    /// Per origin shard, the highest sequence number of a message forwarded so far.
+    forwarded: Vec<u64>,
+    /// Direct deliveries (message, QoS, retain), held until the forwarding is done; at most
+    /// `mqtt.max_mqueue_len`, the oldest dropped beyond.
+    held: VecDeque<(SharedMessage, QoS, bool)>,
+}
+
+impl Arrival {
+    /// Whether the (live, not retained) message `msg` was forwarded too.
+    fn was_forwarded(&self, msg: &Message) -> bool {
+        let (origin, seq) = message_origin(msg.id);
+        self.forwarded.get(origin).is_some_and(|&top| seq <= top)
+    }
+}
+
+/// Where a forwarding slot stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForwardState {
+    /// Forwarding what matches its filters, until the new holder releases it.
+    Forwarding,
+    /// Released; still forwarding until every shard has answered a barrier sent after the
+    /// release, which proves that what they published before routing to the new holder has
+    /// arrived here.
+    Draining,
+    /// The barrier is answered; forwarded messages still wait for room in the queue to the
+    /// new holder, then `ForwardDone` follows them.
+    Flushing,
 }
 
 /// What stays behind when a session moves to another shard: its index entries, forwarding
@@ -244,20 +319,19 @@ struct Arrival {
 struct ForwardSlot {
     gen: u32,
     client_id: ByteStr,
+    /// The registration epoch of the move.
+    epoch: u64,
     to: usize,
     filters: Vec<String>,
-    upstream: Option<usize>,
-    upstream_released: bool,
-    released: bool,
-    barrier_done: bool,
+    state: ForwardState,
+    /// Forwards waiting for room in the queue to `to` (bounded like a session's queue).
+    backlog: VecDeque<ShardMsg>,
 }
 
-// Forwarding slots are rare and short-lived; boxing the common variant would cost an
-// allocation per session.
-#[allow(clippy::large_enum_variant)]
 enum SessionSlot {
     Active(ActiveSession),
-    Forwarding(ForwardSlot),
+    /// Forwarding slots are rare and short-lived: boxed, so they do not grow every slot.
+    Forwarding(Box<ForwardSlot>),
 }
 
 impl SessionSlot {
@@ -290,16 +364,12 @@ enum Waiter {
         gen: u32,
         granted: Vec<(String, QoS)>,
     },
-    Release {
-        client_id: ByteStr,
-        to: usize,
-        key: usize,
-        gen: u32,
-    },
-    Barrier {
-        key: usize,
-        gen: u32,
-    },
+    /// The new holder's routes are everywhere: release the old holder.
+    Release { key: usize, gen: u32 },
+    /// A forwarding slot's barrier after its release.
+    Barrier { key: usize, gen: u32 },
+    /// An arriving session's barrier after `ForwardDone`.
+    Arrived { key: usize, gen: u32 },
 }
 
 enum Handed {
@@ -307,7 +377,7 @@ enum Handed {
     Local(usize),
     Moved {
         session: Box<Session>,
-        dedup: Vec<MessageId>,
+        /// The shard forwarding deliveries until released.
         upstream: Option<usize>,
     },
 }
@@ -329,6 +399,9 @@ pub struct ConnStatus {
     pub deadline: Option<Timestamp>,
     /// The connection has been idle long enough to be parked (when nothing is left to do).
     pub park: bool,
+    /// With `close`: the close timed out and the outbox was dropped; reset the connection
+    /// instead of closing it gracefully.
+    pub reset: bool,
 }
 
 /// The broker logic of one shard.
@@ -339,7 +412,8 @@ pub struct Engine {
     next_gen: u32,
     /// Client id → key of its active session slot here.
     by_client: ClientIndex,
-    forwarders: AHashMap<ByteStr, usize>,
+    /// (client id, move epoch) → key of its forwarding slot here.
+    forwarders: AHashMap<(ByteStr, u64), usize>,
     registry: AHashMap<ByteStr, Registration>,
     /// Connects waiting for a busy registration, in arrival order (never empty lists).
     reg_waiting: AHashMap<ByteStr, VecDeque<(Ticket, bool)>>,
@@ -355,7 +429,18 @@ pub struct Engine {
     next_retained_purge: Timestamp,
     outgoing: Vec<Outgoing>,
     inbox: VecDeque<ShardMsg>,
-    paused: Vec<ConnId>,
+    /// Packets held back, in arrival order, until the cross-shard queues are below half.
+    stalled: VecDeque<(ConnId, Packet)>,
+    /// Wills (QoS 1/2) held back the same way.
+    stalled_wills: VecDeque<SharedMessage>,
+    /// Set while `resume_stalled` handles a held-back packet.
+    resuming: bool,
+    /// Bytes in every connection's outbox together.
+    outbox_bytes: usize,
+    /// Connections with deliveries waiting for room under `shard_write_buffer`.
+    starved: Vec<ConnId>,
+    /// Forwarding slots with forwards waiting for room in a queue.
+    backlogged: Vec<usize>,
     timers: BinaryHeap<Reverse<(Timestamp, usize, u32)>>,
     /// CONNECT and keepalive deadlines: (deadline, connection slot, generation).
     conn_timers: BinaryHeap<Reverse<(Timestamp, u32, u32)>>,
@@ -396,6 +481,33 @@ fn slot_holds(sessions: &Slab<SessionSlot>, key: u32, client_id: &ByteStr) -> bo
     matches!(sessions.get(key as usize), Some(SessionSlot::Active(a)) if a.session.client_id == *client_id)
 }
 
+/// How far a session may fill an outbox holding `len` bytes: the connection's own limit, and
+/// what is left of the shard's when `total` bytes wait in all outboxes.
+fn outbox_limit(cfg: &EngineConfig, total: usize, len: usize) -> usize {
+    cfg.max_write_buffer
+        .min(len + cfg.shard_write_buffer.saturating_sub(total))
+}
+
+/// Connection `c` (`id`), whose outbox now holds `len` bytes, has deliveries waiting for room.
+/// It is refilled when its driver writes; if the shard's limit held it back while its own
+/// outbox had room, also when the shard's outboxes shrink (`starved`).
+fn starve(c: &mut Conn, id: ConnId, len: usize, cfg: &EngineConfig, starved: &mut Vec<ConnId>) {
+    if c.starved {
+        return;
+    }
+    c.starved = true;
+    if len < cfg.max_write_buffer {
+        starved.push(id);
+    }
+}
+
+/// Encodes `p` at the end of `out`; returns the bytes added.
+fn put(out: &mut BytesMut, p: &Packet) -> usize {
+    let before = out.len();
+    mqtt::encode(p, out);
+    out.len() - before
+}
+
 fn push_pending(list: &mut Vec<ByteStr>, cancel: &mut Vec<ByteStr>, filter: &str) {
     if let Some(i) = cancel.iter().position(|f| f.as_str() == filter) {
         cancel.swap_remove(i);
@@ -429,7 +541,12 @@ impl Engine {
             next_retained_purge: now,
             outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
             inbox: VecDeque::new(),
-            paused: Vec::new(),
+            stalled: VecDeque::new(),
+            stalled_wills: VecDeque::new(),
+            resuming: false,
+            outbox_bytes: 0,
+            starved: Vec::new(),
+            backlogged: Vec::new(),
             timers: BinaryHeap::new(),
             conn_timers: BinaryHeap::new(),
             timer_waker: None,
@@ -489,7 +606,10 @@ impl Engine {
             outbox: BytesMut::new(),
             waker: None,
             close: false,
+            abort: false,
             paused: false,
+            starved: false,
+            more_stalled: false,
             phase: ConnPhase::AwaitingConnect,
             level: ProtocolLevel::V311,
             keepalive_ms: 0,
@@ -591,9 +711,10 @@ impl Engine {
         };
         Some(ConnStatus {
             close: c.close,
-            readable: c.readable(),
+            readable: c.readable(self.cfg.max_write_buffer),
             deadline,
             park: c.park && !c.close,
+            reset: c.abort,
         })
     }
 
@@ -601,17 +722,31 @@ impl Engine {
     pub fn conn_readable(&self, id: ConnId) -> bool {
         self.conns
             .get(id.idx as usize)
-            .is_some_and(|c| c.gen == id.gen && c.readable())
+            .is_some_and(|c| c.gen == id.gen && c.readable(self.cfg.max_write_buffer))
     }
 
-    /// When the connection times out: no CONNECT in time, or keepalive.
+    /// When the connection times out: no CONNECT in time, no CONNACK in time, keepalive, or a
+    /// close that takes too long. Not while the broker holds a packet of it back: the wait is
+    /// the broker's, not the client's.
     fn timeout_deadline(&self, c: &Conn) -> Option<Timestamp> {
+        if c.close {
+            return (!c.abort).then(|| c.last_rx.after(self.cfg.close_timeout));
+        }
+        if c.paused {
+            return None;
+        }
+        let keepalive = (c.keepalive_ms > 0).then(|| {
+            c.last_rx
+                .after(Duration::from_millis(u64::from(c.keepalive_ms)))
+        });
         match c.phase {
             ConnPhase::AwaitingConnect => Some(c.last_rx.after(self.cfg.idle_timeout)),
-            ConnPhase::Connecting | ConnPhase::Connected(_) => (c.keepalive_ms > 0).then(|| {
-                c.last_rx
-                    .after(Duration::from_millis(u64::from(c.keepalive_ms)))
-            }),
+            // The owner shard answers a CONNECT within `idle_timeout` or the client is let go.
+            ConnPhase::Connecting => {
+                let limit = c.last_rx.after(self.cfg.idle_timeout);
+                Some(keepalive.map_or(limit, |k| k.min(limit)))
+            }
+            ConnPhase::Connected(_) => keepalive,
             ConnPhase::Closed => None,
         }
     }
@@ -678,10 +813,92 @@ impl Engine {
         self.parked_count
     }
 
-    /// Counts bytes moved by the driver.
-    pub fn count_io(&mut self, received: usize, sent: usize) {
+    /// Counts bytes the driver read.
+    pub fn count_received(&mut self, received: usize) {
         self.metrics.bytes_received += received as u64;
+    }
+
+    /// The driver wrote (and removed) the first `sent` bytes of the connection's outbox.
+    /// Deliveries that waited for room follow, on this connection and, once the shard's
+    /// outboxes are below three quarters of `shards.max_write_buffer`, on the others.
+    pub fn conn_flushed(&mut self, id: ConnId, sent: usize, now: Timestamp) {
+        if sent == 0 {
+            return;
+        }
+        self.now = now;
         self.metrics.bytes_sent += sent as u64;
+        self.release_outbox_bytes(sent);
+        self.note_io(id, now);
+        if conn_mut(&mut self.conns, id).is_some_and(|c| c.starved) {
+            self.refill(id);
+        }
+        if !self.starved.is_empty() && self.outbox_bytes < self.cfg.shard_write_buffer / 4 * 3 {
+            self.refill_starved();
+        }
+    }
+
+    fn release_outbox_bytes(&mut self, n: usize) {
+        debug_assert!(self.outbox_bytes >= n, "outbox accounting");
+        self.outbox_bytes = self.outbox_bytes.saturating_sub(n);
+    }
+
+    /// Writes what the session of connection `id` holds back for room (resends, queued
+    /// deliveries), as far as the outboxes have room now.
+    fn refill(&mut self, id: ConnId) {
+        let now = self.now;
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        c.starved = false;
+        let ConnPhase::Connected(key) = c.phase else {
+            return;
+        };
+        if c.close {
+            return;
+        }
+        let key = key as usize;
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let before = c.outbox.len();
+        let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
+        let sent = a
+            .session
+            .refill(now, &self.cfg.limits, Outbox::new(&mut c.outbox, limit));
+        let wrote = c.outbox.len() - before;
+        self.outbox_bytes += wrote;
+        if wrote > 0 {
+            c.wake();
+        }
+        if a.session.wants_room(&self.cfg.limits) {
+            starve(c, id, before + wrote, &self.cfg, &mut self.starved);
+        }
+        self.metrics.messages_sent += sent as u64;
+        if sent > 0 {
+            self.arm_new(key, self.retry_due(now));
+        }
+    }
+
+    /// Refills the connections that waited for the shard's outboxes to shrink, oldest first,
+    /// while there is room.
+    fn refill_starved(&mut self) {
+        let waiting = std::mem::take(&mut self.starved);
+        let mut rest = waiting.into_iter();
+        for id in rest.by_ref() {
+            if self.outbox_bytes >= self.cfg.shard_write_buffer {
+                break;
+            }
+            if let Some(c) = conn_mut(&mut self.conns, id) {
+                // Still starved and its own outbox has room: the shard's limit held it back.
+                if c.starved && c.outbox.len() < self.cfg.max_write_buffer {
+                    self.refill(id);
+                }
+            }
+        }
+        // Those not reached keep their turn, ahead of any starved meanwhile.
+        let mut kept: Vec<ConnId> = rest.collect();
+        kept.append(&mut self.starved);
+        self.starved = kept;
     }
 
     /// A decoded packet from the connection.
@@ -695,8 +912,29 @@ impl Engine {
         }
         c.last_rx = now;
         self.metrics.packets_received += 1;
+        if c.paused {
+            // The driver reads no more while a packet is held back; should it, this one
+            // waits behind it, so the connection's packets keep their order.
+            c.more_stalled = true;
+            self.stalled.push_back((id, packet));
+            return;
+        }
+        self.dispatch_packet(id, packet);
+        self.drain_inbox();
+    }
+
+    /// Handles a packet of connection `id` (just received, or held back until now).
+    fn dispatch_packet(&mut self, id: ConnId, packet: Packet) {
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
         match (c.phase, packet) {
-            (ConnPhase::AwaitingConnect, Packet::Connect(connect)) => self.on_connect(id, *connect),
+            (ConnPhase::AwaitingConnect, Packet::Connect(connect)) => {
+                if self.congested(1) {
+                    return self.stall(id, Packet::Connect(connect));
+                }
+                self.on_connect(id, *connect)
+            }
             (ConnPhase::AwaitingConnect, p) => self.violation(
                 id,
                 &format!("[MQTT-3.1.0-1] first packet is {}, not CONNECT", p.name()),
@@ -712,7 +950,72 @@ impl Engine {
             }
             (ConnPhase::Closed, _) => {}
         }
-        self.drain_inbox();
+    }
+
+    /// Whether some cross-shard queue has no room for `need` more messages.
+    fn congested(&self, need: usize) -> bool {
+        self.outgoing
+            .iter()
+            .any(|o| o.queue.len() + need > self.cfg.max_pending)
+    }
+
+    /// Holds `packet` back, and stops reading its connection, until the cross-shard queues
+    /// are below half (`resume_stalled`).
+    fn stall(&mut self, id: ConnId, packet: Packet) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            c.paused = true;
+            if self.resuming {
+                // It was first in line and stays so.
+                self.stalled.push_front((id, packet));
+            } else {
+                self.stalled.push_back((id, packet));
+                self.metrics.backpressure_pauses += 1;
+            }
+        }
+    }
+
+    /// Whether every cross-shard queue is below half its bound.
+    fn queues_below_half(&self) -> bool {
+        self.outgoing
+            .iter()
+            .all(|o| o.queue.len() < self.cfg.max_pending.div_ceil(2))
+    }
+
+    /// Publishes the wills and handles the packets held back by a full queue, in the order
+    /// they came, while every queue stays below half.
+    fn resume_stalled(&mut self) {
+        while self.queues_below_half() {
+            let Some(msg) = self.stalled_wills.pop_front() else {
+                break;
+            };
+            self.accept_will(msg);
+        }
+        let now = self.now;
+        while self.stalled_wills.is_empty() && self.queues_below_half() {
+            let Some((id, packet)) = self.stalled.pop_front() else {
+                break;
+            };
+            let Some(c) = conn_mut(&mut self.conns, id).filter(|c| !c.close) else {
+                continue;
+            };
+            // Held back by the broker, not by the client: keepalive restarts now.
+            c.last_rx = now;
+            c.wake();
+            let later = c.more_stalled;
+            let later = later && self.stalled.iter().any(|(other, _)| *other == id);
+            if let Some(c) = conn_mut(&mut self.conns, id) {
+                c.paused = later;
+                c.more_stalled = later;
+            }
+            let waiting = self.stalled.len();
+            self.resuming = true;
+            self.dispatch_packet(id, packet);
+            self.resuming = false;
+            self.arm_conn(id);
+            if self.stalled.len() > waiting {
+                break;
+            }
+        }
     }
 
     /// Input that did not decode. Closes the connection (CONNACK 0x01 first for an
@@ -730,16 +1033,15 @@ impl Engine {
         {
             self.metrics.connects_refused += 1;
             debug!(peer = %c.peer, error = %err, "refusing CONNECT");
-            mqtt::encode(
+            self.outbox_bytes += put(
+                &mut c.outbox,
                 &Packet::Connack(Connack {
                     session_present: false,
                     code: ConnectReturnCode::UnacceptableProtocolVersion,
                 }),
-                &mut c.outbox,
             );
-            c.close = true;
-            c.phase = ConnPhase::Closed;
-            c.wake();
+            c.start_close(now);
+            self.arm_conn(id);
             return;
         }
         self.metrics.malformed_packets += 1;
@@ -749,13 +1051,23 @@ impl Engine {
     }
 
     /// The connection's deadline passed (or may have): closes it on CONNECT or keepalive
-    /// timeout.
+    /// timeout, and gives up on a close that could not flush within `close_timeout`.
     pub fn conn_timeout(&mut self, id: ConnId, now: Timestamp) {
         self.now = now;
         let Some(c) = self.conns.get(id.idx as usize).filter(|c| c.gen == id.gen) else {
             return;
         };
         if c.close {
+            if self.timeout_deadline(c).is_some_and(|d| d <= now) {
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    self.metrics.close_timeouts += 1;
+                    debug!(peer = %c.peer, unsent = c.outbox.len(), "close timed out, resetting the connection");
+                    let unsent = std::mem::take(&mut c.outbox).len();
+                    c.abort = true;
+                    c.wake();
+                    self.release_outbox_bytes(unsent);
+                }
+            }
             return;
         }
         if self.timeout_deadline(c).is_none_or(|d| now < d) {
@@ -773,6 +1085,10 @@ impl Engine {
         if c.phase == ConnPhase::AwaitingConnect {
             self.metrics.connect_timeouts += 1;
             debug!(peer = %c.peer, "no CONNECT within idle_timeout, closing");
+        } else if c.phase == ConnPhase::Connecting && c.last_rx.after(self.cfg.idle_timeout) <= now
+        {
+            self.metrics.connect_timeouts += 1;
+            debug!(peer = %c.peer, "CONNECT not answered within idle_timeout, closing");
         } else {
             self.metrics.keepalive_timeouts += 1;
             debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "keepalive timeout, closing");
@@ -788,10 +1104,12 @@ impl Engine {
         if conn_mut(&mut self.conns, id).is_none() {
             return;
         }
-        self.end_connection(id, true);
-        if self.conns.remove(id.idx as usize).parked {
+        self.detach_conn(id, true);
+        let c = self.conns.remove(id.idx as usize);
+        if c.parked {
             self.parked_count -= 1;
         }
+        self.release_outbox_bytes(c.outbox.len());
         self.metrics.connections_closed += 1;
         self.drain_inbox();
     }
@@ -821,15 +1139,20 @@ impl Engine {
         self.end_connection(id, true);
     }
 
-    /// Marks the connection closing; detaches its session (publishing the will when
-    /// `will_allowed` and the client did not DISCONNECT).
+    /// Marks the connection closing (its close deadline armed); detaches its session
+    /// (publishing the will when `will_allowed` and the client did not DISCONNECT).
     fn end_connection(&mut self, id: ConnId, will_allowed: bool) {
+        self.detach_conn(id, will_allowed);
+        self.arm_conn(id);
+    }
+
+    /// [`Engine::end_connection`] without arming the close deadline (the connection is gone).
+    fn detach_conn(&mut self, id: ConnId, will_allowed: bool) {
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
-        c.close = true;
-        c.wake();
-        let phase = std::mem::replace(&mut c.phase, ConnPhase::Closed);
+        let phase = c.phase;
+        c.start_close(self.now);
         let will = c.will.take().filter(|_| will_allowed);
         if let ConnPhase::Connected(key) = phase {
             let client_id = match self.sessions.get(key as usize) {
@@ -847,17 +1170,16 @@ impl Engine {
         self.metrics.connects_refused += 1;
         if let Some(c) = conn_mut(&mut self.conns, id) {
             debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), ?code, "refusing CONNECT");
-            mqtt::encode(
+            self.outbox_bytes += put(
+                &mut c.outbox,
                 &Packet::Connack(Connack {
                     session_present: false,
                     code,
                 }),
-                &mut c.outbox,
             );
-            c.close = true;
-            c.phase = ConnPhase::Closed;
+            c.start_close(self.now);
             c.will = None;
-            c.wake();
+            self.arm_conn(id);
         }
     }
 
@@ -939,19 +1261,16 @@ impl Engine {
                 if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
                     a.session.on_pubrel(pid);
                 }
-                if let Some(c) = conn_mut(&mut self.conns, id) {
-                    mqtt::encode(&Packet::Pubcomp(pid), &mut c.outbox);
-                    c.wake();
-                }
+                self.reply(id, &Packet::Pubcomp(pid));
+            }
+            // A route delta to every shard, and retained queries.
+            Packet::Subscribe(s) if self.congested(1 + s.filters.len()) => {
+                self.stall(id, Packet::Subscribe(s))
             }
             Packet::Subscribe(s) => self.on_subscribe(id, key, s),
+            Packet::Unsubscribe(u) if self.congested(1) => self.stall(id, Packet::Unsubscribe(u)),
             Packet::Unsubscribe(u) => self.on_unsubscribe(id, key, u),
-            Packet::Pingreq => {
-                if let Some(c) = conn_mut(&mut self.conns, id) {
-                    mqtt::encode(&Packet::Pingresp, &mut c.outbox);
-                    c.wake();
-                }
-            }
+            Packet::Pingreq => self.reply(id, &Packet::Pingresp),
             Packet::Disconnect => {
                 if let Some(c) = conn_mut(&mut self.conns, id) {
                     c.will = None;
@@ -968,8 +1287,49 @@ impl Engine {
         }
     }
 
+    /// Writes `p` to the connection's outbox (a reply to the client's own packet: always).
+    fn reply(&mut self, id: ConnId, p: &Packet) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            self.outbox_bytes += put(&mut c.outbox, p);
+            c.wake();
+        }
+    }
+
+    /// The other shards with subscribers matching `topic`.
+    fn remote_routes(&self, topic: &str) -> ShardSet {
+        let mut remote = ShardSet::EMPTY;
+        self.routes
+            .for_each_match(topic, |s| remote = remote.union(*s));
+        remote
+    }
+
+    /// The shard that stores a retained message on `topic` if it is another one.
+    fn remote_retain_owner(&self, retain: bool, topic: &str) -> Option<usize> {
+        if !retain || !self.cfg.retainer_enabled {
+            return None;
+        }
+        let owner = self.owner(topic.as_bytes());
+        (owner != self.cfg.shard).then_some(owner)
+    }
+
+    /// Whether the queues to `remote` (and to the retained owner) have room for a message.
+    fn room_for(&self, remote: ShardSet, retain_owner: Option<usize>) -> bool {
+        let bound = self.cfg.max_pending;
+        remote.iter().all(|s| {
+            let need = 1 + usize::from(retain_owner == Some(s));
+            self.outgoing[s].queue.len() + need <= bound
+        }) && retain_owner.is_none_or(|o| self.outgoing[o].queue.len() < bound)
+    }
+
     fn on_publish(&mut self, id: ConnId, key: usize, p: Publish) {
         let now = self.now;
+        let remote = self.remote_routes(&p.topic);
+        let retain_owner = self.remote_retain_owner(p.retain, &p.topic);
+        // QoS 1/2 is held back, before it is acknowledged, until every queue it goes to has
+        // room; QoS 0 is dropped where there is none.
+        if p.qos != QoS::AtMostOnce && !self.room_for(remote, retain_owner) {
+            return self.stall(id, Packet::Publish(p));
+        }
         let route = match p.qos {
             QoS::AtMostOnce | QoS::AtLeastOnce => true,
             QoS::ExactlyOnce => {
@@ -997,11 +1357,7 @@ impl Engine {
                 }
             }
         };
-        let remote_retain = route
-            && p.retain
-            && p.qos != QoS::AtMostOnce
-            && self.cfg.retainer_enabled
-            && self.owner(p.topic.as_bytes()) != self.cfg.shard;
+        let remote_retain = route && p.qos != QoS::AtMostOnce && retain_owner.is_some();
         let publisher = match self.sessions.get(key) {
             Some(SessionSlot::Active(a)) => a.session.client_id.clone(),
             _ => ByteStr::default(),
@@ -1019,17 +1375,21 @@ impl Engine {
                 })
                 .waiting += 1;
         }
-        let out = match &mut c.held {
-            Some(h) => &mut h.bytes,
-            None => &mut c.outbox,
+        let ack = match p.qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(Packet::Puback(p.packet_id)),
+            QoS::ExactlyOnce => Some(Packet::Pubrec(p.packet_id)),
         };
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => mqtt::encode(&Packet::Puback(p.packet_id), out),
-            QoS::ExactlyOnce => mqtt::encode(&Packet::Pubrec(p.packet_id), out),
-        }
-        if p.qos != QoS::AtMostOnce && c.held.is_none() {
-            c.wake();
+        if let Some(ack) = ack {
+            match &mut c.held {
+                Some(h) => {
+                    put(&mut h.bytes, &ack);
+                }
+                None => {
+                    self.outbox_bytes += put(&mut c.outbox, &ack);
+                    c.wake();
+                }
+            }
         }
         if route {
             let msg = self.new_message(p.topic, p.payload, p.qos, p.retain, publisher);
@@ -1038,7 +1398,7 @@ impl Engine {
                 idx: id.idx,
                 gen: id.gen,
             });
-            self.accept_message(msg, Some(id), ack);
+            self.accept_message(msg, ack, remote, retain_owner);
         }
     }
 
@@ -1059,6 +1419,7 @@ impl Engine {
         if h.waiting == 0 {
             if let Some(h) = c.held.take() {
                 c.outbox.extend_from_slice(&h.bytes);
+                self.outbox_bytes += h.bytes.len();
                 c.wake();
             }
         }
@@ -1086,24 +1447,43 @@ impl Engine {
     }
 
     /// A message entering the broker: store it if retained (telling `ack` when the owner shard
-    /// has it), then route it.
-    fn accept_message(&mut self, msg: SharedMessage, origin: Option<ConnId>, ack: Option<Ticket>) {
+    /// has it), then route it to the `remote` shards and the local subscribers. A QoS 0
+    /// message is dropped (and counted) for a shard whose queue is full; for QoS 1/2 the
+    /// caller made sure there is room.
+    fn accept_message(
+        &mut self,
+        msg: SharedMessage,
+        ack: Option<Ticket>,
+        remote: ShardSet,
+        retain_owner: Option<usize>,
+    ) {
         self.metrics.messages_received += 1;
         if msg.retain && self.cfg.retainer_enabled {
-            let owner = self.owner(msg.topic.as_bytes());
-            if owner == self.cfg.shard {
-                self.store_retained(msg.clone());
-            } else {
-                self.send(
+            match retain_owner {
+                None => self.store_retained(msg.clone()),
+                Some(owner) if self.outgoing[owner].queue.len() >= self.cfg.max_pending => {
+                    self.metrics.dropped_overload += 1;
+                }
+                Some(owner) => self.send(
                     owner,
                     ShardMsg::RetainedSet {
                         msg: msg.clone(),
                         ack,
                     },
-                );
+                ),
             }
         }
-        self.publish(msg, origin);
+        for shard in remote.iter() {
+            if self.outgoing[shard].queue.len() >= self.cfg.max_pending {
+                self.metrics.dropped_overload += 1;
+                continue;
+            }
+            self.send(shard, ShardMsg::Deliver(msg.clone()));
+        }
+        let local = self.deliver_local(&msg);
+        if remote.is_empty() && local == 0 {
+            self.metrics.messages_no_subscribers += 1;
+        }
     }
 
     fn store_retained(&mut self, msg: SharedMessage) {
@@ -1125,39 +1505,22 @@ impl Engine {
             will.retain,
             client_id.clone(),
         );
-        self.accept_message(msg, None, None);
-    }
-
-    fn publish(&mut self, msg: SharedMessage, origin: Option<ConnId>) {
-        let mut remote = ShardSet::EMPTY;
-        self.routes
-            .for_each_match(&msg.topic, |s| remote = remote.union(*s));
-        for shard in remote.iter() {
-            self.send_delivery(shard, &msg, origin);
-        }
-        let local = self.deliver_local(&msg);
-        if remote.is_empty() && local == 0 {
-            self.metrics.messages_no_subscribers += 1;
+        if self.stalled_wills.is_empty() {
+            self.accept_will(msg);
+        } else {
+            self.stalled_wills.push_back(msg);
         }
     }
 
-    fn send_delivery(&mut self, shard: usize, msg: &SharedMessage, origin: Option<ConnId>) {
-        if self.outgoing[shard].queue.len() >= self.cfg.max_pending {
-            if msg.qos == QoS::AtMostOnce {
-                self.metrics.dropped_overload += 1;
-                return;
-            }
-            if let Some(id) = origin {
-                if let Some(c) = conn_mut(&mut self.conns, id) {
-                    if !c.paused {
-                        c.paused = true;
-                        self.paused.push(id);
-                        self.metrics.backpressure_pauses += 1;
-                    }
-                }
-            }
+    /// Publishes a will, or holds a QoS 1/2 one back (in order) until its queues have room.
+    fn accept_will(&mut self, msg: SharedMessage) {
+        let remote = self.remote_routes(&msg.topic);
+        let retain_owner = self.remote_retain_owner(msg.retain, &msg.topic);
+        if msg.qos != QoS::AtMostOnce && !self.room_for(remote, retain_owner) {
+            self.stalled_wills.push_front(msg);
+            return;
         }
-        self.send(shard, ShardMsg::Deliver(msg.clone()));
+        self.accept_message(msg, None, remote, retain_owner);
     }
 
     /// Delivers to the local sessions whose subscriptions match; returns how many sessions.
@@ -1182,65 +1545,93 @@ impl Engine {
         n
     }
 
+    /// A delivery for the session in slot `key`: written or queued, held while the session
+    /// arrives from another shard, or passed on by a forwarding slot.
     fn deliver_to_session(&mut self, key: usize, msg: &SharedMessage, qos: QoS, retain: bool) {
-        let now = self.now;
         match self.sessions.get_mut(key) {
-            Some(SessionSlot::Active(a)) => {
-                if let Some(arrival) = &mut a.arrival {
-                    if !arrival.dedup.insert(msg.id) {
+            Some(SessionSlot::Active(a)) => match &mut a.arrival {
+                None => self.deliver_now(key, msg, qos, retain),
+                Some(arrival) if arrival.done => {
+                    if !retain && arrival.was_forwarded(msg) {
                         self.metrics.dropped_duplicates += 1;
-                        return;
+                    } else {
+                        self.deliver_now(key, msg, qos, retain);
                     }
                 }
-                let conn = attached(&mut self.conns, a.conn);
-                let (outcome, conn) = match conn {
-                    Some(c) => (
-                        a.session.deliver(
-                            msg,
-                            qos,
-                            retain,
-                            now,
-                            &self.cfg.limits,
-                            Some(&mut c.outbox),
-                        ),
-                        Some(c),
-                    ),
-                    None => (
-                        a.session
-                            .deliver(msg, qos, retain, now, &self.cfg.limits, None),
-                        None,
-                    ),
-                };
-                match outcome {
-                    Delivery::Sent => {
-                        self.metrics.messages_sent += 1;
-                        if let Some(c) = conn {
-                            c.wake();
-                        }
-                        if qos != QoS::AtMostOnce {
-                            self.arm_new(key, self.retry_due(now));
-                        }
+                Some(arrival) => {
+                    arrival.held.push_back((msg.clone(), qos, retain));
+                    if arrival.held.len() > self.cfg.limits.max_mqueue_len {
+                        arrival.held.pop_front();
+                        self.metrics.dropped_queue_full += 1;
                     }
-                    Delivery::Queued { dropped_oldest } => {
-                        self.metrics.dropped_queue_full += dropped_oldest as u64;
-                    }
-                    Delivery::DroppedQos0Offline => self.metrics.dropped_qos0_offline += 1,
-                    Delivery::DroppedSlowConsumer => self.metrics.dropped_slow_consumer += 1,
                 }
-            }
+            },
             Some(SessionSlot::Forwarding(f)) => {
-                let to = f.to;
-                let client_id = f.client_id.clone();
-                self.send(
-                    to,
-                    ShardMsg::Forward {
-                        client_id,
-                        msg: msg.clone(),
-                        qos,
-                    },
-                );
+                let forward = ShardMsg::Forward {
+                    client_id: f.client_id.clone(),
+                    epoch: f.epoch,
+                    msg: msg.clone(),
+                    qos,
+                    retain,
+                };
+                self.forward(key, forward);
             }
             None => {}
+        }
+    }
+
+    /// Delivers to the active session in slot `key` now.
+    fn deliver_now(&mut self, key: usize, msg: &SharedMessage, qos: QoS, retain: bool) {
+        let now = self.now;
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let lim = &self.cfg.limits;
+        let outcome = match (a.conn, attached(&mut self.conns, a.conn)) {
+            (Some(id), Some(c)) => {
+                let before = c.outbox.len();
+                let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
+                let outcome = a.session.deliver(
+                    msg,
+                    qos,
+                    retain,
+                    now,
+                    lim,
+                    Some(Outbox::new(&mut c.outbox, limit)),
+                );
+                match outcome {
+                    Delivery::Sent => {
+                        self.outbox_bytes += c.outbox.len() - before;
+                        c.wake();
+                    }
+                    Delivery::Queued { .. } if a.session.wants_room(lim) => {
+                        starve(c, id, before, &self.cfg, &mut self.starved);
+                    }
+                    // The connection's own outbox was full, or the shard's outboxes together.
+                    Delivery::DroppedSlowConsumer if before >= self.cfg.max_write_buffer => {
+                        self.metrics.dropped_slow_consumer += 1;
+                    }
+                    Delivery::DroppedSlowConsumer => {
+                        self.metrics.dropped_shard_write_buffer_full += 1;
+                    }
+                    _ => {}
+                }
+                outcome
+            }
+            _ => a.session.deliver(msg, qos, retain, now, lim, None),
+        };
+        match outcome {
+            Delivery::Sent => {
+                self.metrics.messages_sent += 1;
+                if qos != QoS::AtMostOnce {
+                    self.arm_new(key, self.retry_due(now));
+                }
+            }
+            Delivery::Queued { dropped_oldest } => {
+                self.metrics.dropped_queue_full += dropped_oldest as u64;
+            }
+            Delivery::DroppedQos0Offline => self.metrics.dropped_qos0_offline += 1,
+            Delivery::DroppedSlowConsumer => {}
         }
     }
 
@@ -1253,17 +1644,25 @@ impl Engine {
             return;
         };
         let lim = &self.cfg.limits;
+        let before = c.outbox.len();
+        let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
+        let out = Outbox::new(&mut c.outbox, limit);
         let result = match kind {
-            AckKind::Puback => a.session.on_puback(pid, now, lim, &mut c.outbox),
-            AckKind::Pubrec => a.session.on_pubrec(pid, now, &mut c.outbox).map(|_| 0),
-            AckKind::Pubcomp => a.session.on_pubcomp(pid, now, lim, &mut c.outbox),
+            AckKind::Puback => a.session.on_puback(pid, now, lim, out),
+            AckKind::Pubrec => a.session.on_pubrec(pid, now, out.bytes).map(|_| 0),
+            AckKind::Pubcomp => a.session.on_pubcomp(pid, now, lim, out),
         };
+        let wrote = c.outbox.len() - before;
+        self.outbox_bytes += wrote;
+        if wrote > 0 {
+            c.wake();
+        }
+        if a.session.wants_room(lim) {
+            starve(c, id, before + wrote, &self.cfg, &mut self.starved);
+        }
         match result {
             Ok(sent) => {
                 self.metrics.messages_sent += sent as u64;
-                if !c.outbox.is_empty() {
-                    c.wake();
-                }
                 if sent > 0 {
                     self.arm_new(key, self.retry_due(now));
                 }
@@ -1334,10 +1733,7 @@ impl Engine {
             }
         }
         self.flush_routes();
-        if let Some(c) = conn_mut(&mut self.conns, id) {
-            mqtt::encode(&Packet::Unsuback(unsub.packet_id), &mut c.outbox);
-            c.wake();
-        }
+        self.reply(id, &Packet::Unsuback(unsub.packet_id));
     }
 
     fn query_retained(&mut self, key: usize, filter: &str, qos: QoS) {
@@ -1381,9 +1777,11 @@ impl Engine {
         msgs
     }
 
+    /// Retained messages for a subscription of the session in slot `ticket` (passed on if the
+    /// session has moved since).
     fn deliver_retained(&mut self, ticket: Ticket, qos: QoS, msgs: Vec<SharedMessage>) {
         let key = ticket.idx as usize;
-        if !matches!(self.sessions.get(key), Some(SessionSlot::Active(a)) if a.gen == ticket.gen) {
+        if self.sessions.get(key).is_none_or(|s| s.gen() != ticket.gen) {
             return;
         }
         for m in msgs {
@@ -1484,6 +1882,7 @@ impl Engine {
                 if let Some(c) = conn_mut(&mut self.conns, conn) {
                     if !c.close {
                         c.outbox.extend_from_slice(&packet);
+                        self.outbox_bytes += packet.len();
                         c.wake();
                     }
                 }
@@ -1493,37 +1892,22 @@ impl Engine {
                     }
                 }
             }
-            Waiter::Release {
-                client_id,
-                to,
-                key,
-                gen,
-            } => {
-                if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
-                    if a.gen == gen {
-                        match &mut a.arrival {
-                            Some(arrival) if !arrival.released => arrival.released = true,
-                            _ => return,
-                        }
+            Waiter::Release { key, gen } => {
+                let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+                    return;
+                };
+                match &mut a.arrival {
+                    Some(arrival) if a.gen == gen && !arrival.released => {
+                        arrival.released = true;
+                        let (to, epoch) = (arrival.upstream, arrival.epoch);
+                        let client_id = a.session.client_id.clone();
+                        self.send(to, ShardMsg::ReleaseForward { client_id, epoch });
                     }
-                } else if let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) {
-                    if f.gen == gen {
-                        if f.upstream_released {
-                            return;
-                        }
-                        f.upstream_released = true;
-                    }
-                }
-                self.send(to, ShardMsg::ReleaseForward { client_id });
-            }
-            Waiter::Barrier { key, gen } => {
-                if let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) {
-                    if f.gen == gen {
-                        f.barrier_done = true;
-                        self.try_finish_forwarding(key);
-                    }
+                    _ => {}
                 }
             }
+            Waiter::Barrier { key, gen } => self.on_forward_barrier(key, gen),
+            Waiter::Arrived { key, gen } => self.on_arrived(key, gen),
         }
     }
 
@@ -1569,14 +1953,10 @@ impl Engine {
         (key, gen)
     }
 
-    fn install_session(
-        &mut self,
-        session: Session,
-        epoch: u64,
-        dedup: Vec<MessageId>,
-        upstream: Option<usize>,
-    ) -> usize {
-        let client_id = session.client_id.clone();
+    /// Puts a session that moved here in a slot and indexes its subscriptions; with an
+    /// `upstream` still forwarding, the session holds direct deliveries until it is done, and
+    /// the upstream is released once every shard routes to this one.
+    fn install_session(&mut self, session: Session, epoch: u64, upstream: Option<usize>) -> usize {
         let subs: Vec<(String, QoS)> = session
             .subscriptions
             .iter()
@@ -1585,8 +1965,11 @@ impl Engine {
         let arrival = upstream.map(|upstream| {
             Box::new(Arrival {
                 upstream,
+                epoch,
                 released: false,
-                dedup: dedup.into_iter().collect(),
+                done: false,
+                forwarded: vec![0; self.cfg.shards],
+                held: VecDeque::new(),
             })
         });
         let (key, gen) = self.add_active(session, epoch, arrival);
@@ -1594,16 +1977,8 @@ impl Engine {
             self.add_local_sub(&f, key, q);
         }
         let seq = self.flush_routes();
-        if let Some(to) = upstream {
-            self.add_waiter(
-                seq,
-                Waiter::Release {
-                    client_id,
-                    to,
-                    key,
-                    gen,
-                },
-            );
+        if upstream.is_some() {
+            self.add_waiter(seq, Waiter::Release { key, gen });
         }
         key
     }
@@ -1622,18 +1997,36 @@ impl Engine {
             self.remove_local_sub(f, key);
         }
         self.flush_routes();
-        if unregister {
-            let owner = self.owner(client_id.as_bytes());
+        let owner = self.owner(client_id.as_bytes());
+        if let Some(arrival) = a.arrival {
+            // The upstream's forwards now find no session of their epoch and are dropped; the
+            // registration it kept busy is free.
+            if !arrival.released {
+                self.send(
+                    arrival.upstream,
+                    ShardMsg::ReleaseForward {
+                        client_id: client_id.clone(),
+                        epoch: arrival.epoch,
+                    },
+                );
+            }
+            self.metrics.dropped_queue_full += arrival.held.len() as u64;
             self.send(
                 owner,
-                ShardMsg::Unregister {
+                ShardMsg::ConnectDone {
                     client_id: client_id.clone(),
-                    epoch: a.epoch,
+                    epoch: arrival.epoch,
                 },
             );
         }
-        if let Some(arrival) = a.arrival.filter(|x| !x.released) {
-            self.send(arrival.upstream, ShardMsg::ReleaseForward { client_id });
+        if unregister {
+            self.send(
+                owner,
+                ShardMsg::Unregister {
+                    client_id,
+                    epoch: a.epoch,
+                },
+            );
         }
     }
 
@@ -1665,6 +2058,7 @@ impl Engine {
         a.conn = Some(id);
         a.expires_at = Timestamp::NEVER;
         c.phase = ConnPhase::Connected(key as u32);
+        let before = c.outbox.len();
         mqtt::encode(
             &Packet::Connack(Connack {
                 session_present: present && c.level == ProtocolLevel::V311,
@@ -1672,7 +2066,16 @@ impl Engine {
             }),
             &mut c.outbox,
         );
-        let sent = a.session.resume(now, &self.cfg.limits, &mut c.outbox);
+        let limit = outbox_limit(&self.cfg, self.outbox_bytes, c.outbox.len());
+        let lim = &self.cfg.limits;
+        let sent = a
+            .session
+            .resume(now, lim, Outbox::new(&mut c.outbox, limit));
+        let len = c.outbox.len();
+        self.outbox_bytes += len - before;
+        if a.session.wants_room(lim) {
+            starve(c, id, len, &self.cfg, &mut self.starved);
+        }
         debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), session_present = present, "connected");
         c.wake();
         self.metrics.messages_sent += sent as u64;
@@ -1681,16 +2084,12 @@ impl Engine {
         self.arm_conn(id);
     }
 
-    /// Completes a CONNECT at this (the connecting) shard.
+    /// Completes a CONNECT at this (the connecting) shard and tells the owner, which lets the
+    /// next CONNECT for the client id proceed; for a session still arriving from another shard,
+    /// only once the forwarding is done (`ForwardDone`), so a session never moves on before
+    /// it has fully arrived.
     fn finish_connect(&mut self, client_id: ByteStr, ticket: Ticket, epoch: u64, handed: Handed) {
         let owner = self.owner(client_id.as_bytes());
-        self.send(
-            owner,
-            ShardMsg::ConnectDone {
-                client_id: client_id.clone(),
-                epoch,
-            },
-        );
         let id = ConnId {
             idx: ticket.idx,
             gen: ticket.gen,
@@ -1698,6 +2097,22 @@ impl Engine {
         let live = conn_mut(&mut self.conns, id)
             .filter(|c| c.phase == ConnPhase::Connecting && !c.close)
             .map(|c| c.clean);
+        let arriving = matches!(
+            &handed,
+            Handed::Moved {
+                upstream: Some(_),
+                ..
+            }
+        ) && live != Some(true);
+        if !arriving {
+            self.send(
+                owner,
+                ShardMsg::ConnectDone {
+                    client_id: client_id.clone(),
+                    epoch,
+                },
+            );
+        }
         let Some(clean) = live else {
             // The client went away while we waited: keep a persistent session offline.
             match handed {
@@ -1710,12 +2125,8 @@ impl Engine {
                         }
                     }
                 }
-                Handed::Moved {
-                    session,
-                    dedup,
-                    upstream,
-                } => {
-                    let key = self.install_session(*session, epoch, dedup, upstream);
+                Handed::Moved { session, upstream } => {
+                    let key = self.install_session(*session, epoch, upstream);
                     self.detach(key);
                 }
             }
@@ -1735,23 +2146,20 @@ impl Engine {
                     (key, true)
                 }
             }
-            Handed::Moved {
-                session,
-                dedup,
-                upstream,
-            } => {
+            Handed::Moved { session, upstream } => {
                 if clean {
                     if let Some(up) = upstream {
                         self.send(
                             up,
                             ShardMsg::ReleaseForward {
                                 client_id: client_id.clone(),
+                                epoch,
                             },
                         );
                     }
                     (self.new_session(client_id, clean, epoch), false)
                 } else {
-                    (self.install_session(*session, epoch, dedup, upstream), true)
+                    (self.install_session(*session, epoch, upstream), true)
                 }
             }
         };
@@ -1770,10 +2178,9 @@ impl Engine {
             self.metrics.takeovers += 1;
             if let Some(c) = conn_mut(&mut self.conns, old) {
                 debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "taken over by a new connection");
-                c.close = true;
-                c.phase = ConnPhase::Closed;
+                c.start_close(self.now);
                 let will = c.will.take();
-                c.wake();
+                self.arm_conn(old);
                 if let Some(w) = will {
                     self.publish_will(&client_id, *w);
                 }
@@ -1787,30 +2194,33 @@ impl Engine {
             self.discard_session(key, false);
             return self.reply_fresh(client_id, ticket, epoch);
         }
-        let Some(SessionSlot::Active(a)) = self.sessions.get(key) else {
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
             return;
         };
+        if let Some(arrival) = a.arrival.take() {
+            // Not reached: the owner lets no CONNECT for this id through before the arrival is
+            // done. Should it happen, the held deliveries go with the session.
+            for (m, q, r) in arrival.held {
+                a.session
+                    .deliver(&m, q, r, self.now, &self.cfg.limits, None);
+            }
+        }
         // Keep the slot (and its index entries) as a forwarder under the same key.
-        let forwarder = SessionSlot::Forwarding(ForwardSlot {
+        let forwarder = SessionSlot::Forwarding(Box::new(ForwardSlot {
             gen: a.gen,
             client_id: client_id.clone(),
+            epoch,
             to: ticket.shard,
             filters: a.session.subscriptions.keys().cloned().collect(),
-            upstream: a.arrival.as_ref().map(|x| x.upstream),
-            upstream_released: a.arrival.as_ref().is_none_or(|x| x.released),
-            released: false,
-            barrier_done: false,
-        });
+            state: ForwardState::Forwarding,
+            backlog: VecDeque::new(),
+        }));
         let SessionSlot::Active(a) = std::mem::replace(&mut self.sessions[key], forwarder) else {
             return;
         };
         self.by_client.remove(client_id.as_bytes(), key as u32);
-        self.forwarders.insert(client_id.clone(), key);
+        self.forwarders.insert((client_id.clone(), epoch), key);
         self.metrics.sessions_moved += 1;
-        let dedup = a
-            .arrival
-            .map(|x| x.dedup.into_iter().collect())
-            .unwrap_or_default();
         self.send(
             ticket.shard,
             ShardMsg::Handover {
@@ -1818,7 +2228,6 @@ impl Engine {
                 ticket,
                 epoch,
                 session: Some(Box::new(a.session)),
-                dedup,
                 forwarding: true,
             },
         );
@@ -1832,95 +2241,175 @@ impl Engine {
                 ticket,
                 epoch,
                 session: None,
-                dedup: Vec::new(),
                 forwarding: false,
             },
         );
     }
 
-    fn on_release(&mut self, client_id: ByteStr) {
-        let Some(&key) = self.forwarders.get(&client_id) else {
+    /// A forwarding slot passes `forward` on, or keeps it while the queue to the new holder
+    /// is full (at most `mqtt.max_mqueue_len`, the oldest dropped beyond).
+    fn forward(&mut self, key: usize, forward: ShardMsg) {
+        let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let to = f.to;
+        if f.backlog.is_empty() && self.outgoing[to].queue.len() < self.cfg.max_pending {
+            return self.send(to, forward);
+        }
+        f.backlog.push_back(forward);
+        if f.backlog.len() > self.cfg.limits.max_mqueue_len {
+            f.backlog.pop_front();
+            self.metrics.dropped_queue_full += 1;
+        }
+        if !self.backlogged.contains(&key) {
+            self.backlogged.push(key);
+        }
+    }
+
+    /// The new holder routes everywhere: keep forwarding until a barrier proves that what
+    /// every shard sent here before routing to the new holder has arrived.
+    fn on_release(&mut self, client_id: ByteStr, epoch: u64) {
+        let Some(&key) = self.forwarders.get(&(client_id, epoch)) else {
             return;
         };
         let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) else {
             return;
         };
-        if f.released {
+        if f.state != ForwardState::Forwarding {
             return;
         }
-        f.released = true;
+        f.state = ForwardState::Draining;
         let gen = f.gen;
-        let filters = std::mem::take(&mut f.filters);
-        let upstream = (!f.upstream_released).then_some(f.upstream).flatten();
-        if upstream.is_some() {
-            f.upstream_released = true;
-        }
-        if let Some(up) = upstream {
-            self.send(up, ShardMsg::ReleaseForward { client_id });
-        }
-        for filter in &filters {
-            self.remove_local_sub(filter, key);
-        }
         let seq = self.barrier();
         self.add_waiter(seq, Waiter::Barrier { key, gen });
     }
 
+    /// The barrier after a release is answered by every shard: nothing more can match the
+    /// forwarding slot's filters on its way here. It leaves the index and, once its backlog
+    /// is sent, tells the new holder.
+    fn on_forward_barrier(&mut self, key: usize, gen: u32) {
+        let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if f.gen != gen || f.state != ForwardState::Draining {
+            return;
+        }
+        f.state = ForwardState::Flushing;
+        let filters = std::mem::take(&mut f.filters);
+        for filter in &filters {
+            self.remove_local_sub(filter, key);
+        }
+        self.flush_routes();
+        self.try_finish_forwarding(key);
+    }
+
+    /// Frees a flushing forwarding slot whose backlog is sent, with `ForwardDone` behind the
+    /// last forward.
     fn try_finish_forwarding(&mut self, key: usize) {
         let Some(SessionSlot::Forwarding(f)) = self.sessions.get(key) else {
             return;
         };
-        if !(f.released && f.barrier_done && f.upstream.is_none()) {
+        if f.state != ForwardState::Flushing || !f.backlog.is_empty() {
             return;
         }
         let SessionSlot::Forwarding(f) = self.sessions.remove(key) else {
             return;
         };
-        self.forwarders.remove(&f.client_id);
+        self.forwarders.remove(&(f.client_id.clone(), f.epoch));
         self.send(
             f.to,
             ShardMsg::ForwardDone {
                 client_id: f.client_id,
+                epoch: f.epoch,
             },
         );
     }
 
-    fn on_forward(&mut self, from: usize, client_id: ByteStr, msg: SharedMessage, qos: QoS) {
-        if let Some(&key) = self.forwarders.get(&client_id) {
-            if let Some(SessionSlot::Forwarding(f)) = self.sessions.get(key) {
-                if f.upstream == Some(from) {
-                    let to = f.to;
-                    return self.send(
-                        to,
-                        ShardMsg::Forward {
-                            client_id,
-                            msg,
-                            qos,
-                        },
-                    );
-                }
+    /// The arriving session of `client_id` whose move has `epoch`, forwarded from `from`.
+    fn arriving_session(&self, from: usize, client_id: &ByteStr, epoch: u64) -> Option<usize> {
+        let key = self.local_session(client_id)?;
+        match self.sessions.get(key) {
+            Some(SessionSlot::Active(a))
+                if a.arrival
+                    .as_ref()
+                    .is_some_and(|x| x.epoch == epoch && x.upstream == from && !x.done) =>
+            {
+                Some(key)
             }
-        }
-        if let Some(key) = self.local_session(&client_id) {
-            self.deliver_to_session(key, &msg, qos, false);
+            _ => None,
         }
     }
 
-    fn on_forward_done(&mut self, from: usize, client_id: ByteStr) {
-        if let Some(&key) = self.forwarders.get(&client_id) {
-            if let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) {
-                if f.upstream == Some(from) {
-                    f.upstream = None;
-                    return self.try_finish_forwarding(key);
-                }
-            }
-        }
-        if let Some(key) = self.local_session(&client_id) {
+    fn on_forward(
+        &mut self,
+        from: usize,
+        client_id: ByteStr,
+        epoch: u64,
+        msg: SharedMessage,
+        qos: QoS,
+        retain: bool,
+    ) {
+        let Some(key) = self.arriving_session(from, &client_id, epoch) else {
+            // For a session that is gone (its client came back with a clean session): drop.
+            self.metrics.dropped_stale_forwards += 1;
+            return;
+        };
+        if !retain {
             if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
-                if a.arrival.as_ref().is_some_and(|x| x.upstream == from) {
-                    a.arrival = None;
+                if let Some(arrival) = &mut a.arrival {
+                    let (origin, seq) = message_origin(msg.id);
+                    if let Some(top) = arrival.forwarded.get_mut(origin) {
+                        *top = (*top).max(seq);
+                    }
                 }
             }
         }
+        self.deliver_now(key, &msg, qos, retain);
+    }
+
+    /// The upstream forwarded everything: deliver the held direct messages it did not, then
+    /// wait for a barrier to drop the direct copies still on their way.
+    fn on_forward_done(&mut self, from: usize, client_id: ByteStr, epoch: u64) {
+        let Some(key) = self.arriving_session(from, &client_id, epoch) else {
+            return;
+        };
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let gen = a.gen;
+        let Some(arrival) = &mut a.arrival else {
+            return;
+        };
+        arrival.done = true;
+        let held = std::mem::take(&mut arrival.held);
+        for (msg, qos, retain) in held {
+            self.deliver_to_session(key, &msg, qos, retain);
+        }
+        let seq = self.barrier();
+        self.add_waiter(seq, Waiter::Arrived { key, gen });
+    }
+
+    /// Every direct copy sent before the forwarding ended has arrived: the session is all here,
+    /// and the next CONNECT for its client id may go ahead.
+    fn on_arrived(&mut self, key: usize, gen: u32) {
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if a.gen != gen || !a.arrival.as_ref().is_some_and(|x| x.done) {
+            return;
+        }
+        let Some(arrival) = a.arrival.take() else {
+            return;
+        };
+        let client_id = a.session.client_id.clone();
+        let owner = self.owner(client_id.as_bytes());
+        self.send(
+            owner,
+            ShardMsg::ConnectDone {
+                client_id,
+                epoch: arrival.epoch,
+            },
+        );
     }
 
     // ---------------------------------------------------------------- registry (owner side)
@@ -2087,9 +2576,14 @@ impl Engine {
             let conn = attached(&mut self.conns, a.conn);
             let (resent, expired) = match conn {
                 Some(c) => {
-                    let r = a
-                        .session
-                        .on_timeout(now, &self.cfg.limits, Some(&mut c.outbox));
+                    let before = c.outbox.len();
+                    let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
+                    let r = a.session.on_timeout(
+                        now,
+                        &self.cfg.limits,
+                        Some(Outbox::new(&mut c.outbox, limit)),
+                    );
+                    self.outbox_bytes += c.outbox.len() - before;
                     if r.0 > 0 {
                         c.wake();
                     }
@@ -2188,13 +2682,11 @@ impl Engine {
                 ticket,
                 epoch,
                 session,
-                dedup,
                 forwarding,
             } => {
                 let handed = match session {
                     Some(session) => Handed::Moved {
                         session,
-                        dedup,
                         upstream: forwarding.then_some(from),
                     },
                     None => Handed::Fresh,
@@ -2203,11 +2695,15 @@ impl Engine {
             }
             ShardMsg::Forward {
                 client_id,
+                epoch,
                 msg,
                 qos,
-            } => self.on_forward(from, client_id, msg, qos),
-            ShardMsg::ReleaseForward { client_id } => self.on_release(client_id),
-            ShardMsg::ForwardDone { client_id } => self.on_forward_done(from, client_id),
+                retain,
+            } => self.on_forward(from, client_id, epoch, msg, qos, retain),
+            ShardMsg::ReleaseForward { client_id, epoch } => self.on_release(client_id, epoch),
+            ShardMsg::ForwardDone { client_id, epoch } => {
+                self.on_forward_done(from, client_id, epoch)
+            }
             ShardMsg::RetainedSet { msg, ack } => {
                 self.store_retained(msg);
                 if let Some(conn) = ack {
@@ -2244,26 +2740,61 @@ impl Engine {
         self.outgoing[dest].waker = Some(waker.clone());
     }
 
-    /// Takes the next batch (at most `shards.batch_size` messages) for shard `dest`, and
-    /// resumes connections paused by back-pressure once every queue is below half its limit.
+    /// Takes the next batch (at most `shards.batch_size` messages) for shard `dest`. The room
+    /// it makes goes to forwards waiting in a backlog, then, once every queue is below half,
+    /// to the wills and packets held back.
     pub fn take_outgoing(&mut self, dest: usize) -> Vec<ShardMsg> {
         let q = &mut self.outgoing[dest].queue;
         let n = q.len().min(self.cfg.batch_size);
         let batch: Vec<ShardMsg> = q.drain(..n).collect();
-        if !self.paused.is_empty()
-            && self
-                .outgoing
-                .iter()
-                .all(|o| o.queue.len() < self.cfg.max_pending / 2)
-        {
-            for id in std::mem::take(&mut self.paused) {
-                if let Some(c) = conn_mut(&mut self.conns, id) {
-                    c.paused = false;
-                    c.wake();
-                }
-            }
+        if !self.backlogged.is_empty() {
+            self.flush_backlogs();
+        }
+        if !(self.stalled.is_empty() && self.stalled_wills.is_empty()) && self.queues_below_half() {
+            self.resume_stalled();
+            self.drain_inbox();
         }
         batch
+    }
+
+    /// Moves forwards from the forwarding slots' backlogs to their queues while there is room.
+    fn flush_backlogs(&mut self) {
+        let keys = std::mem::take(&mut self.backlogged);
+        for key in keys {
+            let Some(SessionSlot::Forwarding(f)) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            let out = &mut self.outgoing[f.to];
+            let room = self.cfg.max_pending.saturating_sub(out.queue.len());
+            let n = room.min(f.backlog.len());
+            if n > 0 {
+                let was_empty = out.queue.is_empty();
+                out.queue.extend(f.backlog.drain(..n));
+                if was_empty {
+                    if let Some(w) = out.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            if f.backlog.is_empty() {
+                self.try_finish_forwarding(key);
+            } else {
+                self.backlogged.push(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Engine {
+    /// Deliveries queued in the session of `client_id` here (tests).
+    fn session_queue_len(&self, client_id: &str) -> usize {
+        self.local_session(&ByteStr::from(client_id))
+            .and_then(|k| match self.sessions.get(k) {
+                Some(SessionSlot::Active(a)) => Some(a.session.queue().len()),
+                _ => None,
+            })
+            .unwrap_or(0)
     }
 }
 

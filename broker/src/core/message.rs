@@ -17,6 +17,11 @@ pub fn message_id(shard: usize, seq: u64) -> MessageId {
     ((shard as u64) << 56) | (seq & ((1 << 56) - 1))
 }
 
+/// The origin shard and per-shard sequence number of a message id.
+pub fn message_origin(id: MessageId) -> (usize, u64) {
+    ((id >> 56) as usize, id & ((1 << 56) - 1))
+}
+
 /// An application message. Topic and payload are shared buffers: a message reaching a
 /// thousand subscribers on four shards is never copied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,6 +41,9 @@ metrics! {
     connect_timeouts,
     /// Connections closed by keepalive.
     keepalive_timeouts,
+    /// Closing connections whose last bytes could not be written within `mqtt.close_timeout`
+    /// (the socket was reset).
+    close_timeouts,
     /// Connections closed because a newer one took the client id.
     takeovers,
     /// Sessions handed over to another shard.
@@ -65,12 +68,18 @@ metrics! {
     dropped_queue_full,
     /// QoS 0 deliveries dropped for offline sessions.
     dropped_qos0_offline,
-    /// QoS 0 deliveries dropped for slow consumers.
+    /// QoS 0 deliveries dropped for slow consumers (`mqtt.max_write_buffer`).
     dropped_slow_consumer,
+    /// QoS 0 deliveries dropped because the shard's connections together had
+    /// `shards.max_write_buffer` bytes waiting.
+    dropped_shard_write_buffer_full,
     /// QoS 0 messages dropped by the cross-shard overload policy.
     dropped_overload,
     /// Deliveries dropped as duplicates while a session moved between shards.
     dropped_duplicates,
+    /// Forwarded deliveries dropped because the session they were for is gone (its client
+    /// came back with a clean session while the old shard still forwarded).
+    dropped_stale_forwards,
     /// Inbound QoS 2 ids forgotten after `await_rel_timeout`.
     awaiting_rel_expired,
     /// Acknowledgements for unknown packet ids (ignored).
@@ -85,7 +94,7 @@ metrics! {
     retained_refused,
     /// Persistent sessions freed by `session_expiry_interval`.
     sessions_expired,
-    /// Times reading from a publisher paused for cross-shard back-pressure.
+    /// Packets held back (their connection not read) until the cross-shard queues had room.
     backpressure_pauses,
     /// Accept errors (such as EMFILE) that made a listener back off.
     accept_errors,

@@ -1,7 +1,7 @@
 //! `ShardMsg`: everything one shard tells another. Plain data that crosses threads in batches
 //! over one ordered channel per pair of shards, so messages between two shards keep their order.
 
-use super::message::{MessageId, SharedMessage};
+use super::message::SharedMessage;
 use super::session::Session;
 use crate::protocol::bytestr::ByteStr;
 use crate::protocol::mqtt::QoS;
@@ -48,8 +48,9 @@ pub enum ShardMsg {
         /// Clean session flag of the new CONNECT.
         clean: bool,
     },
-    /// New holder → owner: the registration `epoch` is complete; the next waiting CONNECT for
-    /// this client id may proceed.
+    /// New holder → owner: the registration `epoch` is complete (for a session that moved:
+    /// the old holder is done forwarding); the next waiting CONNECT for this client id may
+    /// proceed.
     ConnectDone {
         /// Client id.
         client_id: ByteStr,
@@ -77,8 +78,6 @@ pub enum ShardMsg {
         epoch: u64,
         /// The session moving, if the old one is kept.
         session: Option<Box<Session>>,
-        /// Message ids already delivered during an earlier move still in progress.
-        dedup: Vec<MessageId>,
         /// Whether the sender forwards deliveries that still reach it until released.
         forwarding: bool,
     },
@@ -89,24 +88,34 @@ pub enum ShardMsg {
         /// Registration epoch the holder had.
         epoch: u64,
     },
-    /// A delivery for a session that moved: the old holder passes it on.
+    /// A delivery for a session that moved: the old holder passes it on. Delivered only to
+    /// the session that arrived with the move `epoch`.
     Forward {
         /// Client id.
         client_id: ByteStr,
+        /// Registration epoch of the move.
+        epoch: u64,
         /// The message.
         msg: SharedMessage,
         /// Delivery QoS computed by the forwarder.
         qos: QoS,
+        /// Retain flag of the delivery (set for a retained message answering a subscription).
+        retain: bool,
     },
-    /// New holder → old holder: every shard now routes to the new holder; remove your routes.
+    /// New holder → old holder: every shard now routes to the new holder; stop forwarding
+    /// for the move `epoch` once nothing sent before can still arrive.
     ReleaseForward {
         /// Client id.
         client_id: ByteStr,
+        /// Registration epoch of the move.
+        epoch: u64,
     },
-    /// Old holder → new holder: nothing more will be forwarded.
+    /// Old holder → new holder: nothing more will be forwarded for the move `epoch`.
     ForwardDone {
         /// Client id.
         client_id: ByteStr,
+        /// Registration epoch of the move.
+        epoch: u64,
     },
     /// Store as the retained message of its topic (sent to the topic's owner shard), then
     /// answer [`ShardMsg::RetainedStored`] to `ack` if given.

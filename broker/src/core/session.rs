@@ -2,13 +2,17 @@
 //! inbound QoS 2 packet ids. Plain, serializable data with methods that take the time and an
 //! optional connection outbox; no I/O, no clock.
 //!
-//! Outbound flow: a delivery goes straight to the connection when the window has room and the
-//! queue is empty, otherwise into the queue (bounded, oldest dropped). A QoS 1/2 delivery takes a
-//! packet id and waits in the inflight window for PUBACK, or for PUBREC then (after our PUBREL)
-//! PUBCOMP. Acknowledgements free the window and pull from the queue, so messages leave in the
-//! order they arrived. On reconnect ([`Session::resume`]) the window is resent first (PUBLISH
-//! with DUP, or PUBREL), then the queue drains. With `retry_interval` set, an unacknowledged
-//! entry is resent the same way after that interval.
+//! Outbound flow: a delivery goes straight to the connection when the window has room, the
+//! queue is empty and the connection's [`Outbox`] is below its limit; otherwise a QoS 1/2
+//! delivery goes into the queue (bounded, oldest dropped) and a QoS 0 one is dropped (a slow
+//! consumer) unless it must wait behind queued ones. A QoS 1/2 delivery takes a packet id and
+//! waits in the inflight window for PUBACK, or for PUBREC then (after our PUBREL) PUBCOMP.
+//! Acknowledgements free the window and pull from the queue, so messages leave in the order
+//! they arrived. On reconnect ([`Session::resume`]) the window is resent first (PUBLISH with
+//! DUP, or PUBREL), then the queue drains; what does not fit below the outbox limit waits for
+//! [`Session::refill`], called when the client has read enough. With `retry_interval` set, an
+//! unacknowledged entry is resent the same way after that interval (or, if the outbox is full,
+//! one interval later: the client is not reading the earlier copy either).
 //!
 //! Inbound QoS 2: a packet id is remembered from PUBLISH until PUBREL, so a resent PUBLISH is
 //! acknowledged but not routed twice (exactly once).
@@ -37,8 +41,35 @@ pub struct SessionLimits {
     pub max_awaiting_rel: usize,
     /// How long an inbound QoS 2 id may wait for PUBREL.
     pub await_rel_timeout: Option<Duration>,
-    /// Outbox size above which QoS 0 deliveries are dropped.
-    pub max_write_buffer: usize,
+}
+
+/// The attached connection's outbox, and how far a session may fill it: deliveries and resends
+/// are written while it holds fewer than `limit` bytes (one message may take it past the
+/// limit; the next waits). Replies to the client's own packets (PUBREL) are always written.
+pub struct Outbox<'a> {
+    /// The bytes waiting to be written to the connection.
+    pub bytes: &'a mut BytesMut,
+    /// The fill limit.
+    pub limit: usize,
+}
+
+impl<'a> Outbox<'a> {
+    /// `bytes`, filled up to `limit`.
+    pub fn new(bytes: &'a mut BytesMut, limit: usize) -> Self {
+        Outbox { bytes, limit }
+    }
+
+    /// `bytes`, with no limit.
+    pub fn unlimited(bytes: &'a mut BytesMut) -> Self {
+        Outbox {
+            bytes,
+            limit: usize::MAX,
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.bytes.len() < self.limit
+    }
 }
 
 /// Where an inflight delivery stands.
@@ -93,7 +124,7 @@ pub enum Delivery {
     },
     /// QoS 0 for an offline session with `mqueue_store_qos0 = false`.
     DroppedQos0Offline,
-    /// QoS 0 to a connection whose outbox is over `max_write_buffer`.
+    /// QoS 0 to a connection whose outbox is at its limit.
     DroppedSlowConsumer,
 }
 
@@ -138,6 +169,11 @@ pub struct Flows {
     /// ahead of its entries' (0), so their ids are searched until they are gone.
     #[serde(default = "unknown_allocations")]
     pub allocated: u64,
+    /// How many entries at the back of `inflight` are still to be resent on the current
+    /// connection (after a reconnect, while its outbox had no room). New deliveries wait
+    /// behind them.
+    #[serde(default)]
+    pub unsent: usize,
 }
 
 fn unknown_allocations() -> u64 {
@@ -199,43 +235,61 @@ impl Session {
         retain: bool,
         now: Timestamp,
         lim: &SessionLimits,
-        out: Option<&mut BytesMut>,
+        out: Option<Outbox<'_>>,
     ) -> Delivery {
-        match out {
-            None => {
-                if qos == QoS::AtMostOnce && !lim.mqueue_store_qos0 {
-                    return Delivery::DroppedQos0Offline;
-                }
-                self.enqueue(msg, qos, retain, lim)
+        let Some(out) = out else {
+            if qos == QoS::AtMostOnce && !lim.mqueue_store_qos0 {
+                return Delivery::DroppedQos0Offline;
             }
-            Some(out) => {
-                if !self.queue().is_empty() {
-                    return self.enqueue(msg, qos, retain, lim);
-                }
-                if qos == QoS::AtMostOnce {
-                    if out.len() >= lim.max_write_buffer {
-                        return Delivery::DroppedSlowConsumer;
-                    }
-                    mqtt::encode_publish(
-                        false,
-                        qos,
-                        retain,
-                        msg.topic.as_bytes(),
-                        0,
-                        &msg.payload,
-                        out,
-                    );
-                    return Delivery::Sent;
-                }
-                if self.inflight().len() < lim.max_inflight {
-                    let f = self.flows.get_or_insert_with(Box::default);
-                    f.send_new(&mut self.last_packet_id, msg.clone(), qos, retain, now, out);
-                    Delivery::Sent
-                } else {
-                    self.enqueue(msg, qos, retain, lim)
-                }
-            }
+            return self.enqueue(msg, qos, retain, lim);
+        };
+        if self
+            .flows
+            .as_ref()
+            .is_some_and(|f| !f.queue.is_empty() || f.unsent > 0)
+        {
+            return self.enqueue(msg, qos, retain, lim);
         }
+        if qos == QoS::AtMostOnce {
+            if !out.has_room() {
+                return Delivery::DroppedSlowConsumer;
+            }
+            mqtt::encode_publish(
+                false,
+                qos,
+                retain,
+                msg.topic.as_bytes(),
+                0,
+                &msg.payload,
+                out.bytes,
+            );
+            return Delivery::Sent;
+        }
+        if self.inflight().len() < lim.max_inflight && out.has_room() {
+            let f = self.flows.get_or_insert_with(Box::default);
+            f.send_new(
+                &mut self.last_packet_id,
+                msg.clone(),
+                qos,
+                retain,
+                now,
+                out.bytes,
+            );
+            Delivery::Sent
+        } else {
+            self.enqueue(msg, qos, retain, lim)
+        }
+    }
+
+    /// Whether resends or queued deliveries wait only for room in the outbox (not for the
+    /// client to acknowledge): the caller should [`Session::refill`] once there is room.
+    pub fn wants_room(&self, lim: &SessionLimits) -> bool {
+        self.flows.as_ref().is_some_and(|f| {
+            f.unsent > 0
+                || f.queue.front().is_some_and(|q| {
+                    q.qos == QoS::AtMostOnce || f.inflight.len() < lim.max_inflight
+                })
+        })
     }
 
     fn enqueue(
@@ -258,36 +312,32 @@ impl Session {
         Delivery::Queued { dropped_oldest }
     }
 
-    /// Moves queued deliveries to the connection while the window has room. Returns how many
-    /// messages were written.
-    pub fn drain(&mut self, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> usize {
+    /// Writes what waits for room while the outbox has it: the rest of the window's resends,
+    /// then queued deliveries while the window has room. Returns how many PUBLISH packets were
+    /// written.
+    pub fn refill(&mut self, now: Timestamp, lim: &SessionLimits, mut out: Outbox<'_>) -> usize {
         match self.flows.as_deref_mut() {
-            Some(f) => f.drain(&mut self.last_packet_id, now, lim, out),
+            Some(f) => f.refill(&mut self.last_packet_id, now, lim, &mut out),
             None => 0,
         }
     }
 
-    /// A connection attached: resend the window (DUP / PUBREL), then drain the queue. Returns
-    /// the number of PUBLISH packets written.
-    pub fn resume(&mut self, now: Timestamp, lim: &SessionLimits, out: &mut BytesMut) -> usize {
-        let Some(f) = self.flows.as_deref_mut() else {
-            return 0;
-        };
-        let mut n = 0;
-        for e in f.inflight.iter_mut() {
-            Flows::resend(e, now, out);
-            n += (e.phase == Phase::Published) as usize;
+    /// A connection attached: resend the window (DUP / PUBREL), then drain the queue, as far
+    /// as the outbox has room. Returns the number of PUBLISH packets written.
+    pub fn resume(&mut self, now: Timestamp, lim: &SessionLimits, out: Outbox<'_>) -> usize {
+        if let Some(f) = self.flows.as_deref_mut() {
+            f.unsent = f.inflight.len();
         }
-        n + self.drain(now, lim, out)
+        self.refill(now, lim, out)
     }
 
-    /// PUBACK for a QoS 1 delivery. Frees its slot and drains the queue (count returned).
+    /// PUBACK for a QoS 1 delivery. Frees its slot and refills (count returned).
     pub fn on_puback(
         &mut self,
         id: u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: &mut BytesMut,
+        out: Outbox<'_>,
     ) -> Result<usize, UnknownPacketId> {
         self.complete(id, |e| e.qos == QoS::AtLeastOnce, now, lim, out)
     }
@@ -313,25 +363,25 @@ impl Session {
         Ok(())
     }
 
-    /// PUBCOMP for a QoS 2 delivery. Frees its slot and drains the queue (count returned).
+    /// PUBCOMP for a QoS 2 delivery. Frees its slot and refills (count returned).
     pub fn on_pubcomp(
         &mut self,
         id: u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: &mut BytesMut,
+        out: Outbox<'_>,
     ) -> Result<usize, UnknownPacketId> {
         self.complete(id, |e| e.phase == Phase::Released, now, lim, out)
     }
 
-    /// Removes the inflight entry `id` if `expected` holds for it, then drains the queue.
+    /// Removes the inflight entry `id` if `expected` holds for it, then refills.
     fn complete(
         &mut self,
         id: u16,
         expected: impl Fn(&InflightEntry) -> bool,
         now: Timestamp,
         lim: &SessionLimits,
-        out: &mut BytesMut,
+        mut out: Outbox<'_>,
     ) -> Result<usize, UnknownPacketId> {
         let f = self.flows.as_deref_mut().ok_or(UnknownPacketId(id))?;
         let pos = f
@@ -340,7 +390,11 @@ impl Session {
             .position(|e| e.packet_id == id && expected(e))
             .ok_or(UnknownPacketId(id))?;
         f.inflight.remove(pos);
-        Ok(f.drain(&mut self.last_packet_id, now, lim, out))
+        if pos >= f.inflight.len() + 1 - f.unsent {
+            // An entry still to be resent: the client had it from an earlier connection.
+            f.unsent -= 1;
+        }
+        Ok(f.refill(&mut self.last_packet_id, now, lim, &mut out))
     }
 
     /// An inbound QoS 2 PUBLISH: `Ok(true)` if it is new and must be routed, `Ok(false)` if it
@@ -370,10 +424,16 @@ impl Session {
     }
 
     /// The next time [`Session::on_timeout`] has work: a retry (only when `online`) or an
-    /// inbound QoS 2 id expiring.
+    /// inbound QoS 2 id expiring. Entries still to be resent after a reconnect wait for
+    /// [`Session::refill`], not for a timer.
     pub fn next_deadline(&self, online: bool, lim: &SessionLimits) -> Option<Timestamp> {
-        let retry = match lim.retry_interval {
-            Some(r) if online => self.inflight().iter().map(|e| e.sent_at.after(r)).min(),
+        let retry = match (lim.retry_interval, self.flows.as_deref()) {
+            (Some(r), Some(f)) if online => f
+                .inflight
+                .iter()
+                .take(f.inflight.len() - f.unsent)
+                .map(|e| e.sent_at.after(r))
+                .min(),
             _ => None,
         };
         let rel = lim
@@ -385,23 +445,29 @@ impl Session {
         }
     }
 
-    /// Resends what is due (when `out` is given) and forgets expired inbound QoS 2 ids.
-    /// Returns (deliveries resent, QoS 2 ids expired).
+    /// Resends what is due (when `out` is given) and forgets expired inbound QoS 2 ids. A due
+    /// resend that finds the outbox at its limit is put off by one more interval. Returns
+    /// (deliveries resent, QoS 2 ids expired).
     pub fn on_timeout(
         &mut self,
         now: Timestamp,
         lim: &SessionLimits,
-        out: Option<&mut BytesMut>,
+        out: Option<Outbox<'_>>,
     ) -> (usize, usize) {
         let Some(f) = self.flows.as_deref_mut() else {
             return (0, 0);
         };
         let mut resent = 0;
         if let (Some(r), Some(out)) = (lim.retry_interval, out) {
-            for e in f.inflight.iter_mut() {
+            let sent = f.inflight.len() - f.unsent;
+            for e in f.inflight.iter_mut().take(sent) {
                 if e.sent_at.after(r) <= now {
-                    Flows::resend(e, now, out);
-                    resent += 1;
+                    if out.has_room() {
+                        Flows::resend(e, now, out.bytes);
+                        resent += 1;
+                    } else {
+                        e.sent_at = now;
+                    }
                 }
             }
         }
@@ -470,16 +536,41 @@ impl Flows {
         });
     }
 
+    /// Resends the window's entries still unsent on this connection, then drains the queue,
+    /// while the outbox has room. Returns the PUBLISH packets written.
+    fn refill(
+        &mut self,
+        last: &mut u16,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: &mut Outbox<'_>,
+    ) -> usize {
+        let mut sent = 0;
+        while self.unsent > 0 && out.has_room() {
+            let i = self.inflight.len() - self.unsent;
+            let e = &mut self.inflight[i];
+            Flows::resend(e, now, out.bytes);
+            sent += (e.phase == Phase::Published) as usize;
+            self.unsent -= 1;
+        }
+        if self.unsent > 0 {
+            return sent;
+        }
+        sent + self.drain(last, now, lim, out)
+    }
+
     fn drain(
         &mut self,
         last: &mut u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: &mut BytesMut,
+        out: &mut Outbox<'_>,
     ) -> usize {
         let mut sent = 0;
         while let Some(front) = self.queue.front() {
-            if front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight {
+            if !out.has_room()
+                || (front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight)
+            {
                 break;
             }
             let Some(q) = self.queue.pop_front() else {
@@ -493,10 +584,10 @@ impl Flows {
                     q.msg.topic.as_bytes(),
                     0,
                     &q.msg.payload,
-                    out,
+                    out.bytes,
                 );
             } else {
-                self.send_new(last, q.msg, q.qos, q.retain, now, out);
+                self.send_new(last, q.msg, q.qos, q.retain, now, out.bytes);
             }
             sent += 1;
         }

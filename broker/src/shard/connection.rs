@@ -20,9 +20,11 @@ use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
@@ -48,6 +50,8 @@ struct Driver {
 enum End {
     /// The engine asked to close (after flushing).
     Closed,
+    /// The engine gave up flushing a closing connection: reset it.
+    Reset,
     /// The peer closed or the socket failed.
     Transport,
     /// Idle: hand the socket to the parking lot.
@@ -79,6 +83,12 @@ pub async fn drive(ctx: Rc<ConnCtx>, stream: TcpStream, id: ConnId) {
         End::Closed => {
             let _ = stream.shutdown(Shutdown::Both).await;
         }
+        End::Reset => {
+            // SO_LINGER 0: close() sends RST and drops what the kernel still holds.
+            // SAFETY: the descriptor belongs to `stream`, which outlives the borrow.
+            let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+        }
         End::Transport => {}
     }
     ctx.engine.borrow_mut().conn_closed(id, Timestamp::now());
@@ -101,6 +111,8 @@ impl Driver {
                 return Poll::Pending;
             }
             let now = Timestamp::now();
+            // Whatever the engine did with the input (a CONNACK, a close), the next round looks
+            // at the connection's state again before reading more.
             if status.readable && !self.partial.is_empty() && self.process(&mut e, None, now) {
                 continue;
             }
@@ -109,7 +121,7 @@ impl Driver {
                 match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Transport),
                     Poll::Ready(Ok(n)) => {
-                        e.count_io(n, 0);
+                        e.count_received(n);
                         e.note_io(self.id, now);
                         drop(scratch);
                         let data = ctx.scratch.borrow();
@@ -158,19 +170,21 @@ impl Driver {
             // An idle connection keeps no buffer; the next delivery allocates one.
             *out = BytesMut::new();
         }
-        e.count_io(0, sent);
-        if sent > 0 {
-            e.note_io(self.id, Timestamp::now());
-        }
+        e.conn_flushed(self.id, sent, Timestamp::now());
         if failed {
             return Some(End::Transport);
         }
-        let close = e.conn_status(self.id).is_none_or(|s| s.close);
-        (close && empty).then_some(End::Closed)
+        match e.conn_status(self.id) {
+            None => Some(End::Transport),
+            Some(s) if s.close && s.reset => Some(End::Reset),
+            Some(s) if s.close && empty => Some(End::Closed),
+            Some(_) => None,
+        }
     }
 
     /// Decodes and handles complete packets from the partial buffer followed by `fresh`.
-    /// Returns whether any packet was handled.
+    /// Returns whether it made progress: handled a packet or met bad input (which closes the
+    /// connection), so the caller must look at the connection's state again.
     fn process(&mut self, e: &mut Engine, fresh: Option<&[u8]>, now: Timestamp) -> bool {
         let use_partial = !self.partial.is_empty();
         if let (true, Some(f)) = (use_partial, fresh) {
@@ -198,6 +212,7 @@ impl Driver {
                 Err(err) => {
                     e.handle_decode_error(self.id, &err, now);
                     used = data.len();
+                    handled = true;
                     break;
                 }
             }

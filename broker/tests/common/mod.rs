@@ -60,6 +60,41 @@ impl Broker {
         self.handle.as_ref().unwrap()
     }
 
+    /// Connections accepted so far by each shard, once the stats show `total` in all (stats
+    /// are published every 100 ms).
+    pub fn accepted_when(&self, total: u64) -> Vec<u64> {
+        let start = Instant::now();
+        loop {
+            let per_shard: Vec<u64> = self
+                .handle()
+                .stats()
+                .iter()
+                .map(|s| s.metrics.connections_accepted)
+                .collect();
+            if per_shard.iter().sum::<u64>() >= total {
+                return per_shard;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "stats show {per_shard:?} accepted, expected {total} in all"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Opens a connection and tells which shard accepted it. `known` holds the accepts of each
+    /// shard so far (every connection to this broker must be counted in it, as
+    /// [`Broker::accepted_when`] returns it); it is updated with this one.
+    pub fn open_located(&self, known: &mut Vec<u64>) -> (Raw, usize) {
+        let r = Raw::open(self.addr);
+        let now = self.accepted_when(known.iter().sum::<u64>() + 1);
+        let shard = (0..now.len())
+            .find(|&i| now[i] > known[i])
+            .expect("one shard's count moved");
+        *known = now;
+        (r, shard)
+    }
+
     /// Waits until `f` holds for the summed counters.
     pub fn wait_metrics(&self, what: &str, f: impl Fn(&shardmq::core::metrics::Metrics) -> bool) {
         let start = Instant::now();

@@ -13,7 +13,6 @@ fn lim() -> SessionLimits {
         retry_interval: Some(Duration::from_secs(10)),
         max_awaiting_rel: 2,
         await_rel_timeout: Some(Duration::from_secs(30)),
-        max_write_buffer: 1 << 20,
     }
 }
 
@@ -39,7 +38,14 @@ fn deliver(
     lim: &SessionLimits,
     out: Option<&mut BytesMut>,
 ) -> Delivery {
-    s.deliver(&msg(n, qos), qos, false, now, lim, out)
+    s.deliver(
+        &msg(n, qos),
+        qos,
+        false,
+        now,
+        lim,
+        out.map(Outbox::unlimited),
+    )
 }
 
 fn packets(out: &mut BytesMut) -> Vec<Packet> {
@@ -77,16 +83,19 @@ fn qos1_window_queue_and_order() {
     // QoS 0 behind a non-empty queue waits its turn (per-topic order).
     deliver(&mut s, 5, QoS::AtMostOnce, now, &l, Some(&mut out));
     assert!(out.is_empty());
-    assert_eq!(s.on_puback(1, now, &l, &mut out), Ok(1));
+    assert_eq!(s.on_puback(1, now, &l, Outbox::unlimited(&mut out)), Ok(1));
     assert_eq!(
         packets(&mut out).iter().map(publish).collect::<Vec<_>>(),
         vec![(3, false, "3".into())]
     );
-    assert_eq!(s.on_puback(2, now, &l, &mut out), Ok(2));
+    assert_eq!(s.on_puback(2, now, &l, Outbox::unlimited(&mut out)), Ok(2));
     let p = packets(&mut out);
     assert_eq!(publish(&p[0]), (4, false, "4".into()));
     assert_eq!(publish(&p[1]), (0, false, "5".into()));
-    assert_eq!(s.on_puback(2, now, &l, &mut out), Err(UnknownPacketId(2)));
+    assert_eq!(
+        s.on_puback(2, now, &l, Outbox::unlimited(&mut out)),
+        Err(UnknownPacketId(2))
+    );
 }
 
 #[test]
@@ -136,13 +145,13 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
         true,
         Timestamp(0),
         &l,
-        Some(&mut out),
+        Some(Outbox::unlimited(&mut out)),
     );
     packets(&mut out);
     s.on_pubrec(1, Timestamp(1), &mut out).unwrap();
     assert_eq!(packets(&mut out), vec![Packet::Pubrel(1)]);
     // The connection drops; on reconnect: PUBREL for 1, PUBLISH DUP for 2 (retain kept).
-    assert_eq!(s.resume(Timestamp(2), &l, &mut out), 1);
+    assert_eq!(s.resume(Timestamp(2), &l, Outbox::unlimited(&mut out)), 1);
     let p = packets(&mut out);
     assert_eq!(p[0], Packet::Pubrel(1));
     let Packet::Publish(ref p2) = p[1] else {
@@ -150,11 +159,14 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
     };
     assert!(p2.dup && p2.retain && p2.packet_id == 2);
     assert_eq!(
-        s.on_pubcomp(2, Timestamp(3), &l, &mut out),
+        s.on_pubcomp(2, Timestamp(3), &l, Outbox::unlimited(&mut out)),
         Err(UnknownPacketId(2)),
         "PUBCOMP before PUBREC"
     );
-    assert_eq!(s.on_pubcomp(1, Timestamp(3), &l, &mut out), Ok(0));
+    assert_eq!(
+        s.on_pubcomp(1, Timestamp(3), &l, Outbox::unlimited(&mut out)),
+        Ok(0)
+    );
     assert_eq!(s.inflight().len(), 1);
 }
 
@@ -174,9 +186,15 @@ fn retry_interval_resends_with_dup() {
     packets(&mut out);
     assert_eq!(s.next_deadline(true, &l), Some(Timestamp(11_000)));
     assert_eq!(s.next_deadline(false, &l), None);
-    assert_eq!(s.on_timeout(Timestamp(10_999), &l, Some(&mut out)), (0, 0));
+    assert_eq!(
+        s.on_timeout(Timestamp(10_999), &l, Some(Outbox::unlimited(&mut out))),
+        (0, 0)
+    );
     assert!(out.is_empty());
-    assert_eq!(s.on_timeout(Timestamp(11_000), &l, Some(&mut out)), (1, 0));
+    assert_eq!(
+        s.on_timeout(Timestamp(11_000), &l, Some(Outbox::unlimited(&mut out))),
+        (1, 0)
+    );
     assert_eq!(publish(&packets(&mut out)[0]), (1, true, "1".into()));
     assert_eq!(s.next_deadline(true, &l), Some(Timestamp(21_000)));
     let mut no_retry = l;
@@ -245,7 +263,7 @@ fn a_delivery_stuck_in_flight_keeps_its_id_through_a_wrap() {
         let id = s.inflight().back().unwrap().packet_id;
         assert_ne!(id, 1, "message {n} took the id still in flight");
         seen.insert(id);
-        s.on_puback(id, t, &l, &mut out).unwrap();
+        s.on_puback(id, t, &l, Outbox::unlimited(&mut out)).unwrap();
         out.clear();
     }
     assert_eq!(seen.len(), 65_534, "every other id was used");
@@ -254,14 +272,19 @@ fn a_delivery_stuck_in_flight_keeps_its_id_through_a_wrap() {
 
 #[test]
 fn slow_consumer_drops_qos0() {
-    let l = SessionLimits {
-        max_write_buffer: 10,
-        ..lim()
-    };
+    let l = lim();
     let mut s = Session::new("c".into(), true, Timestamp(0));
     let mut out = BytesMut::from(&[0u8; 10][..]);
+    let t = Timestamp(0);
     assert_eq!(
-        deliver(&mut s, 1, QoS::AtMostOnce, Timestamp(0), &l, Some(&mut out)),
+        s.deliver(
+            &msg(1, QoS::AtMostOnce),
+            QoS::AtMostOnce,
+            false,
+            t,
+            &l,
+            Some(Outbox::new(&mut out, 10))
+        ),
         Delivery::DroppedSlowConsumer
     );
 }
@@ -297,7 +320,8 @@ fn delivery_state_is_allocated_on_demand_and_freed_when_idle() {
     let pid = s.inflight()[0].packet_id;
     s.shrink();
     assert_eq!(s.inflight().len(), 1, "shrink keeps pending deliveries");
-    s.on_puback(pid, Timestamp(1), &l, &mut out).unwrap();
+    s.on_puback(pid, Timestamp(1), &l, Outbox::unlimited(&mut out))
+        .unwrap();
     assert!(s.flows.is_some());
     s.shrink();
     assert!(s.flows.is_none(), "nothing pending: freed");
@@ -319,4 +343,126 @@ fn delivery_state_is_allocated_on_demand_and_freed_when_idle() {
     assert!(s.on_pubrel(5));
     s.shrink();
     assert!(s.flows.is_none());
+}
+
+#[test]
+fn a_full_outbox_queues_qos1_and_drops_qos0_until_refilled() {
+    let l = SessionLimits {
+        max_inflight: 10,
+        ..lim()
+    };
+    let t = Timestamp(0);
+    let mut s = Session::new("c".into(), false, t);
+    let mut out = BytesMut::new();
+    // Each PUBLISH of message n (one-digit payload) takes 8 bytes: room for two under 12.
+    for n in 1..=3 {
+        s.deliver(
+            &msg(n, QoS::AtLeastOnce),
+            QoS::AtLeastOnce,
+            false,
+            t,
+            &l,
+            Some(Outbox::new(&mut out, 12)),
+        );
+    }
+    assert_eq!(s.inflight().len(), 2);
+    assert_eq!(s.queue().len(), 1);
+    assert!(
+        s.wants_room(&l),
+        "the window has room: only the outbox holds it back"
+    );
+    let written: Vec<_> = packets(&mut out).iter().map(publish).collect();
+    assert_eq!(
+        written,
+        vec![(1, false, "1".into()), (2, false, "2".into())]
+    );
+    // The client read everything: the queue follows, in order.
+    assert_eq!(s.refill(t, &l, Outbox::new(&mut out, 12)), 1);
+    assert_eq!(publish(&packets(&mut out)[0]), (3, false, "3".into()));
+    assert!(!s.wants_room(&l));
+    // QoS 0 to a full outbox is dropped, not queued.
+    let mut full = BytesMut::from(&[0u8; 12][..]);
+    assert_eq!(
+        s.deliver(
+            &msg(4, QoS::AtMostOnce),
+            QoS::AtMostOnce,
+            false,
+            t,
+            &l,
+            Some(Outbox::new(&mut full, 12))
+        ),
+        Delivery::DroppedSlowConsumer
+    );
+    assert!(s.queue().is_empty());
+}
+
+#[test]
+fn resume_resends_the_window_as_far_as_the_outbox_allows() {
+    let l = SessionLimits {
+        max_inflight: 10,
+        ..lim()
+    };
+    let t = Timestamp(0);
+    let mut s = Session::new("c".into(), false, t);
+    for n in 1..=4 {
+        deliver(
+            &mut s,
+            n,
+            QoS::AtLeastOnce,
+            t,
+            &l,
+            Some(&mut BytesMut::new()),
+        );
+    }
+    deliver(&mut s, 5, QoS::AtLeastOnce, t, &l, None);
+    assert_eq!((s.inflight().len(), s.queue().len()), (4, 1));
+    // Reconnect with room for two resends.
+    let mut out = BytesMut::new();
+    assert_eq!(s.resume(Timestamp(1), &l, Outbox::new(&mut out, 12)), 2);
+    let resent: Vec<_> = packets(&mut out).iter().map(publish).collect();
+    assert_eq!(resent, vec![(1, true, "1".into()), (2, true, "2".into())]);
+    // A new delivery waits behind the resends still due.
+    deliver(&mut s, 6, QoS::AtLeastOnce, t, &l, Some(&mut out));
+    assert!(out.is_empty());
+    // The client acknowledges 4 (from before the reconnect) and 1; retries skip unsent 3.
+    s.on_puback(4, t, &l, Outbox::new(&mut out, 0)).unwrap();
+    s.on_puback(1, t, &l, Outbox::new(&mut out, 0)).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(
+        s.next_deadline(true, &l),
+        Some(Timestamp(1).after(Duration::from_secs(10))),
+        "only the resent entry (2) has a retry"
+    );
+    // Room again: 3 is resent, then the queue drains in order.
+    assert_eq!(s.refill(t, &l, Outbox::unlimited(&mut out)), 3);
+    let rest: Vec<_> = packets(&mut out).iter().map(publish).collect();
+    assert_eq!(
+        rest,
+        vec![
+            (3, true, "3".into()),
+            (5, false, "5".into()),
+            (6, false, "6".into())
+        ]
+    );
+}
+
+#[test]
+fn a_retry_that_finds_the_outbox_full_waits_another_interval() {
+    let l = lim();
+    let mut s = Session::new("c".into(), false, Timestamp(0));
+    deliver(
+        &mut s,
+        1,
+        QoS::AtLeastOnce,
+        Timestamp(0),
+        &l,
+        Some(&mut BytesMut::new()),
+    );
+    let mut full = BytesMut::from(&[0u8; 4][..]);
+    assert_eq!(
+        s.on_timeout(Timestamp(10_000), &l, Some(Outbox::new(&mut full, 4))),
+        (0, 0)
+    );
+    assert_eq!(full.len(), 4, "nothing written");
+    assert_eq!(s.next_deadline(true, &l), Some(Timestamp(20_000)));
 }
