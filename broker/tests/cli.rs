@@ -5,20 +5,10 @@
 
 mod common;
 
+use common::process::*;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shardmq"));
-    c.env_remove("RUST_LOG");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SHARDMQ_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
 
 #[test]
 fn print_config_shows_the_effective_configuration() {
@@ -75,53 +65,6 @@ fn shipped_profile_loads_by_name() {
     );
     let cfg = shardmq::config::from_toml_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
     assert_eq!(cfg.shards.channel_capacity, 64);
-}
-
-fn spawn_broker(bind: &str) -> Child {
-    bin()
-        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", bind)
-        .env("SHARDMQ_LOG__LEVEL", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Reads the log until the listen line and returns the address it names.
-fn listen_addr(child: &mut Child) -> (std::net::SocketAddr, BufReader<std::process::ChildStderr>) {
-    let mut r = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            r.read_line(&mut line).unwrap() > 0,
-            "broker exited before listening"
-        );
-        if line.contains("listening for MQTT") {
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap();
-            return (addr.parse().unwrap(), r);
-        }
-    }
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if start.elapsed() > within {
-            let _ = child.kill();
-            panic!("broker did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -270,4 +213,75 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}
+
+/// A supervisor restarts the broker the moment it exits: the new start must find the port
+/// free every time (the old process closes its listening sockets before it exits).
+#[test]
+fn an_immediate_restart_on_the_same_port_always_starts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    for round in 0..50 {
+        let mut child = spawn_broker(&bind);
+        let mut log = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if log.read_line(&mut line).unwrap() == 0 {
+                let status = child.wait().unwrap();
+                panic!("round {round}: the broker did not start ({status}): {seen}");
+            }
+            seen.push_str(&line);
+            if line.contains("listening for MQTT") {
+                break;
+            }
+        }
+        if round % 2 == 0 {
+            let mut c = common::Raw::ok(bind.parse().unwrap(), "restart");
+            c.ping();
+        }
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_exit(&mut child, Duration::from_secs(5));
+        assert!(status.success(), "round {round}: {status:?}");
+        assert!(
+            std::net::TcpStream::connect(&bind).is_err(),
+            "round {round}: the port still accepts connections after the broker exited"
+        );
+    }
+}
+
+/// A panic on one shard stops the whole broker with one line naming the shard (debug builds
+/// have a fault hook that makes a shard panic), rather than leaving it running half-dead.
+#[test]
+fn a_panic_on_a_shard_stops_the_broker_with_a_line_naming_it() {
+    let shards = shardmq::config::available_cpus().len().min(2);
+    let target = shards - 1;
+    let mut child = bin()
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_LOG__LEVEL", "info")
+        .env("SHARDMQTEST_PANIC_SHARD", target.to_string())
+        .env("SHARDMQTEST_PANIC_AFTER_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, mut log) = listen_addr(&mut child);
+    let mut c = common::Raw::ok(addr, "before-the-panic");
+    c.ping();
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(!status.success(), "{status:?}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut log, &mut rest).unwrap();
+    let lines: Vec<&str> = rest
+        .lines()
+        .filter(|l| l.contains(&format!("shard {target} panicked")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{rest}");
+    assert!(lines[0].contains("SHARDMQTEST_PANIC_SHARD"), "{rest}");
+    assert!(c.expect_closed().is_empty(), "the clients' connections end");
 }

@@ -387,12 +387,30 @@ fn unsubscribe_stops_delivery() {
     s.expect_silence(Duration::from_millis(300));
 }
 
+/// One publisher's messages on one topic reach a subscriber in order, with the two clients on
+/// different shards (and each client id owned by the other client's shard).
 #[test]
 fn messages_from_one_publisher_arrive_in_order() {
     let b = Broker::with_shards(2);
-    let mut s = Raw::ok(b.addr, "s");
+    assert_eq!(b.handle().stats().len(), 2, "this test needs 2 CPUs");
+    let mut known = b.accepted_when(0);
+    let (mut s, sub_shard) = b.open_located(&mut known);
+    let p = loop {
+        let (p, shard) = b.open_located(&mut known);
+        if shard != sub_shard {
+            break p;
+        }
+    };
+    let owned_by = |shard: usize, prefix: &str| {
+        (0..)
+            .map(|k| format!("{prefix}{k}"))
+            .find(|id| shardmq::core::route::owner_shard(id.as_bytes(), 2) == shard)
+            .unwrap()
+    };
+    s.handshake(&owned_by(1 - sub_shard, "s"), true, 60);
     s.subscribe(&[("ord/#", QoS::AtLeastOnce)]);
-    let mut p = Raw::ok(b.addr, "p");
+    let mut p = p;
+    p.handshake(&owned_by(sub_shard, "p"), true, 60);
     for i in 0..500u16 {
         p.publish(
             "ord/t",

@@ -158,3 +158,86 @@ fn fan_out_across_shards_reaches_every_subscriber_once() {
         s.expect_silence(Duration::from_millis(50));
     }
 }
+
+/// A persistent subscriber moves to the other shard while a publisher keeps publishing QoS 1
+/// messages: the new connection gets everything the old one did not acknowledge, in the order
+/// it was published, nothing twice but DUP resends. Run with the client id owned by the shard
+/// it moves to and by the one it leaves.
+#[test]
+fn a_session_moving_between_shards_keeps_the_publishers_order() {
+    // Queues that keep every message the client is not there to take.
+    let mut cfg = config(2);
+    cfg.mqtt.max_mqueue_len = 100_000;
+    let b = Broker::start(cfg);
+    assert_eq!(b.handle().stats().len(), 2, "this test needs 2 CPUs");
+    let mut known = b.accepted_when(0);
+    for owned_by_new_shard in [true, false] {
+        let (mut old, from) = b.open_located(&mut known);
+        let to = 1 - from;
+        let id = (0..)
+            .map(|k| format!("mover-{owned_by_new_shard}-{k}"))
+            .find(|id| {
+                let owner = shardmq::core::route::owner_shard(id.as_bytes(), 2);
+                (owner == to) == owned_by_new_shard
+            })
+            .unwrap();
+        let topic = format!("move/{owned_by_new_shard}");
+        old.handshake(&id, false, 60);
+        old.subscribe(&[(&topic, QoS::AtLeastOnce)]);
+        let (mut publ, _) = b.open_located(&mut known);
+        publ.handshake(&format!("mover-pub-{owned_by_new_shard}"), true, 60);
+        const N: u32 = 3000;
+        let publishing = {
+            let topic = topic.clone();
+            std::thread::spawn(move || {
+                for i in 1..=N {
+                    let pid = (i % 65_535) as u16 + 1;
+                    publ.publish(&topic, &i.to_be_bytes(), QoS::AtLeastOnce, false, pid);
+                    assert_eq!(publ.recv(), Some(Packet::Puback(pid)));
+                }
+            })
+        };
+        // The old connection reads and acknowledges a while, then its client moves.
+        let mut acked = 0u32;
+        while acked < 200 {
+            let m = old.next_publish();
+            let k = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+            assert_eq!(k, acked + 1, "old connection in order");
+            acked = k;
+        }
+        let new = loop {
+            let (r, shard) = b.open_located(&mut known);
+            if shard == to {
+                break r;
+            }
+        };
+        let mut new = new;
+        new.send(&Packet::Connect(Box::new(connect_packet(
+            &id,
+            false,
+            shardmq::protocol::mqtt::ProtocolLevel::V311,
+            60,
+            None,
+        ))));
+        match new.recv() {
+            Some(Packet::Connack(a)) => assert!(a.session_present, "{a:?}"),
+            other => panic!("{other:?}"),
+        }
+        old.drain_until_closed();
+        let mut last = acked;
+        while last < N {
+            let m = new.next_publish();
+            let k = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
+            if m.dup && k <= last {
+                continue; // a resend of what the old connection had and did not acknowledge
+            }
+            assert_eq!(k, last + 1, "in order after the move (dup {})", m.dup);
+            last = k;
+        }
+        publishing.join().unwrap();
+        new.expect_silence(Duration::from_millis(200));
+        new.send(&Packet::Disconnect);
+    }
+    let m = b.handle().metrics();
+    assert!(m.sessions_moved >= 2, "{m:?}");
+}

@@ -152,6 +152,12 @@ pub struct TcpListenerConfig {
     pub max_connections: usize,
     /// TCP_NODELAY on accepted sockets. EMQX: `listener.tcp.external.nodelay`.
     pub nodelay: bool,
+    /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning (`net.ipv4.tcp_wmem`).
+    /// EMQX: `listener.tcp.external.sndbuf`.
+    pub sndbuf: ByteSize,
+    /// SO_RCVBUF of accepted sockets; "0" leaves the kernel's autotuning (`net.ipv4.tcp_rmem`).
+    /// EMQX: `listener.tcp.external.recbuf`.
+    pub recbuf: ByteSize,
 }
 
 impl Default for TcpListenerConfig {
@@ -162,6 +168,8 @@ impl Default for TcpListenerConfig {
             backlog: 1024,
             max_connections: 1_000_000,
             nodelay: true,
+            sndbuf: ByteSize(0),
+            recbuf: ByteSize(0),
         }
     }
 }

@@ -58,19 +58,25 @@ impl ShardSet {
 /// Filter → other shards subscribed to it.
 pub type RouteTable = TopicTrie<ShardSet>;
 
-/// The shard that owns `key` among `shards` shards. Every shard of a process computes the same
-/// answer (fixed seeds).
+/// The shard that owns `key` among `shards` shards. Every shard computes the same answer, and
+/// so does every build of any version: the hash is spelled out here (FNV-1a over the bytes,
+/// then the splitmix64 finalizer to spread them), not borrowed from a hasher whose output may
+/// change with its version or the CPU features it was compiled for.
 pub fn owner_shard(key: &[u8], shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
-    let state = ahash::RandomState::with_seeds(
-        0x5348_4152_444d_5131,
-        0x9e37_79b9_7f4a_7c15,
-        0xc2b2_ae3d_27d4_eb4f,
-        0x1656_67b1_9e37_79f9,
-    );
-    (state.hash_one(key) % shards as u64) as usize
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h % shards as u64) as usize
 }
 
 #[cfg(test)]
@@ -88,14 +94,35 @@ mod tests {
         assert!(!s.contains(5) && s.contains(127));
     }
 
+    /// Owners are fixed by the hash: these are the owners of `client-0` … `client-11`. A
+    /// change here places client ids and retained topics on other shards, so it must be a
+    /// deliberate one.
     #[test]
-    fn owners_spread_and_agree() {
+    fn owners_are_fixed() {
+        let golden: [(usize, [usize; 12]); 4] = [
+            (2, [1, 0, 1, 0, 1, 0, 0, 1, 1, 0, 0, 1]),
+            (3, [0, 1, 1, 1, 2, 0, 2, 0, 2, 2, 1, 2]),
+            (4, [3, 2, 1, 0, 1, 2, 2, 3, 3, 2, 2, 3]),
+            (16, [11, 2, 9, 4, 5, 10, 2, 7, 3, 6, 10, 3]),
+        ];
+        for (shards, owners) in golden {
+            for (i, want) in owners.into_iter().enumerate() {
+                let key = format!("client-{i}");
+                assert_eq!(
+                    owner_shard(key.as_bytes(), shards),
+                    want,
+                    "{key} of {shards}"
+                );
+            }
+        }
+        assert_eq!(owner_shard(b"anything", 1), 0);
+    }
+
+    #[test]
+    fn owners_spread() {
         let mut counts = [0usize; 4];
         for i in 0..4000 {
-            let k = format!("client-{i}");
-            let o = owner_shard(k.as_bytes(), 4);
-            assert_eq!(o, owner_shard(k.as_bytes(), 4));
-            counts[o] += 1;
+            counts[owner_shard(format!("client-{i}").as_bytes(), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
     }

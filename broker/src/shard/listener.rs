@@ -11,7 +11,7 @@ use glommio::{spawn_local, Task};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 use tracing::warn;
@@ -25,16 +25,47 @@ pub fn probe(addr: SocketAddr) -> io::Result<SocketAddr> {
     probe.local_addr()
 }
 
-/// Binds one shard's socket for a listener.
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// Binds one shard's socket for a listener. Returns it with a second descriptor of the same
+/// socket, for [`stop_listening`] at shutdown.
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, OwnedFd)> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_port(true)?;
     sock.set_reuse_address(true)?;
     sock.set_cloexec(true)?;
     sock.bind(&addr.into())?;
     sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    let second = OwnedFd::from(sock.try_clone()?);
     // SAFETY: the descriptor is a bound, listening TCP socket that we own and hand over.
-    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
+    Ok((
+        unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) },
+        second,
+    ))
+}
+
+/// Stops the socket behind `fd` listening, at once. glommio closes its own descriptor of a
+/// listener through io_uring, which may complete only after the process has exited (the ring
+/// is torn down asynchronously); meanwhile the port would still accept connections and refuse
+/// a restarted broker.
+pub fn stop_listening(fd: OwnedFd) {
+    // SAFETY: shutdown(2) on a socket descriptor we own; it takes effect whoever else still
+    // refers to the socket.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// Applies the listener's socket buffer sizes to an accepted socket (best effort).
+fn set_buffers(stream: &glommio::net::TcpStream, cfg: &TcpListenerConfig) {
+    if cfg.sndbuf.0 == 0 && cfg.recbuf.0 == 0 {
+        return;
+    }
+    // SAFETY: the descriptor belongs to `stream`, which outlives the borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    if cfg.sndbuf.0 > 0 {
+        let _ = sock.set_send_buffer_size(cfg.sndbuf.as_usize());
+    }
+    if cfg.recbuf.0 > 0 {
+        let _ = sock.set_recv_buffer_size(cfg.recbuf.as_usize());
+    }
 }
 
 /// Accepts connections until the task is dropped.
@@ -57,6 +88,7 @@ pub fn spawn_accept(
                         continue;
                     }
                     let _ = stream.set_nodelay(cfg.nodelay);
+                    set_buffers(&stream, &cfg);
                     let peer = stream
                         .peer_addr()
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));

@@ -139,7 +139,7 @@ impl ParkingLot {
         WAKE_TARGET.with(|t| *t.borrow_mut() = Some((lot.woken.clone(), lot.promoter.clone())));
         let ready = lot.ready.clone();
         std::thread::Builder::new()
-            .name("shardmq-park".into())
+            .name(format!("shard{}-park", ctx.engine.borrow().shard()))
             .spawn(move || watch(epoll, ready, bell_tx, shutdown))?;
         // SAFETY: a connected, non-blocking socket we own and hand over.
         let bell = unsafe { UnixStream::from_raw_fd(bell_rx.into_raw_fd()) };

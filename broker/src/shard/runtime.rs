@@ -20,11 +20,12 @@ use serde::Serialize;
 use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, Once};
 use std::time::{Duration, Instant};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Why the broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +145,63 @@ fn memlock_soft_limit() -> Option<u64> {
     (ok && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
 }
 
+/// The shard a thread belongs to, from its name (`shard3`, `shard3-park`).
+fn shard_of_thread(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("shard")?;
+    let digits = rest.split('-').next()?;
+    digits.parse().ok()
+}
+
+/// Makes a panic on any shard's thread stop the whole process, with one line naming the
+/// shard. A broker with a dead shard would run half-dead: the other shards would keep queueing
+/// messages to it, and every SUBACK would wait forever for its route acknowledgement. A
+/// supervisor (systemd `Restart=`) then starts it afresh. Panics on other threads go to the
+/// hook that was there before.
+fn abort_on_shard_panic() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            let Some(shard) = thread.name().and_then(shard_of_thread) else {
+                return previous(info);
+            };
+            let what = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            let at = info
+                .location()
+                .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+            eprintln!("shardmq: shard {shard} panicked{at}: {what}; aborting the broker");
+            std::process::abort();
+        }));
+    });
+}
+
+/// The debug-only fault hook: `SHARDMQTEST_PANIC_SHARD=N` makes shard N panic
+/// `SHARDMQTEST_PANIC_AFTER_MS` (default 500) milliseconds after it started. Release builds
+/// ignore both.
+fn debug_panic_after(shard: usize) -> Option<Duration> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let target: usize = std::env::var("SHARDMQTEST_PANIC_SHARD")
+        .ok()?
+        .parse()
+        .ok()?;
+    let after = std::env::var("SHARDMQTEST_PANIC_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    (target == shard).then(|| Duration::from_millis(after))
+}
+
 /// Starts the broker described by `cfg` (already validated).
 pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
+    abort_on_shard_panic();
     let cpus = cfg.shard_cpus();
     let shards = cpus.len();
     let mqtt_shards = cfg.mqtt_shards();
@@ -346,7 +402,23 @@ impl BrokerHandle {
                 Err(e) => errors.push((shard, e.to_string())),
             }
         }
+        for (name, addr) in &self.listeners {
+            wait_port_released(name, *addr);
+        }
         errors
+    }
+}
+
+/// Waits (at most a second) until nothing listens on `addr` any more, so that a supervisor
+/// restarting the broker the moment it exits finds the port free.
+fn wait_port_released(name: &str, addr: SocketAddr) {
+    let started = Instant::now();
+    while listener::probe(addr).is_err() {
+        if started.elapsed() > Duration::from_secs(1) {
+            warn!(listener = %name, %addr, "the port is still in use after shutdown");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -433,6 +505,12 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     }
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
     let timer_task = spawn_local(run_timers(engine.clone()));
+    let fault_task = debug_panic_after(shard).map(|after| {
+        spawn_local(async move {
+            sleep(after).await;
+            panic!("fault injected by SHARDMQTEST_PANIC_SHARD");
+        })
+    });
     let publish_stats = {
         let engine = engine.clone();
         let stats = stats.clone();
@@ -479,15 +557,20 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         }
     });
     let mut accept_tasks = Vec::new();
+    // A second descriptor of every listening socket, to stop it listening at shutdown.
+    let mut listening: Vec<OwnedFd> = Vec::new();
     if mqtt {
         for (name, addr, lcfg) in &listeners {
             match listener::bind(*addr, lcfg.backlog) {
-                Ok(l) => accept_tasks.push(listener::spawn_accept(
-                    name.clone(),
-                    l,
-                    lcfg.clone(),
-                    ctx.clone(),
-                )),
+                Ok((l, fd)) => {
+                    listening.push(fd);
+                    accept_tasks.push(listener::spawn_accept(
+                        name.clone(),
+                        l,
+                        lcfg.clone(),
+                        ctx.clone(),
+                    ))
+                }
                 Err(e) => {
                     let msg = format!("listener {name}: cannot bind {addr}: {e}");
                     let _ = report.send(Err(msg.clone()));
@@ -499,6 +582,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     let _ = report.send(Ok(()));
     wait_for_shutdown(&shutdown).await;
     drop(accept_tasks);
+    listening.into_iter().for_each(listener::stop_listening);
     engine.borrow_mut().close_all(Timestamp::now());
     let started = Instant::now();
     while engine.borrow().connection_count() > 0 && started.elapsed() < DRAIN_TIMEOUT {
@@ -507,6 +591,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     publish_stats();
     drop(stats_task);
     drop(timer_task);
+    drop(fault_task);
     drop(mesh_tasks);
     drop(park_task);
     ctx.parking.borrow_mut().take();

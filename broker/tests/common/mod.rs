@@ -95,6 +95,24 @@ impl Broker {
         (r, shard)
     }
 
+    /// Open connections over all shards (from the stats, at most 100 ms old).
+    pub fn connections(&self) -> usize {
+        self.handle().stats().iter().map(|s| s.connections).sum()
+    }
+
+    /// Waits until the broker has `n` connections open.
+    pub fn wait_connections(&self, n: usize, within: Duration) {
+        let start = Instant::now();
+        while self.connections() != n {
+            assert!(
+                start.elapsed() < within,
+                "{} connections open after {within:?}, expected {n}",
+                self.connections()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until `f` holds for the summed counters.
     pub fn wait_metrics(&self, what: &str, f: impl Fn(&shardmq::core::metrics::Metrics) -> bool) {
         let start = Instant::now();
@@ -136,6 +154,42 @@ impl Raw {
             stream,
             buf: BytesMut::new(),
             level: ProtocolLevel::V311,
+        }
+    }
+
+    /// Opens a connection whose socket has a receive buffer of (about) `rcvbuf` bytes, so a
+    /// client that does not read makes the broker's side fill up soon.
+    pub fn open_small(addr: SocketAddr, rcvbuf: usize) -> Raw {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        sock.set_recv_buffer_size(rcvbuf).unwrap();
+        sock.connect(&addr.into()).expect("connect to broker");
+        let stream: TcpStream = sock.into();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+            level: ProtocolLevel::V311,
+        }
+    }
+
+    /// Sends CONNECT (3.1.1, the given keepalive) and expects CONNACK 0.
+    pub fn handshake(&mut self, client_id: &str, clean: bool, keep_alive: u16) {
+        self.send(&Packet::Connect(Box::new(connect_packet(
+            client_id,
+            clean,
+            ProtocolLevel::V311,
+            keep_alive,
+            None,
+        ))));
+        match self.recv() {
+            Some(Packet::Connack(a)) if a.code == ConnectReturnCode::Accepted => {}
+            other => panic!("expected CONNACK 0, got {other:?}"),
         }
     }
 
@@ -231,6 +285,24 @@ impl Raw {
         }
     }
 
+    /// Reads (and discards) until the broker closes or resets the connection; fails if it is
+    /// still open after `WAIT`.
+    pub fn drain_until_closed(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "connection still open after {WAIT:?}");
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     /// SUBSCRIBE and wait for the SUBACK (other packets before it are returned too).
     pub fn subscribe(&mut self, filters: &[(&str, QoS)]) -> (Suback, Vec<Packet>) {
         self.send(&Packet::Subscribe(Subscribe {
@@ -315,5 +387,85 @@ pub fn will(topic: &str, payload: &str, qos: QoS, retain: bool) -> LastWill {
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         qos,
         retain,
+    }
+}
+
+/// The `shardmq` binary as a child process.
+pub mod process {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, ChildStderr, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// The broker binary, with no `SHARDMQ_*` or `RUST_LOG` from the test's environment.
+    pub fn bin() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_shardmq"));
+        c.env_remove("RUST_LOG");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SHARDMQ") {
+                c.env_remove(k);
+            }
+        }
+        c
+    }
+
+    /// Starts the broker on `bind`, logging at info to a pipe.
+    pub fn spawn_broker(bind: &str) -> Child {
+        bin()
+            .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", bind)
+            .env("SHARDMQ_LOG__LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Reads the log until the listen line and returns the address it names.
+    pub fn listen_addr(child: &mut Child) -> (std::net::SocketAddr, BufReader<ChildStderr>) {
+        let mut r = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                r.read_line(&mut line).unwrap() > 0,
+                "broker exited before listening"
+            );
+            if line.contains("listening for MQTT") {
+                let addr = line
+                    .split("addr=")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap();
+                return (addr.parse().unwrap(), r);
+            }
+        }
+    }
+
+    /// Waits for the child to exit (killing it and failing after `within`).
+    pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                panic!("broker did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of process `pid`, in bytes.
+    pub fn rss(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
     }
 }
