@@ -5,7 +5,9 @@
 # Usage: scripts/bench-compare.sh [shared|pinned] [scenario file]
 #   shared  (default) brokers and load generator unpinned on every core (the headline)
 #   pinned  every broker on CPU 0 (ShardMQ with one shard), the load generator on CPU 1
-# Environment: OUT (default target/bench/<placement>), HALF_RATE_SECS (default 10).
+# Environment: OUT (default target/bench/<placement>), HALF_RATE_SECS (default 10),
+#   BENCH_BEFORE=path/to/another/shardmq: also measure that build, as "shardmq-before", in
+#   the same run (an A/B of a change: build the old commit, copy its binary, pass it here).
 #
 # Installs the peers when missing: Mosquitto (Debian package mosquitto) and rumqttd
 # (cargo install rumqttd --version 0.20.0). Writes JSON, SVG plots, comparison.md and
@@ -64,6 +66,15 @@ start_broker target/release/shardmq SHARDMQ_SHARDS__CPUS="$shard_cpus" SHARDMQ_L
   "${shardmq_compared_env[@]}"
 pids+=("$BROKER_PID")
 shardmq_port=$BROKER_PORT
+shardmq_pid=$BROKER_PID
+before_target=()
+if [ -n "${BENCH_BEFORE:-}" ]; then
+  start_broker "$BENCH_BEFORE" SHARDMQ_SHARDS__CPUS="$shard_cpus" SHARDMQ_LOG__LEVEL=warn \
+    "${shardmq_compared_env[@]}"
+  pids+=("$BROKER_PID")
+  before_target=(--target "shardmq-before=127.0.0.1:$BROKER_PORT@$BROKER_PID")
+  echo "shardmq-before: $BENCH_BEFORE on :$BROKER_PORT (pid $BROKER_PID)"
+fi
 
 # --- Mosquitto: anonymous, no persistence, no logging, no connection limit ---------------
 mosq_port=$(free_port)
@@ -107,8 +118,8 @@ fwd_addr=$(sed -n 's/forwarder listening on //p' "$out/forwarder.out")
 
 wait_port "$shardmq_port"; wait_port "$mosq_port"; wait_port "$rumq_port"
 
-echo "placement $placement: shardmq :$shardmq_port (pid $BROKER_PID), mosquitto :$mosq_port (pid $mosq_pid), rumqttd :$rumq_port (pid $rumq_pid), forwarder $fwd_addr"
-targets=(--target "shardmq=127.0.0.1:$shardmq_port@$BROKER_PID"
+echo "placement $placement: shardmq :$shardmq_port (pid $shardmq_pid), mosquitto :$mosq_port (pid $mosq_pid), rumqttd :$rumq_port (pid $rumq_pid), forwarder $fwd_addr"
+targets=(--target "shardmq=127.0.0.1:$shardmq_port@$shardmq_pid" "${before_target[@]}"
   --target "mosquitto=127.0.0.1:$mosq_port@$mosq_pid"
   --target "rumqttd=127.0.0.1:$rumq_port@$rumq_pid")
 

@@ -10,6 +10,8 @@
 # encode, write), with start-up, connection set-up and idle timers cancelled out.
 #
 # Usage: scripts/instructions-per-message.sh [seconds, default 20]
+# Environment: BENCH_BEFORE=path/to/another/shardmq also measures that build
+# ("shardmq-before"), for an A/B of a change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -28,10 +30,12 @@ run() {
   port=$(free_port)
   cg="$out/callgrind.$broker.$rate.out"
   case $broker in
-    shardmq)
+    shardmq | shardmq-before)
+      local bin=target/release/shardmq
+      [ "$broker" = shardmq ] || bin=$BENCH_BEFORE
       env "${shardmq_compared_env[@]}" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:$port \
         SHARDMQ_SHARDS__CPUS='[0]' SHARDMQ_LOG__LEVEL=warn \
-        valgrind --tool=callgrind --callgrind-out-file="$cg" target/release/shardmq >"$out/$broker.log" 2>&1 &
+        valgrind --tool=callgrind --callgrind-out-file="$cg" "$bin" >"$out/$broker.log" 2>&1 &
       ;;
     mosquitto)
       mosquitto_conf "$port" "$out/mosquitto.conf"
@@ -53,7 +57,9 @@ run() {
 
 printf '| broker | instructions (loaded) | messages | instructions (idle) | messages | instructions per message |\n'
 printf '|---|---|---|---|---|---|\n'
-for b in shardmq mosquitto; do
+brokers=(shardmq)
+[ -z "${BENCH_BEFORE:-}" ] || brokers+=(shardmq-before)
+for b in "${brokers[@]}" mosquitto; do
   read -r ir1 m1 < <(run "$b" 0)
   read -r ir0 m0 < <(run "$b" 0.01)
   per=$(python3 -c "print(round(($ir1 - $ir0) / max(1, $m1 - $m0)))")

@@ -283,3 +283,60 @@ fn a_qos1_flood_that_never_reads_is_throttled_and_others_lose_nothing() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
 }
+
+/// A subscriber that reads slowly and sends nothing meanwhile: QoS 1 deliveries that do not
+/// fit its outbox wait in its session and follow as it reads, in order, with nothing lost.
+#[test]
+fn deliveries_held_back_for_room_follow_as_the_client_reads() {
+    let mut cfg = config(2);
+    cfg.mqtt.max_inflight = 1000;
+    cfg.mqtt.max_mqueue_len = 1000;
+    cfg.listener.tcp.get_mut("external").unwrap().sndbuf = shardmq::config::ByteSize(16 << 10);
+    let b = Broker::start(cfg);
+    let mut known = b.accepted_when(0);
+    for here in [true, false] {
+        let topic = format!("slow/{here}");
+        let (mut sub, _) = stuck_subscriber(&b, &mut known, here, &topic, 60);
+        sub.send(&Packet::Subscribe(shardmq::protocol::mqtt::Subscribe {
+            packet_id: 2,
+            filters: vec![(topic.clone(), QoS::AtLeastOnce)],
+        }));
+        match sub.recv() {
+            Some(Packet::Suback(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut publ = Raw::ok(b.addr, &format!("slow-pub-{here}"));
+        known = b.accepted_when(known.iter().sum::<u64>() + 1);
+        const N: u32 = 300;
+        let payload = vec![0u8; 16 * 1024];
+        for i in 1..=N {
+            let mut p = payload.clone();
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            publ.publish(&topic, &p, QoS::AtLeastOnce, false, (i % 60_000) as u16 + 1);
+        }
+        publ.ping();
+        // Everything is published and acknowledged; the subscriber now reads it all without
+        // sending a thing until the end.
+        let mut got = Vec::new();
+        while got.len() < N as usize {
+            match sub.recv() {
+                Some(Packet::Publish(p)) => got.push((
+                    p.packet_id,
+                    u32::from_be_bytes(p.payload[..4].try_into().unwrap()),
+                )),
+                other => panic!("after {} messages: {other:?}", got.len()),
+            }
+        }
+        assert!(
+            got.iter().map(|g| g.1).eq(1..=N),
+            "in order, each once: {:?}",
+            &got[..10]
+        );
+        for (pid, _) in got {
+            sub.send(&Packet::Puback(pid));
+        }
+        sub.ping();
+        let m = b.handle().metrics();
+        assert_eq!(m.dropped_queue_full + m.dropped_slow_consumer, 0, "{m:?}");
+    }
+}

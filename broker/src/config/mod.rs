@@ -112,7 +112,7 @@ impl Default for ShardsConfig {
             channel_capacity: 256,
             batch_size: 256,
             max_pending: 65_536,
-            max_write_buffer: ByteSize(64 << 20),
+            max_write_buffer: ByteSize(256 << 20),
             read_buffer: ByteSize(64 << 10),
             spin_before_park: Duration::secs(0),
             park_idle_after: Duration::secs(2),
@@ -232,7 +232,7 @@ impl Default for MqttConfig {
             max_mqueue_len: 1000,
             mqueue_store_qos0: true,
             session_expiry_interval: Duration::secs(7200),
-            max_write_buffer: ByteSize(64 << 10),
+            max_write_buffer: ByteSize(256 << 10),
             close_timeout: Duration::secs(5),
         }
     }
@@ -464,11 +464,13 @@ impl Config {
         for (key, v) in [
             ("shards.channel_capacity", s.channel_capacity),
             ("shards.batch_size", s.batch_size),
-            ("shards.max_pending", s.max_pending),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if s.max_pending < 16 {
+            return Err(invalid("shards.max_pending", "must be at least 16"));
         }
         if s.max_write_buffer.0 < 1024 {
             return Err(invalid("shards.max_write_buffer", "must be at least 1KB"));

@@ -1263,10 +1263,8 @@ impl Engine {
                 }
                 self.reply(id, &Packet::Pubcomp(pid));
             }
-            // A route delta to every shard, and retained queries.
-            Packet::Subscribe(s) if self.congested(1 + s.filters.len()) => {
-                self.stall(id, Packet::Subscribe(s))
-            }
+            // A route delta and one retained query to each shard, at most.
+            Packet::Subscribe(s) if self.congested(2) => self.stall(id, Packet::Subscribe(s)),
             Packet::Subscribe(s) => self.on_subscribe(id, key, s),
             Packet::Unsubscribe(u) if self.congested(1) => self.stall(id, Packet::Unsubscribe(u)),
             Packet::Unsubscribe(u) => self.on_unsubscribe(id, key, u),
@@ -1736,8 +1734,12 @@ impl Engine {
         self.reply(id, &Packet::Unsuback(unsub.packet_id));
     }
 
-    fn query_retained(&mut self, key: usize, filter: &str, qos: QoS) {
-        if !self.cfg.retainer_enabled {
+    /// Asks the retained partitions for what matches the newly `granted` filters of session
+    /// `key`: this shard's own partition at once, every other shard concerned with one
+    /// `RetainedQuery` for all the filters (the owner of an exact filter, every shard for a
+    /// wildcard), so a SUBSCRIBE adds at most one message to each queue.
+    fn query_retained(&mut self, key: usize, granted: Vec<(String, QoS)>) {
+        if !self.cfg.retainer_enabled || granted.is_empty() {
             return;
         }
         let Some(gen) = self.sessions.get(key).map(SessionSlot::gen) else {
@@ -1748,44 +1750,51 @@ impl Engine {
             idx: key as u32,
             gen,
         };
-        let targets: Vec<usize> = if topic::is_wildcard(filter) {
-            (0..self.cfg.shards).collect()
-        } else {
-            vec![self.owner(filter.as_bytes())]
-        };
-        for t in targets {
-            if t == self.cfg.shard {
-                let msgs = self.lookup_retained(filter);
-                self.deliver_retained(ticket, qos, msgs);
-            } else {
+        let mut remote: Vec<Vec<(ByteStr, QoS)>> = vec![Vec::new(); self.cfg.shards];
+        for (filter, qos) in granted {
+            let wildcard = topic::is_wildcard(&filter);
+            let owner = self.owner(filter.as_bytes());
+            if wildcard || owner == self.cfg.shard {
+                let msgs = self.lookup_retained(&filter, qos);
+                self.deliver_retained(ticket, msgs);
+            }
+            for (t, list) in remote.iter_mut().enumerate() {
+                if t != self.cfg.shard && (wildcard || t == owner) {
+                    list.push((ByteStr::from(filter.as_str()), qos));
+                }
+            }
+        }
+        for (t, filters) in remote.into_iter().enumerate() {
+            if !filters.is_empty() {
                 self.send(
                     t,
                     ShardMsg::RetainedQuery {
                         session: ticket,
-                        filter: ByteStr::from(filter),
-                        qos,
+                        filters,
                     },
                 );
             }
         }
     }
 
-    fn lookup_retained(&self, filter: &str) -> Vec<SharedMessage> {
+    /// The retained messages of this partition matching `filter`, each with the QoS it is
+    /// delivered at under a subscription granted `qos`.
+    fn lookup_retained(&self, filter: &str, qos: QoS) -> Vec<(SharedMessage, QoS)> {
         let mut msgs = Vec::new();
         self.retained
-            .lookup(filter, self.now, |m| msgs.push(m.clone()));
+            .lookup(filter, self.now, |m| msgs.push((m.clone(), m.qos.min(qos))));
         msgs
     }
 
-    /// Retained messages for a subscription of the session in slot `ticket` (passed on if the
-    /// session has moved since).
-    fn deliver_retained(&mut self, ticket: Ticket, qos: QoS, msgs: Vec<SharedMessage>) {
+    /// Retained messages for new subscriptions of the session in slot `ticket` (passed on if
+    /// the session has moved since).
+    fn deliver_retained(&mut self, ticket: Ticket, msgs: Vec<(SharedMessage, QoS)>) {
         let key = ticket.idx as usize;
         if self.sessions.get(key).is_none_or(|s| s.gen() != ticket.gen) {
             return;
         }
-        for m in msgs {
-            self.deliver_to_session(key, &m, m.qos.min(qos), true);
+        for (m, qos) in msgs {
+            self.deliver_to_session(key, &m, qos, true);
         }
     }
 
@@ -1887,9 +1896,7 @@ impl Engine {
                     }
                 }
                 if self.sessions.get(key).is_some_and(|s| s.gen() == gen) {
-                    for (filter, qos) in granted {
-                        self.query_retained(key, &filter, qos);
-                    }
+                    self.query_retained(key, granted);
                 }
             }
             Waiter::Release { key, gen } => {
@@ -2711,22 +2718,16 @@ impl Engine {
                 }
             }
             ShardMsg::RetainedStored { conn } => self.on_retained_stored(conn),
-            ShardMsg::RetainedQuery {
-                session,
-                filter,
-                qos,
-            } => {
-                let msgs = self.lookup_retained(&filter);
+            ShardMsg::RetainedQuery { session, filters } => {
+                let msgs: Vec<(SharedMessage, QoS)> = filters
+                    .iter()
+                    .flat_map(|(filter, qos)| self.lookup_retained(filter, *qos))
+                    .collect();
                 if !msgs.is_empty() {
-                    self.send(
-                        session.shard,
-                        ShardMsg::RetainedReply { session, qos, msgs },
-                    );
+                    self.send(session.shard, ShardMsg::RetainedReply { session, msgs });
                 }
             }
-            ShardMsg::RetainedReply { session, qos, msgs } => {
-                self.deliver_retained(session, qos, msgs)
-            }
+            ShardMsg::RetainedReply { session, msgs } => self.deliver_retained(session, msgs),
         }
     }
 

@@ -130,23 +130,20 @@ pub enum ShardMsg {
         /// The publishing connection.
         conn: Ticket,
     },
-    /// Retained messages matching `filter`, for a new subscription of `session`.
+    /// Retained messages matching `filters` (with their granted QoS), for new subscriptions of
+    /// `session`: one query per SUBSCRIBE and shard, whatever the number of filters.
     RetainedQuery {
         /// The subscribing session.
         session: Ticket,
-        /// Filter subscribed.
-        filter: ByteStr,
-        /// Granted QoS.
-        qos: QoS,
+        /// Filters subscribed, with the QoS granted.
+        filters: Vec<(ByteStr, QoS)>,
     },
     /// The answer to a [`ShardMsg::RetainedQuery`].
     RetainedReply {
         /// The subscribing session.
         session: Ticket,
-        /// Granted QoS.
-        qos: QoS,
-        /// Matching messages.
-        msgs: Vec<SharedMessage>,
+        /// Matching messages, each with the QoS to deliver it at.
+        msgs: Vec<(SharedMessage, QoS)>,
     },
 }
 
