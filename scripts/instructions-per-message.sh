@@ -11,7 +11,8 @@
 #
 # Usage: scripts/instructions-per-message.sh [seconds, default 20]
 # Environment: BENCH_BEFORE=path/to/another/shardmq also measures that build
-# ("shardmq-before"), for an A/B of a change.
+# ("shardmq-before"), for an A/B of a change; PATTERN (p2p, fanout or fanin; default p2p),
+# PUBLISHERS and SUBSCRIBERS (default 10 and 10) change the workload.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -45,7 +46,8 @@ run() {
   pid=$!
   wait_port "$port" 60 # valgrind starts slowly
   "$BENCH" pubsub --quiet --threads 1 --cpus 1 --broker "127.0.0.1:$port" --broker-name "$broker" \
-    --publishers 10 --subscribers 10 --pattern p2p --qos 0 --rate "$rate" --inflight 8 \
+    --publishers "${PUBLISHERS:-10}" --subscribers "${SUBSCRIBERS:-10}" --pattern "${PATTERN:-p2p}" \
+    --qos 0 --rate "$rate" --inflight 8 \
     --duration "${secs}s" --warmup 1s --drain 10s --out "$out/$broker.$rate.json" >/dev/null
   kill -INT "$pid"
   wait "$pid" || true

@@ -501,6 +501,70 @@ fn starve(c: &mut Conn, id: ConnId, len: usize, cfg: &EngineConfig, starved: &mu
     }
 }
 
+/// What a delivery to an active session touches besides the session: borrowed apart from the
+/// session slots, so the hot path finds the slot once.
+struct Deliverer<'a> {
+    conns: &'a mut Slab<Conn>,
+    cfg: &'a EngineConfig,
+    outbox_bytes: &'a mut usize,
+    starved: &'a mut Vec<ConnId>,
+    metrics: &'a mut Metrics,
+    now: Timestamp,
+}
+
+impl Deliverer<'_> {
+    /// Writes the delivery to the session's connection, or queues or drops it, and counts it.
+    /// Returns whether a QoS 1/2 delivery was written (its retry timer must be armed). Inlined
+    /// into its two callers: it is the per-subscriber step of every publish.
+    #[inline(always)]
+    fn deliver(
+        &mut self,
+        a: &mut ActiveSession,
+        msg: &SharedMessage,
+        qos: QoS,
+        retain: bool,
+    ) -> bool {
+        let lim = &self.cfg.limits;
+        let (Some(id), Some(c)) = (a.conn, attached(self.conns, a.conn)) else {
+            match a.session.deliver(msg, qos, retain, self.now, lim, None) {
+                Delivery::Queued { dropped_oldest } => {
+                    self.metrics.dropped_queue_full += u64::from(dropped_oldest)
+                }
+                Delivery::DroppedQos0Offline => self.metrics.dropped_qos0_offline += 1,
+                Delivery::Sent | Delivery::DroppedSlowConsumer => {}
+            }
+            return false;
+        };
+        let before = c.outbox.len();
+        let limit = outbox_limit(self.cfg, *self.outbox_bytes, before);
+        let out = Outbox::new(&mut c.outbox, limit);
+        match a
+            .session
+            .deliver(msg, qos, retain, self.now, lim, Some(out))
+        {
+            Delivery::Sent => {
+                *self.outbox_bytes += c.outbox.len() - before;
+                self.metrics.messages_sent += 1;
+                c.wake();
+                return qos != QoS::AtMostOnce;
+            }
+            Delivery::Queued { dropped_oldest } => {
+                self.metrics.dropped_queue_full += u64::from(dropped_oldest);
+                if a.session.wants_room(lim) {
+                    starve(c, id, before, self.cfg, self.starved);
+                }
+            }
+            // The connection's own outbox was full, or the shard's outboxes together.
+            Delivery::DroppedSlowConsumer if before >= self.cfg.max_write_buffer => {
+                self.metrics.dropped_slow_consumer += 1;
+            }
+            Delivery::DroppedSlowConsumer => self.metrics.dropped_shard_write_buffer_full += 1,
+            Delivery::DroppedQos0Offline => self.metrics.dropped_qos0_offline += 1,
+        }
+        false
+    }
+}
+
 /// Encodes `p` at the end of `out`; returns the bytes added.
 fn put(out: &mut BytesMut, p: &Packet) -> usize {
     let before = out.len();
@@ -1548,7 +1612,20 @@ impl Engine {
     fn deliver_to_session(&mut self, key: usize, msg: &SharedMessage, qos: QoS, retain: bool) {
         match self.sessions.get_mut(key) {
             Some(SessionSlot::Active(a)) => match &mut a.arrival {
-                None => self.deliver_now(key, msg, qos, retain),
+                // The common case, without a second look-up of the slot.
+                None => {
+                    let mut d = Deliverer {
+                        conns: &mut self.conns,
+                        cfg: &self.cfg,
+                        outbox_bytes: &mut self.outbox_bytes,
+                        starved: &mut self.starved,
+                        metrics: &mut self.metrics,
+                        now: self.now,
+                    };
+                    if d.deliver(a, msg, qos, retain) {
+                        self.arm_new(key, self.retry_due(self.now));
+                    }
+                }
                 Some(arrival) if arrival.done => {
                     if !retain && arrival.was_forwarded(msg) {
                         self.metrics.dropped_duplicates += 1;
@@ -1580,56 +1657,19 @@ impl Engine {
 
     /// Delivers to the active session in slot `key` now.
     fn deliver_now(&mut self, key: usize, msg: &SharedMessage, qos: QoS, retain: bool) {
-        let now = self.now;
         let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
             return;
         };
-        let lim = &self.cfg.limits;
-        let outcome = match (a.conn, attached(&mut self.conns, a.conn)) {
-            (Some(id), Some(c)) => {
-                let before = c.outbox.len();
-                let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
-                let outcome = a.session.deliver(
-                    msg,
-                    qos,
-                    retain,
-                    now,
-                    lim,
-                    Some(Outbox::new(&mut c.outbox, limit)),
-                );
-                match outcome {
-                    Delivery::Sent => {
-                        self.outbox_bytes += c.outbox.len() - before;
-                        c.wake();
-                    }
-                    Delivery::Queued { .. } if a.session.wants_room(lim) => {
-                        starve(c, id, before, &self.cfg, &mut self.starved);
-                    }
-                    // The connection's own outbox was full, or the shard's outboxes together.
-                    Delivery::DroppedSlowConsumer if before >= self.cfg.max_write_buffer => {
-                        self.metrics.dropped_slow_consumer += 1;
-                    }
-                    Delivery::DroppedSlowConsumer => {
-                        self.metrics.dropped_shard_write_buffer_full += 1;
-                    }
-                    _ => {}
-                }
-                outcome
-            }
-            _ => a.session.deliver(msg, qos, retain, now, lim, None),
+        let mut d = Deliverer {
+            conns: &mut self.conns,
+            cfg: &self.cfg,
+            outbox_bytes: &mut self.outbox_bytes,
+            starved: &mut self.starved,
+            metrics: &mut self.metrics,
+            now: self.now,
         };
-        match outcome {
-            Delivery::Sent => {
-                self.metrics.messages_sent += 1;
-                if qos != QoS::AtMostOnce {
-                    self.arm_new(key, self.retry_due(now));
-                }
-            }
-            Delivery::Queued { dropped_oldest } => {
-                self.metrics.dropped_queue_full += dropped_oldest as u64;
-            }
-            Delivery::DroppedQos0Offline => self.metrics.dropped_qos0_offline += 1,
-            Delivery::DroppedSlowConsumer => {}
+        if d.deliver(a, msg, qos, retain) {
+            self.arm_new(key, self.retry_due(self.now));
         }
     }
 
