@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
         if len % 2 == 1 {
             let e = &mut engines[shard];
             let written = e.conn_outbox(id).map_or(0, |o| std::mem::take(o).len());
-            e.conn_flushed(id, written, t);
+            let _ = e.conn_flushed(id, written, t);
         }
     }
 });

@@ -884,21 +884,32 @@ impl Engine {
 
     /// The driver wrote (and removed) the first `sent` bytes of the connection's outbox.
     /// Deliveries that waited for room follow, on this connection and, once the shard's
-    /// outboxes are below three quarters of `shards.max_write_buffer`, on the others.
-    pub fn conn_flushed(&mut self, id: ConnId, sent: usize, now: Timestamp) {
+    /// outboxes are below three quarters of `shards.max_write_buffer`, on the others. Returns
+    /// whether this connection's outbox got new bytes meanwhile (the driver writes them).
+    pub fn conn_flushed(&mut self, id: ConnId, sent: usize, now: Timestamp) -> bool {
         if sent == 0 {
-            return;
+            return false;
         }
         self.now = now;
         self.metrics.bytes_sent += sent as u64;
         self.release_outbox_bytes(sent);
-        self.note_io(id, now);
-        if conn_mut(&mut self.conns, id).is_some_and(|c| c.starved) {
-            self.refill(id);
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return false;
+        };
+        // Bytes moved: not idle (`note_io`, done here without a second look-up).
+        c.last_io = now;
+        let rearm = self.cfg.park_after.is_some() && (c.park || c.timer_at == Timestamp::NEVER);
+        c.park = false;
+        let starved = c.starved;
+        if rearm {
+            self.arm_conn(id);
         }
+        let mut refilled = starved && self.refill(id);
         if !self.starved.is_empty() && self.outbox_bytes < self.cfg.shard_write_buffer / 4 * 3 {
             self.refill_starved();
+            refilled = conn_mut(&mut self.conns, id).is_some_and(|c| !c.outbox.is_empty());
         }
+        refilled
     }
 
     fn release_outbox_bytes(&mut self, n: usize) {
@@ -907,22 +918,22 @@ impl Engine {
     }
 
     /// Writes what the session of connection `id` holds back for room (resends, queued
-    /// deliveries), as far as the outboxes have room now.
-    fn refill(&mut self, id: ConnId) {
+    /// deliveries), as far as the outboxes have room now. Returns whether it wrote anything.
+    fn refill(&mut self, id: ConnId) -> bool {
         let now = self.now;
         let Some(c) = conn_mut(&mut self.conns, id) else {
-            return;
+            return false;
         };
         c.starved = false;
         let ConnPhase::Connected(key) = c.phase else {
-            return;
+            return false;
         };
         if c.close {
-            return;
+            return false;
         }
         let key = key as usize;
         let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
-            return;
+            return false;
         };
         let before = c.outbox.len();
         let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
@@ -941,6 +952,7 @@ impl Engine {
         if sent > 0 {
             self.arm_new(key, self.retry_due(now));
         }
+        wrote > 0
     }
 
     /// Refills the connections that waited for the shard's outboxes to shrink, oldest first,
@@ -988,6 +1000,7 @@ impl Engine {
     }
 
     /// Handles a packet of connection `id` (just received, or held back until now).
+    #[inline]
     fn dispatch_packet(&mut self, id: ConnId, packet: Packet) {
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
@@ -1358,6 +1371,7 @@ impl Engine {
     }
 
     /// The other shards with subscribers matching `topic`.
+    #[inline]
     fn remote_routes(&self, topic: &str) -> ShardSet {
         let mut remote = ShardSet::EMPTY;
         self.routes
@@ -1366,6 +1380,7 @@ impl Engine {
     }
 
     /// The shard that stores a retained message on `topic` if it is another one.
+    #[inline]
     fn remote_retain_owner(&self, retain: bool, topic: &str) -> Option<usize> {
         if !retain || !self.cfg.retainer_enabled {
             return None;

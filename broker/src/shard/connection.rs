@@ -147,7 +147,7 @@ impl Driver {
     /// Writes as much of the outbox as the socket takes. `Some` when the connection ends.
     fn flush(&mut self, cx: &mut Context<'_>) -> Option<End> {
         let mut e = self.ctx.engine.borrow_mut();
-        loop {
+        let empty = loop {
             let Some(out) = e.conn_outbox(self.id) else {
                 return Some(End::Transport);
             };
@@ -170,21 +170,21 @@ impl Driver {
                     }
                 }
             }
-            if out.is_empty() && out.capacity() > 0 {
+            let mut empty = out.is_empty();
+            if empty && out.capacity() > 0 {
                 // An idle connection keeps no buffer; the next delivery allocates one.
                 *out = BytesMut::new();
             }
             // Room in the outbox may let deliveries that waited for it in (`conn_flushed`).
-            e.conn_flushed(self.id, sent, Timestamp::now());
+            let refilled = e.conn_flushed(self.id, sent, Timestamp::now());
             if failed {
                 return Some(End::Transport);
             }
-            let refilled = e.conn_outbox(self.id).is_some_and(|o| !o.is_empty());
-            if blocked || sent == 0 || !refilled {
-                break;
+            empty &= !refilled;
+            if blocked || !refilled {
+                break empty;
             }
-        }
-        let empty = e.conn_outbox(self.id).is_none_or(|o| o.is_empty());
+        };
         match e.conn_status(self.id) {
             None => Some(End::Transport),
             Some(s) if s.close && s.reset => Some(End::Reset),

@@ -233,7 +233,7 @@ impl Cluster {
             v.push(p);
         }
         let written = before - out.len();
-        self.engines[c.shard].conn_flushed(c.id, written, self.now);
+        let _ = self.engines[c.shard].conn_flushed(c.id, written, self.now);
         v
     }
 
