@@ -15,6 +15,9 @@ scripts/install-test-deps.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "layers (scripts/check-layers.sh)"
+scripts/check-layers.sh
+
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 

@@ -2,8 +2,8 @@
 //! light parser for what it receives (PUBLISH is read in place, without copying the payload).
 
 use bytes::{Buf, BytesMut};
-use shardmq::protocol::mqtt::fixed::FixedHeader;
-use shardmq::protocol::mqtt::{
+use shardmq_protocol::mqtt::fixed::FixedHeader;
+use shardmq_protocol::mqtt::{
     self, Connect, DecodeOptions, Packet, ProtocolLevel, QoS, SubackCode, Subscribe,
 };
 
@@ -125,7 +125,7 @@ pub fn ack(packet: Packet, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardmq::protocol::mqtt::encode_publish;
+    use shardmq_protocol::mqtt::encode_publish;
 
     #[test]
     fn parses_publish_in_place_and_acks() {

@@ -288,7 +288,7 @@ fn lat(r: &Report, f: impl Fn(&LatencySummary) -> f64) -> Option<f64> {
 mod tests {
     use super::*;
     use crate::scenario::{ConnScenario, Pattern, PubsubScenario};
-    use shardmq::config::{ByteSize, Duration};
+    use shardmq_protocol::units::{ByteSize, Duration};
 
     fn pubsub(broker: &str, rate: f64, p99: f64) -> Report {
         Report {

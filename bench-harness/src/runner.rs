@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use glommio::timer::sleep;
 use glommio::{spawn_local, LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use shardmq::protocol::mqtt::{encode_publish, Packet, QoS};
+use shardmq_protocol::mqtt::{encode_publish, Packet, QoS};
 use std::cell::{Cell, RefCell};
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
-use shardmq::config::{ByteSize, Duration};
+use shardmq_protocol::units::{ByteSize, Duration};
 
 /// Which publishers reach which subscribers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]

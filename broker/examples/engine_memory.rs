@@ -7,10 +7,10 @@
 //! This is the engine's share of a connection's memory; sockets, driver tasks and parking
 //! come on top (see docs/benchmarks.md, memory per connection).
 
-use shardmq::config::Config;
-use shardmq::core::engine::{Engine, EngineConfig};
-use shardmq::core::time::Timestamp;
+use shardmq::config::{engine_config, Config};
+use shardmq::core::engine::Engine;
 use shardmq::protocol::mqtt::{Connect, Packet, ProtocolLevel};
+use shardmq::shard::clock;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -48,12 +48,12 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
-    let now = Timestamp::now();
-    let mut engine = Engine::new(EngineConfig::from_config(&Config::default(), 0, 1), now);
+    let now = clock::now();
+    let mut engine = Engine::new(engine_config(&Config::default(), 0, 1), now);
     let peer = "127.0.0.1:40000".parse().expect("address");
     let (before, count_before) = (LIVE.load(Ordering::Relaxed), COUNT.load(Ordering::Relaxed));
     for i in 0..n {
-        let id = engine.open_conn(peer, now);
+        let id = engine.open_conn(peer, 0, now);
         let connect = Connect {
             level: ProtocolLevel::V311,
             client_id: format!("bench-conn-{i}"),

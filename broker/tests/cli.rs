@@ -153,6 +153,26 @@ fn too_little_memlock_fails_with_a_clear_line() {
 }
 
 #[test]
+fn an_io_memory_above_the_memlock_limit_fails_naming_the_key() {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 4096 && exec {}",
+            env!("CARGO_BIN_EXE_shardmq")
+        ))
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_SHARDS__CPUS", "[0]")
+        .env("SHARDMQ_SHARDS__IO_MEMORY", "8MB")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("shards.io_memory"), "{err}");
+    assert!(err.contains("8388608 bytes in all"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
 fn running_out_of_file_descriptors_backs_off_and_recovers() {
     let mut child = Command::new("sh")
         .arg("-c")

@@ -372,6 +372,27 @@ fn max_connections_refuses_extra_connections() {
 }
 
 #[test]
+fn max_connections_counts_each_listener_apart() {
+    let mut cfg = config(1);
+    let mut internal = cfg.listener.tcp["external"].clone();
+    internal.max_connections = 2;
+    cfg.listener.tcp.insert("internal".into(), internal);
+    let b = Broker::start(cfg);
+    let internal = b.handle().addr("internal").expect("internal listener");
+    // Connections on the other listener do not use up this one's allowance.
+    let _busy: Vec<Raw> = (0..3)
+        .map(|i| Raw::ok(b.addr, &format!("ext{i}")))
+        .collect();
+    let _keep: Vec<Raw> = (0..2)
+        .map(|i| Raw::ok(internal, &format!("int{i}")))
+        .collect();
+    let mut extra = Raw::open(internal);
+    assert!(extra.expect_closed().is_empty());
+    b.wait_metrics("refusal counted", |m| m.connections_refused == 1);
+    Raw::ok(b.addr, "ext-more").ping();
+}
+
+#[test]
 fn unsubscribe_stops_delivery() {
     let b = Broker::with_shards(2);
     let mut s = Raw::ok(b.addr, "s");

@@ -4,17 +4,17 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardmq::config::Config;
-use shardmq::core::engine::{Engine, EngineConfig};
+use shardmq::config::{engine_config, Config};
+use shardmq::core::engine::Engine;
 use shardmq::core::time::Timestamp;
 use shardmq::protocol::mqtt::decode_slice;
 
 fuzz_target!(|data: &[u8]| {
     let cfg = Config::default();
     let now = Timestamp(1_000_000);
-    let mut engines: Vec<Engine> = (0..2).map(|s| Engine::new(EngineConfig::from_config(&cfg, s, 2), now)).collect();
+    let mut engines: Vec<Engine> = (0..2).map(|s| Engine::new(engine_config(&cfg, s, 2), now)).collect();
     let peer = "127.0.0.1:1".parse().unwrap();
-    let conns: Vec<(usize, _)> = (0..4).map(|i| (i % 2, engines[i % 2].open_conn(peer, now))).collect();
+    let conns: Vec<(usize, _)> = (0..4).map(|i| (i % 2, engines[i % 2].open_conn(peer, 0, now))).collect();
     let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); conns.len()];
     // Input: chunks of (connection selector, length, bytes).
     let mut rest = data;

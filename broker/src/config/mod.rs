@@ -1,4 +1,5 @@
-//! Configuration: plain data read by every layer, and its loading.
+//! Configuration: plain data read by the runtime, its loading, and the engine's settings
+//! derived from it ([`engine_config`]; the core crates never see this module).
 //!
 //! Layers, later ones winning: compiled defaults (the `Default` impls here, mirrored key by key
 //! in `configs/default.toml`) → `--config FILE` (TOML) → `--profile NAME`
@@ -12,6 +13,9 @@ pub mod values;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use shardmq_core::engine::EngineConfig;
+use shardmq_core::retained::RetainedLimits;
+use shardmq_core::session::SessionLimits;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -558,6 +562,46 @@ impl Config {
     /// The effective configuration as TOML (`shardmq --print-config`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// The engine's settings for shard `shard` of `shards`, derived from the loaded configuration.
+pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig {
+    let m = &cfg.mqtt;
+    let per_partition = if cfg.retainer.max_retained_messages == 0 {
+        0
+    } else {
+        cfg.retainer.max_retained_messages.div_ceil(shards as u64)
+    };
+    EngineConfig {
+        shard,
+        shards,
+        limits: SessionLimits {
+            max_inflight: m.max_inflight,
+            max_mqueue_len: m.max_mqueue_len,
+            mqueue_store_qos0: m.mqueue_store_qos0,
+            retry_interval: m.retry_interval.enabled(),
+            max_awaiting_rel: m.max_awaiting_rel,
+            await_rel_timeout: m.await_rel_timeout.enabled(),
+        },
+        retained: RetainedLimits {
+            max_messages: per_partition,
+            max_payload: cfg.retainer.max_payload_size.as_usize(),
+            expiry: cfg.retainer.expiry_interval.enabled(),
+        },
+        retainer_enabled: cfg.retainer.enable,
+        max_packet_size: m.max_packet_size.as_usize(),
+        max_clientid_len: m.max_clientid_len,
+        v31_max_clientid_len: m.v31_max_clientid_len,
+        idle_timeout: m.idle_timeout.0,
+        keepalive_multiplier: m.keepalive_multiplier,
+        close_timeout: m.close_timeout.0,
+        session_expiry: m.session_expiry_interval.enabled(),
+        max_pending: cfg.shards.max_pending,
+        max_write_buffer: m.max_write_buffer.as_usize(),
+        shard_write_buffer: cfg.shards.max_write_buffer.as_usize(),
+        batch_size: cfg.shards.batch_size,
+        park_after: cfg.shards.park_idle_after.enabled(),
     }
 }
 

@@ -1,30 +1,26 @@
-//! The driver task of one MQTT connection: read → decode → feed the engine → write the outbox
-//! → sleep until the socket or the engine wakes it.
+//! The driver task of one connection, over any [`Transport`]: read → feed the engine (which
+//! decodes) → write the outbox → sleep until the transport or the engine wakes it.
 //!
 //! One hand-written future per connection does it all, so an idle connection is just that
-//! future: the socket and an empty partial-frame buffer (CONNECT and keepalive deadlines live
-//! in the engine's timer heap, not in per-connection timers). Reads go into the shard's
+//! future: the transport and an empty partial-frame buffer (CONNECT and keepalive deadlines
+//! live in the engine's timer heap, not in per-connection timers). Reads go into the shard's
 //! shared scratch buffer; only the tail of an incomplete packet is copied into the
 //! connection's own buffer, which is freed once it empties. Writes send the whole outbox (many
 //! deliveries, one `send`) whenever it has bytes; a flushed outbox is freed too. When the engine
-//! says the connection has been idle long enough, the driver hands the socket to the shard's
-//! [`ParkingLot`] and ends; the lot starts a new driver when the socket or the engine needs one.
+//! says the connection has been idle long enough and the transport can park, the driver hands
+//! the socket to the shard's [`ParkingLot`] and ends; the lot starts a new driver when the
+//! socket or the engine needs one.
 
 use super::park::ParkingLot;
 use crate::core::engine::{ConnId, Engine};
 use crate::core::time::Timestamp;
-use crate::protocol::mqtt;
+use crate::shard::clock;
+use crate::transport::Transport;
 use bytes::{Buf, BytesMut};
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::future::poll_fn;
-use std::net::Shutdown;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
@@ -39,9 +35,9 @@ pub struct ConnCtx {
     pub parking: RefCell<Option<Rc<ParkingLot>>>,
 }
 
-struct Driver {
+struct Driver<T> {
     ctx: Rc<ConnCtx>,
-    stream: TcpStream,
+    transport: T,
     id: ConnId,
     partial: BytesMut,
 }
@@ -60,41 +56,35 @@ enum End {
 
 /// Runs the connection until it ends (then closes the socket and tells the engine) or until it
 /// is parked.
-pub async fn drive(ctx: Rc<ConnCtx>, stream: TcpStream, id: ConnId) {
+pub async fn drive<T: Transport>(ctx: Rc<ConnCtx>, transport: T, id: ConnId) {
     let mut d = Driver {
         ctx,
-        stream,
+        transport,
         id,
         partial: BytesMut::new(),
     };
     let end = poll_fn(|cx| d.poll(cx)).await;
     let Driver {
-        ctx, stream, id, ..
+        ctx, transport, id, ..
     } = d;
     match end {
         End::Park => {
             let lot = ctx.parking.borrow().clone();
-            if let Some(lot) = lot {
-                if lot.park(&ctx, id, stream).is_ok() {
+            // `poll` parks only transports that can; should one refuse now, it closes.
+            if let (Some(lot), Ok(fd)) = (lot, transport.park()) {
+                if lot.park(&ctx, id, fd).is_ok() {
                     return;
                 }
             }
         }
-        End::Closed => {
-            let _ = stream.shutdown(Shutdown::Both).await;
-        }
-        End::Reset => {
-            // SO_LINGER 0: close() sends RST and drops what the kernel still holds.
-            // SAFETY: the descriptor belongs to `stream`, which outlives the borrow.
-            let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-            let _ = socket2::SockRef::from(&fd).set_linger(Some(Duration::ZERO));
-        }
+        End::Closed => transport.close().await,
+        End::Reset => transport.reset(),
         End::Transport => {}
     }
-    ctx.engine.borrow_mut().conn_closed(id, Timestamp::now());
+    ctx.engine.borrow_mut().conn_closed(id, clock::now());
 }
 
-impl Driver {
+impl<T: Transport> Driver<T> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         for _ in 0..READS_PER_POLL {
             if let Some(end) = self.flush(cx) {
@@ -110,7 +100,7 @@ impl Driver {
                 e.set_conn_waker(self.id, cx.waker());
                 return Poll::Pending;
             }
-            let now = Timestamp::now();
+            let now = clock::now();
             // Whatever the engine did with the input (a CONNACK, a close), the next round looks
             // at the connection's state again before reading more.
             if status.readable && !self.partial.is_empty() && self.process(&mut e, None, now) {
@@ -118,7 +108,7 @@ impl Driver {
             }
             if status.readable {
                 let mut scratch = ctx.scratch.borrow_mut();
-                match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
+                match self.transport.poll_read(cx, &mut scratch[..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Transport),
                     Poll::Ready(Ok(n)) => {
                         e.count_received(n);
@@ -133,7 +123,7 @@ impl Driver {
             }
             let idle =
                 self.partial.is_empty() && e.conn_outbox(self.id).is_some_and(|o| o.is_empty());
-            if status.park && idle && self.ctx.parking.borrow().is_some() {
+            if status.park && idle && T::PARKS && self.ctx.parking.borrow().is_some() {
                 return Poll::Ready(End::Park);
             }
             e.set_conn_waker(self.id, cx.waker());
@@ -155,7 +145,7 @@ impl Driver {
             let mut failed = false;
             let mut blocked = false;
             while !out.is_empty() {
-                match Pin::new(&mut self.stream).poll_write(cx, &out[..]) {
+                match self.transport.poll_write(cx, &out[..]) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                         failed = true;
                         break;
@@ -176,7 +166,7 @@ impl Driver {
                 *out = BytesMut::new();
             }
             // Room in the outbox may let deliveries that waited for it in (`conn_flushed`).
-            let refilled = e.conn_flushed(self.id, sent, Timestamp::now());
+            let refilled = e.conn_flushed(self.id, sent, clock::now());
             if failed {
                 return Some(End::Transport);
             }
@@ -193,7 +183,7 @@ impl Driver {
         }
     }
 
-    /// Decodes and handles complete packets from the partial buffer followed by `fresh`.
+    /// Feeds the engine the partial buffer followed by `fresh`, keeping what it leaves.
     /// Returns whether it made progress: handled a packet or met bad input (which closes the
     /// connection), so the caller must look at the connection's state again.
     fn process(&mut self, e: &mut Engine, fresh: Option<&[u8]>, now: Timestamp) -> bool {
@@ -206,28 +196,8 @@ impl Driver {
         } else {
             fresh.unwrap_or(&[])
         };
-        let mut used = 0;
-        let mut handled = false;
-        loop {
-            if !e.conn_readable(self.id) {
-                break;
-            }
-            let opts = e.decode_options(self.id);
-            match mqtt::decode_slice(&data[used..], &opts) {
-                Ok(Some((packet, n))) => {
-                    used += n;
-                    handled = true;
-                    e.handle_packet(self.id, packet, now);
-                }
-                Ok(None) => break,
-                Err(err) => {
-                    e.handle_decode_error(self.id, &err, now);
-                    used = data.len();
-                    handled = true;
-                    break;
-                }
-            }
-        }
+        let input = e.handle_input(self.id, data, now);
+        let used = input.used;
         if use_partial {
             self.partial.advance(used);
             if self.partial.is_empty() {
@@ -236,6 +206,6 @@ impl Driver {
         } else if let Some(rest) = fresh.and_then(|f| f.get(used..)).filter(|r| !r.is_empty()) {
             self.partial.extend_from_slice(rest);
         }
-        handled
+        input.progressed
     }
 }

@@ -4,7 +4,8 @@
 
 use super::connection::{self, ConnCtx};
 use crate::config::TcpListenerConfig;
-use crate::core::time::Timestamp;
+use crate::shard::clock;
+use crate::transport::tcp::Tcp;
 use glommio::net::TcpListener;
 use glommio::timer::sleep;
 use glommio::{spawn_local, Task};
@@ -68,9 +69,11 @@ fn set_buffers(stream: &glommio::net::TcpStream, cfg: &TcpListenerConfig) {
     }
 }
 
-/// Accepts connections until the task is dropped.
+/// Accepts connections until the task is dropped. `number` tells the engine which listener a
+/// connection came through (`max_connections` counts them per listener).
 pub fn spawn_accept(
     name: String,
+    number: u16,
     listener: TcpListener,
     cfg: TcpListenerConfig,
     ctx: Rc<ConnCtx>,
@@ -82,7 +85,7 @@ pub fn spawn_accept(
                 Ok(stream) => {
                     backoff = Duration::from_millis(10);
                     let mut e = ctx.engine.borrow_mut();
-                    if e.connection_count() >= cfg.max_connections {
+                    if e.listener_connections(number) >= cfg.max_connections {
                         e.metrics.connections_refused += 1;
                         drop(stream);
                         continue;
@@ -92,9 +95,9 @@ pub fn spawn_accept(
                     let peer = stream
                         .peer_addr()
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                    let id = e.open_conn(peer, Timestamp::now());
+                    let id = e.open_conn(peer, number, clock::now());
                     drop(e);
-                    spawn_local(connection::drive(ctx.clone(), stream, id)).detach();
+                    spawn_local(connection::drive(ctx.clone(), Tcp::new(stream), id)).detach();
                 }
                 Err(err) => {
                     // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.

@@ -9,7 +9,7 @@
 
 use crate::core::engine::Engine;
 use crate::core::msgs::ShardMsg;
-use crate::core::time::Timestamp;
+use crate::shard::clock;
 use glommio::channels::shared_channel::{
     self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
@@ -90,7 +90,7 @@ pub fn spawn_tasks(mesh: Connected, engine: Rc<RefCell<Engine>>) -> Vec<Task<()>
         let engine = engine.clone();
         tasks.push(spawn_local(async move {
             while let Some(batch) = rx.recv().await {
-                let now = Timestamp::now();
+                let now = clock::now();
                 let mut e = engine.borrow_mut();
                 for msg in batch {
                     e.handle_shard_msg(peer, msg, now);

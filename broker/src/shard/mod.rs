@@ -6,6 +6,7 @@
 //! ([`mesh`]), a timer task and a stats task. Nothing is shared between shards except the
 //! channels, the shutdown flag and the stats snapshots.
 
+pub mod clock;
 pub mod connection;
 pub mod listener;
 pub mod mesh;

@@ -13,9 +13,10 @@
 
 use super::connection::{self, ConnCtx};
 use crate::core::engine::ConnId;
-use crate::core::time::Timestamp;
+use crate::shard::clock;
+use crate::transport::tcp::Tcp;
 use futures_lite::AsyncRead;
-use glommio::net::{TcpStream, UnixStream};
+use glommio::net::UnixStream;
 use glommio::{spawn_local, Task};
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -29,15 +30,6 @@ use std::task::{Poll, RawWaker, RawWakerVTable, Waker};
 
 /// Sockets waiting for promotion, by token (connection slot and generation).
 type Queue = Arc<Mutex<Vec<u64>>>;
-
-fn token(id: ConnId) -> u64 {
-    let (idx, gen) = id.parts();
-    (u64::from(idx) << 32) | u64::from(gen)
-}
-
-fn conn_id(token: u64) -> ConnId {
-    ConnId::from_parts((token >> 32) as u32, token as u32)
-}
 
 /// Where a parked connection's waker queues its token: the queue of promotions and the
 /// promoter task's waker, set by [`ParkingLot::start`] on the shard's thread.
@@ -147,14 +139,10 @@ impl ParkingLot {
         Ok((lot, task))
     }
 
-    /// Parks the connection's socket. On error the connection is closed by the caller.
-    pub fn park(&self, ctx: &ConnCtx, id: ConnId, stream: TcpStream) -> io::Result<()> {
-        // SAFETY: dup(2) of a descriptor the stream owns; the copy is ours.
-        let fd = cvt(unsafe { libc::dup(stream.as_raw_fd()) })?;
-        // SAFETY: `fd` is the fresh duplicate.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        drop(stream);
-        let t = token(id);
+    /// Parks the connection's socket (a plain TCP socket, given up by its transport). On
+    /// error the connection is closed by the caller.
+    pub fn park(&self, ctx: &ConnCtx, id: ConnId, fd: OwnedFd) -> io::Result<()> {
+        let t = id.token();
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
             u64: t,
@@ -168,7 +156,7 @@ impl ParkingLot {
                 &mut ev,
             )
         })?;
-        let (idx, gen) = id.parts();
+        let (idx, gen) = (id.idx, id.gen);
         let mut parked = self.parked.borrow_mut();
         if parked.len() <= idx as usize {
             parked.resize_with(idx as usize + 1, || None);
@@ -192,8 +180,8 @@ impl ParkingLot {
     }
 
     fn promote(&self, ctx: &Rc<ConnCtx>, t: u64) {
-        let id = conn_id(t);
-        let (idx, gen) = id.parts();
+        let id = ConnId::from_token(t);
+        let (idx, gen) = (id.idx, id.gen);
         let fd = {
             let mut parked = self.parked.borrow_mut();
             let Some(slot) = parked.get_mut(idx as usize) else {
@@ -217,10 +205,10 @@ impl ParkingLot {
                 std::ptr::null_mut(),
             );
         }
-        // SAFETY: a connected TCP socket we own and hand over.
-        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-        ctx.engine.borrow_mut().conn_promoted(id, Timestamp::now());
-        spawn_local(connection::drive(ctx.clone(), stream, id)).detach();
+        // Only plain TCP parks (`Transport::PARKS`).
+        let transport = Tcp::from_parked(fd);
+        ctx.engine.borrow_mut().conn_promoted(id, clock::now());
+        spawn_local(connection::drive(ctx.clone(), transport, id)).detach();
     }
 }
 

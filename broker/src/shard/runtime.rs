@@ -11,9 +11,10 @@ use super::listener;
 use super::mesh::{self, MeshEnds};
 use super::park::ParkingLot;
 use crate::config::{Config, TcpListenerConfig};
-use crate::core::engine::{Engine, EngineConfig};
+use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
 use crate::core::time::Timestamp;
+use crate::shard::clock;
 use glommio::timer::sleep;
 use glommio::{spawn_local, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use serde::Serialize;
@@ -49,7 +50,7 @@ pub enum StartError {
         error: std::io::Error,
     },
     /// RLIMIT_MEMLOCK is below what glommio needs.
-    #[error("RLIMIT_MEMLOCK is {have} bytes; glommio needs at least {need} bytes ({shards} shards); raise it with `ulimit -l` or LimitMEMLOCK=")]
+    #[error("RLIMIT_MEMLOCK is {have} bytes; glommio locks `shards.io_memory` on each of {shards} shards, {need} bytes in all; raise it with `ulimit -l` or LimitMEMLOCK=, or lower `shards.io_memory`")]
     Memlock {
         /// Current soft limit.
         have: u64,
@@ -101,8 +102,6 @@ pub struct BrokerHandle {
     stats: Arc<Vec<Mutex<ShardStats>>>,
 }
 
-/// Memory glommio needs locked per executor.
-const MEMLOCK_PER_SHARD: u64 = 512 * 1024;
 /// How often each shard publishes its [`ShardStats`].
 const STATS_INTERVAL: Duration = Duration::from_millis(100);
 /// Shortest time between two hand-backs of freed memory (`return_freed_memory`).
@@ -206,7 +205,8 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     let shards = cpus.len();
     let mqtt_shards = cfg.mqtt_shards();
     if let Some(have) = memlock_soft_limit() {
-        let need = MEMLOCK_PER_SHARD * shards as u64;
+        // Each executor locks its I/O buffer (`shards.io_memory`).
+        let need = cfg.shards.io_memory.0 * shards as u64;
         if have < need {
             return Err(StartError::Memlock { have, need, shards });
         }
@@ -433,7 +433,7 @@ async fn wait_for_shutdown(flag: &AtomicBool) {
 async fn run_timers(engine: Rc<RefCell<Engine>>) {
     let mut sleeper: Option<(Timestamp, glommio::timer::Timer)> = None;
     std::future::poll_fn(|cx| loop {
-        let now = Timestamp::now();
+        let now = clock::now();
         let mut e = engine.borrow_mut();
         if e.poll_timeout().is_some_and(|t| t <= now) {
             e.handle_timeout(now);
@@ -481,8 +481,8 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         return Ok(());
     };
     let engine = Rc::new(RefCell::new(Engine::new(
-        EngineConfig::from_config(&cfg, shard, shards),
-        Timestamp::now(),
+        crate::config::engine_config(&cfg, shard, shards),
+        clock::now(),
     )));
     let ctx = Rc::new(ConnCtx {
         engine: engine.clone(),
@@ -560,12 +560,13 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     // A second descriptor of every listening socket, to stop it listening at shutdown.
     let mut listening: Vec<OwnedFd> = Vec::new();
     if mqtt {
-        for (name, addr, lcfg) in &listeners {
+        for (number, (name, addr, lcfg)) in listeners.iter().enumerate() {
             match listener::bind(*addr, lcfg.backlog) {
                 Ok((l, fd)) => {
                     listening.push(fd);
                     accept_tasks.push(listener::spawn_accept(
                         name.clone(),
+                        number as u16,
                         l,
                         lcfg.clone(),
                         ctx.clone(),
@@ -583,7 +584,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     wait_for_shutdown(&shutdown).await;
     drop(accept_tasks);
     listening.into_iter().for_each(listener::stop_listening);
-    engine.borrow_mut().close_all(Timestamp::now());
+    engine.borrow_mut().close_all(clock::now());
     let started = Instant::now();
     while engine.borrow().connection_count() > 0 && started.elapsed() < DRAIN_TIMEOUT {
         sleep(Duration::from_millis(10)).await;

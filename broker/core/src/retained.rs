@@ -219,8 +219,8 @@ fn purge_rec(node: &mut Node, now: Timestamp) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::message::Message;
-    use crate::protocol::mqtt::QoS;
+    use crate::message::Message;
+    use shardmq_protocol::mqtt::QoS;
     use std::sync::Arc;
 
     fn msg(topic: &str, payload: &str) -> SharedMessage {
@@ -230,9 +230,6 @@ mod tests {
             payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
             qos: QoS::AtLeastOnce,
             retain: true,
-            properties: None,
-            publisher: "p".into(),
-            timestamp: Timestamp(0),
         })
     }
 

@@ -23,7 +23,7 @@ mod unsubscribe;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-pub use crate::protocol::bytestr::ByteStr;
+pub use crate::bytestr::ByteStr;
 pub use connack::{Connack, ConnectReturnCode};
 pub use connect::{Connect, LastWill};
 pub use error::DecodeError;
@@ -173,8 +173,8 @@ pub fn decode(buf: &mut BytesMut, opts: &DecodeOptions) -> Result<Option<Packet>
 }
 
 /// Decodes one packet from the front of `buf` without consuming it: returns the packet and the
-/// number of bytes it used. PUBLISH copies its topic and payload into one new shared buffer so
-/// that a queued message never pins the (larger) read buffer it arrived in.
+/// number of bytes it used. PUBLISH copies its topic and its payload, each into a new buffer of
+/// its own, so that a queued message never pins the (larger) read buffer it arrived in.
 pub fn decode_slice(
     buf: &[u8],
     opts: &DecodeOptions,

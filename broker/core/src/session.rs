@@ -19,10 +19,10 @@
 
 use super::message::SharedMessage;
 use super::time::Timestamp;
-use crate::protocol::bytestr::ByteStr;
-use crate::protocol::mqtt::{self, QoS};
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
+use shardmq_protocol::bytestr::ByteStr;
+use shardmq_protocol::mqtt::{self, QoS};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 

@@ -2,9 +2,17 @@
 //! cross-shard interleaving can be tried without threads or sockets.
 
 use super::*;
-use crate::protocol::mqtt::{decode, Connect, DecodeError, Publish};
 use ahash::AHashSet;
 use proptest::prelude::*;
+use shardmq_protocol::mqtt::{decode, Connect, DecodeError, Publish};
+
+/// The boxed part of a message between shards, if it has one.
+fn control(m: &ShardMsg) -> Option<&Control> {
+    match m {
+        ShardMsg::Control(c) => Some(c),
+        _ => None,
+    }
+}
 
 struct Cluster {
     engines: Vec<Engine>,
@@ -25,12 +33,39 @@ fn peer() -> SocketAddr {
     "127.0.0.1:40000".parse().unwrap()
 }
 
+/// The broker's default settings (`configs/default.toml`), except a small window and queue
+/// and no timed resends, which the tests below rely on.
 fn config(shards: usize, shard: usize) -> EngineConfig {
-    let mut cfg = Config::default();
-    cfg.mqtt.retry_interval = crate::config::Duration::secs(0);
-    cfg.mqtt.max_inflight = 4;
-    cfg.mqtt.max_mqueue_len = 100;
-    EngineConfig::from_config(&cfg, shard, shards)
+    EngineConfig {
+        shard,
+        shards,
+        limits: SessionLimits {
+            max_inflight: 4,
+            max_mqueue_len: 100,
+            mqueue_store_qos0: true,
+            retry_interval: None,
+            max_awaiting_rel: 100,
+            await_rel_timeout: Some(Duration::from_secs(300)),
+        },
+        retained: RetainedLimits {
+            max_messages: 0,
+            max_payload: 1 << 20,
+            expiry: None,
+        },
+        retainer_enabled: true,
+        max_packet_size: 1 << 20,
+        max_clientid_len: 65_535,
+        v31_max_clientid_len: 23,
+        idle_timeout: Duration::from_secs(15),
+        keepalive_multiplier: 1.5,
+        close_timeout: Duration::from_secs(5),
+        session_expiry: Some(Duration::from_secs(7200)),
+        max_pending: 65_536,
+        max_write_buffer: 256 << 10,
+        shard_write_buffer: 256 << 20,
+        batch_size: 256,
+        park_after: Some(Duration::from_secs(2)),
+    }
 }
 
 impl Cluster {
@@ -106,12 +141,11 @@ impl Cluster {
                     .queue
                     .iter()
                     .filter(|m| {
-                        matches!(
-                            m,
-                            ShardMsg::Deliver(_)
-                                | ShardMsg::Forward { .. }
-                                | ShardMsg::RetainedSet { .. }
-                        )
+                        matches!(m, ShardMsg::Deliver(_))
+                            || matches!(
+                                control(m),
+                                Some(Control::Forward { .. } | Control::RetainedSet { .. })
+                            )
                     })
                     .count();
                 assert!(
@@ -167,7 +201,7 @@ impl Cluster {
     }
 
     fn open(&mut self, shard: usize) -> Client {
-        let id = self.engines[shard].open_conn(peer(), self.now);
+        let id = self.engines[shard].open_conn(peer(), 0, self.now);
         Client { shard, id }
     }
 
@@ -1327,13 +1361,14 @@ fn a_direct_message_does_not_overtake_a_forwarded_one() {
         })),
     );
     let route_to_0 = |from: usize, to: usize, m: &ShardMsg| {
-        from == 2 && to == 0 && matches!(m, ShardMsg::Route { .. })
+        from == 2 && to == 0 && matches!(control(m), Some(Control::Route { .. }))
     };
     cl.settle_holding(route_to_0);
     assert!(cl.closing(old), "taken over");
     cl.publish_unsettled(p, "o/t", "m1", QoS::AtLeastOnce, 1);
     cl.settle_holding(|from, to, m| {
-        route_to_0(from, to, m) || (from == 1 && to == 2 && matches!(m, ShardMsg::Forward { .. }))
+        route_to_0(from, to, m)
+            || (from == 1 && to == 2 && matches!(control(m), Some(Control::Forward { .. })))
     });
     // Shard 0 learns that shard 2 subscribes; m2 goes there directly, and arrives first.
     while cl.deliver_one(2, 0) {}
@@ -1369,7 +1404,9 @@ fn a_clean_reconnect_during_forwarding_receives_nothing_of_the_old_session() {
             password: None,
         })),
     );
-    let release = |_: usize, _: usize, m: &ShardMsg| matches!(m, ShardMsg::ReleaseForward { .. });
+    let release = |_: usize, _: usize, m: &ShardMsg| {
+        matches!(control(m), Some(Control::ReleaseForward { .. }))
+    };
     cl.settle_holding(release);
     assert!(!cl.closing(moved));
     let fresh = cl.open(2);
@@ -1411,20 +1448,18 @@ fn a_forward_for_another_epoch_is_dropped() {
         payload: Bytes::from_static(b"stale"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: None,
-        publisher: ByteStr::default(),
-        timestamp: cl.now,
     });
     let now = cl.now;
     cl.engines[1].handle_shard_msg(
         0,
-        ShardMsg::Forward {
+        Control::Forward {
             client_id: "c".into(),
             epoch: 999,
             msg,
             qos: QoS::AtLeastOnce,
             retain: false,
-        },
+        }
+        .into(),
         now,
     );
     assert!(publishes(&cl.recv(c)).is_empty());
@@ -1582,4 +1617,20 @@ fn retained_messages_follow_the_suback_once_every_shard_has_the_route() {
         })
         .collect();
     assert_eq!(retained.len(), 4, "{retained:?}");
+}
+
+/// An idle client costs a connection slot and a session slot (docs/architecture.md, memory per
+/// connection): they must not grow unnoticed.
+#[test]
+fn connection_and_session_slots_stay_small() {
+    assert!(
+        std::mem::size_of::<Conn>() <= 136,
+        "{}",
+        std::mem::size_of::<Conn>()
+    );
+    assert!(
+        std::mem::size_of::<SessionSlot>() <= 128,
+        "{}",
+        std::mem::size_of::<SessionSlot>()
+    );
 }

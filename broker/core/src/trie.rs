@@ -277,7 +277,7 @@ fn walk<V>(node: &Node<V>, root: bool, path: &mut String, f: &mut impl FnMut(&st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::topic::matches;
+    use crate::topic::matches;
     use proptest::prelude::*;
 
     fn matched(t: &TopicTrie<String>, topic: &str) -> Vec<String> {

@@ -1,8 +1,8 @@
 //! Session state machine tests on a simulated clock.
 
 use super::*;
-use crate::core::message::Message;
-use crate::protocol::mqtt::{decode, DecodeOptions, Packet};
+use crate::message::Message;
+use shardmq_protocol::mqtt::{decode, DecodeOptions, Packet};
 use std::sync::Arc;
 
 fn lim() -> SessionLimits {
@@ -23,9 +23,6 @@ fn msg(n: u64, qos: QoS) -> SharedMessage {
         payload: bytes::Bytes::from(n.to_string()),
         qos,
         retain: false,
-        properties: None,
-        publisher: "p".into(),
-        timestamp: Timestamp(0),
     })
 }
 

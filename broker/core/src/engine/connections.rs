@@ -1,0 +1,584 @@
+//! Connections: opening, the packets and bytes a driver feeds in, back-pressure on outboxes
+//! (limits, starved connections and their refill), parking, timeouts and every way a
+//! connection ends.
+
+use super::*;
+
+impl Engine {
+    // ---------------------------------------------------------------- connection inputs
+
+    /// A transport connection from `peer` was accepted on `listener` (a number the runtime
+    /// gives each of its listeners, counted by [`Engine::listener_connections`]).
+    pub fn open_conn(&mut self, peer: SocketAddr, listener: u16, now: Timestamp) -> ConnId {
+        self.now = now;
+        let gen = self.next_gen();
+        let l = usize::from(listener);
+        if self.listener_conns.len() <= l {
+            self.listener_conns.resize(l + 1, 0);
+        }
+        self.listener_conns[l] += 1;
+        let idx = self.conns.insert(Conn {
+            gen,
+            outbox: BytesMut::new(),
+            waker: None,
+            close: false,
+            abort: false,
+            paused: false,
+            starved: false,
+            more_stalled: false,
+            phase: ConnPhase::AwaitingConnect,
+            level: ProtocolLevel::V311,
+            listener,
+            keepalive_ms: 0,
+            last_rx: now,
+            peer: Peer {
+                ip: peer.ip(),
+                port: peer.port(),
+            },
+            clean: true,
+            will: None,
+            timer_at: Timestamp::NEVER,
+            last_io: now,
+            park: false,
+            parked: false,
+            held: None,
+        });
+        self.metrics.connections_accepted += 1;
+        let id = ConnId {
+            idx: idx as u32,
+            gen,
+        };
+        self.arm_conn(id);
+        id
+    }
+
+    /// Arms the connection's timer for its current deadline if that is earlier than the one
+    /// armed. A later deadline (traffic pushed it back) is found when the armed timer fires.
+    pub(super) fn arm_conn(&mut self, id: ConnId) {
+        let Some(deadline) = self.conn_status(id).and_then(|s| s.deadline) else {
+            return;
+        };
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if deadline < c.timer_at {
+            c.timer_at = deadline;
+            self.conn_timers.push(Reverse((deadline, id.idx, id.gen)));
+            self.note_timer(deadline);
+        }
+    }
+
+    /// How to decode this connection's input.
+    pub fn decode_options(&self, id: ConnId) -> DecodeOptions {
+        let (level, expect_connect) = self
+            .conns
+            .get(id.idx as usize)
+            .map_or((ProtocolLevel::V311, false), |c| {
+                (c.level, c.phase == ConnPhase::AwaitingConnect)
+            });
+        DecodeOptions {
+            max_packet_size: self.cfg.max_packet_size,
+            level,
+            expect_connect,
+        }
+    }
+
+    /// The bytes waiting to be written to this connection.
+    pub fn conn_outbox(&mut self, id: ConnId) -> Option<&mut BytesMut> {
+        conn_mut(&mut self.conns, id).map(|c| &mut c.outbox)
+    }
+
+    /// Registers the waker of the connection's driver task, woken when the outbox gains bytes,
+    /// the connection must close, or reading may resume.
+    pub fn set_conn_waker(&mut self, id: ConnId, waker: &Waker) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            match &c.waker {
+                Some(w) if w.will_wake(waker) => {}
+                _ => c.waker = Some(waker.clone()),
+            }
+        }
+    }
+
+    /// What the driver should do next; `None` once the connection is gone.
+    pub fn conn_status(&self, id: ConnId) -> Option<ConnStatus> {
+        let c = self
+            .conns
+            .get(id.idx as usize)
+            .filter(|c| c.gen == id.gen)?;
+        let deadline = match (self.timeout_deadline(c), self.park_deadline(c)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Some(ConnStatus {
+            close: c.close,
+            readable: c.readable(self.cfg.max_write_buffer),
+            deadline,
+            park: c.park && !c.close,
+            reset: c.abort,
+        })
+    }
+
+    /// Whether to read more input now (the `readable` of [`Engine::conn_status`], cheaper).
+    pub fn conn_readable(&self, id: ConnId) -> bool {
+        self.conns
+            .get(id.idx as usize)
+            .is_some_and(|c| c.gen == id.gen && c.readable(self.cfg.max_write_buffer))
+    }
+
+    /// When the connection times out: no CONNECT in time, no CONNACK in time, keepalive, or a
+    /// close that takes too long. Not while the broker holds a packet of it back: the wait is
+    /// the broker's, not the client's.
+    pub(super) fn timeout_deadline(&self, c: &Conn) -> Option<Timestamp> {
+        if c.close {
+            return (!c.abort).then(|| c.last_rx.after(self.cfg.close_timeout));
+        }
+        if c.paused {
+            return None;
+        }
+        let keepalive = (c.keepalive_ms > 0).then(|| {
+            c.last_rx
+                .after(Duration::from_millis(u64::from(c.keepalive_ms)))
+        });
+        match c.phase {
+            ConnPhase::AwaitingConnect => Some(c.last_rx.after(self.cfg.idle_timeout)),
+            // The owner shard answers a CONNECT within `idle_timeout` or the client is let go.
+            ConnPhase::Connecting => {
+                let limit = c.last_rx.after(self.cfg.idle_timeout);
+                Some(keepalive.map_or(limit, |k| k.min(limit)))
+            }
+            ConnPhase::Connected(_) => keepalive,
+            ConnPhase::Closed => None,
+        }
+    }
+
+    /// When an idle, connected client should be parked.
+    pub(super) fn park_deadline(&self, c: &Conn) -> Option<Timestamp> {
+        let idle = matches!(c.phase, ConnPhase::Connected(_))
+            && !c.close
+            && !c.paused
+            && !c.park
+            && !c.parked;
+        self.cfg
+            .park_after
+            .filter(|_| idle)
+            .map(|d| c.last_io.after(d))
+    }
+
+    /// Bytes moved on the connection: it is not idle.
+    pub fn note_io(&mut self, id: ConnId, now: Timestamp) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            c.last_io = now;
+            // The park deadline only moves later, so an armed timer already covers it, unless
+            // none is armed or the armed one is the later keepalive (after a park request).
+            let rearm = self.cfg.park_after.is_some() && (c.park || c.timer_at == Timestamp::NEVER);
+            c.park = false;
+            if rearm {
+                self.arm_conn(id);
+            }
+        }
+    }
+
+    /// The driver parked the socket; `waker` promotes it (a delivery, a close or shutdown
+    /// wakes it, as it would wake a driver).
+    pub fn conn_parked(&mut self, id: ConnId, waker: Waker) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            c.parked = true;
+            c.park = false;
+            c.waker = Some(waker);
+            self.parked_count += 1;
+            self.metrics.connections_parked += 1;
+            if let ConnPhase::Connected(key) = c.phase {
+                if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key as usize) {
+                    a.session.shrink();
+                }
+            }
+        }
+    }
+
+    /// A parked socket has a driver again.
+    pub fn conn_promoted(&mut self, id: ConnId, now: Timestamp) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            if c.parked {
+                c.parked = false;
+                self.parked_count -= 1;
+            }
+            c.last_io = now;
+            c.waker = None;
+        }
+        self.arm_conn(id);
+    }
+
+    /// Connections parked now.
+    pub fn parked_count(&self) -> usize {
+        self.parked_count
+    }
+
+    /// Counts bytes the driver read.
+    pub fn count_received(&mut self, received: usize) {
+        self.metrics.bytes_received += received as u64;
+    }
+
+    /// The driver wrote (and removed) the first `sent` bytes of the connection's outbox.
+    /// Deliveries that waited for room follow, on this connection and, once the shard's
+    /// outboxes are below three quarters of `shards.max_write_buffer`, on the others. Returns
+    /// whether this connection's outbox got new bytes meanwhile (the driver writes them).
+    pub fn conn_flushed(&mut self, id: ConnId, sent: usize, now: Timestamp) -> bool {
+        if sent == 0 {
+            return false;
+        }
+        self.now = now;
+        self.metrics.bytes_sent += sent as u64;
+        self.release_outbox_bytes(sent);
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return false;
+        };
+        // Bytes moved: not idle (`note_io`, done here without a second look-up).
+        c.last_io = now;
+        let rearm = self.cfg.park_after.is_some() && (c.park || c.timer_at == Timestamp::NEVER);
+        c.park = false;
+        let starved = c.starved;
+        if rearm {
+            self.arm_conn(id);
+        }
+        let mut refilled = starved && self.refill(id);
+        if !self.starved.is_empty() && self.outbox_bytes < self.cfg.shard_write_buffer / 4 * 3 {
+            self.refill_starved();
+            refilled = conn_mut(&mut self.conns, id).is_some_and(|c| !c.outbox.is_empty());
+        }
+        refilled
+    }
+
+    pub(super) fn release_outbox_bytes(&mut self, n: usize) {
+        debug_assert!(self.outbox_bytes >= n, "outbox accounting");
+        self.outbox_bytes = self.outbox_bytes.saturating_sub(n);
+    }
+
+    /// Writes what the session of connection `id` holds back for room (resends, queued
+    /// deliveries), as far as the outboxes have room now. Returns whether it wrote anything.
+    pub(super) fn refill(&mut self, id: ConnId) -> bool {
+        let now = self.now;
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return false;
+        };
+        c.starved = false;
+        let ConnPhase::Connected(key) = c.phase else {
+            return false;
+        };
+        if c.close {
+            return false;
+        }
+        let key = key as usize;
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return false;
+        };
+        let before = c.outbox.len();
+        let limit = outbox_limit(&self.cfg, self.outbox_bytes, before);
+        let sent = a
+            .session
+            .refill(now, &self.cfg.limits, Outbox::new(&mut c.outbox, limit));
+        let wrote = c.outbox.len() - before;
+        self.outbox_bytes += wrote;
+        if wrote > 0 {
+            c.wake();
+        }
+        if a.session.wants_room(&self.cfg.limits) {
+            starve(c, id, before + wrote, &self.cfg, &mut self.starved);
+        }
+        self.metrics.messages_sent += sent as u64;
+        if sent > 0 {
+            self.arm_new(key, self.retry_due(now));
+        }
+        wrote > 0
+    }
+
+    /// Refills the connections that waited for the shard's outboxes to shrink, oldest first,
+    /// while there is room.
+    pub(super) fn refill_starved(&mut self) {
+        let waiting = std::mem::take(&mut self.starved);
+        let mut rest = waiting.into_iter();
+        for id in rest.by_ref() {
+            if self.outbox_bytes >= self.cfg.shard_write_buffer {
+                break;
+            }
+            if let Some(c) = conn_mut(&mut self.conns, id) {
+                // Still starved and its own outbox has room: the shard's limit held it back.
+                if c.starved && c.outbox.len() < self.cfg.max_write_buffer {
+                    self.refill(id);
+                }
+            }
+        }
+        // Those not reached keep their turn, ahead of any starved meanwhile.
+        let mut kept: Vec<ConnId> = rest.collect();
+        kept.append(&mut self.starved);
+        self.starved = kept;
+    }
+
+    /// Bytes read from the connection: decodes and handles the complete packets at the front
+    /// of `data` while the connection stays readable (a packet may change that: a CONNECT
+    /// waits for its owner shard, a flood fills the outbox). Bad input closes the connection
+    /// and uses all of `data`. What is left (an incomplete packet, or input not read yet) is
+    /// for the caller to offer again, with more bytes after it.
+    pub fn handle_input(&mut self, id: ConnId, data: &[u8], now: Timestamp) -> Input {
+        let mut input = Input {
+            used: 0,
+            progressed: false,
+        };
+        while self.conn_readable(id) {
+            let opts = self.decode_options(id);
+            match mqtt::decode_slice(&data[input.used..], &opts) {
+                Ok(Some((packet, n))) => {
+                    input.used += n;
+                    input.progressed = true;
+                    self.handle_packet(id, packet, now);
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    self.handle_decode_error(id, &err, now);
+                    input.used = data.len();
+                    input.progressed = true;
+                    break;
+                }
+            }
+        }
+        input
+    }
+
+    /// A decoded packet from the connection.
+    pub fn handle_packet(&mut self, id: ConnId, packet: Packet, now: Timestamp) {
+        self.now = now;
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.close {
+            return;
+        }
+        c.last_rx = now;
+        self.metrics.packets_received += 1;
+        if c.paused {
+            // The driver reads no more while a packet is held back; should it, this one
+            // waits behind it, so the connection's packets keep their order.
+            c.more_stalled = true;
+            self.stalled.push_back((id, packet));
+            return;
+        }
+        self.dispatch_packet(id, packet);
+        self.drain_inbox();
+    }
+
+    /// Handles a packet of connection `id` (just received, or held back until now).
+    #[inline]
+    pub(super) fn dispatch_packet(&mut self, id: ConnId, packet: Packet) {
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        match (c.phase, packet) {
+            (ConnPhase::AwaitingConnect, Packet::Connect(connect)) => {
+                if self.congested(1) {
+                    return self.stall(id, Packet::Connect(connect));
+                }
+                self.on_connect(id, *connect)
+            }
+            (ConnPhase::AwaitingConnect, p) => self.violation(
+                id,
+                &format!("[MQTT-3.1.0-1] first packet is {}, not CONNECT", p.name()),
+            ),
+            (ConnPhase::Connected(_), Packet::Connect(_)) => {
+                self.violation(id, "[MQTT-3.1.0-2] second CONNECT on a connection")
+            }
+            (ConnPhase::Connected(key), p) => self.on_session_packet(id, key as usize, p),
+            (ConnPhase::Connecting, p) => {
+                // The driver stops reading while connecting; a packet here is a driver bug,
+                // never something to trust.
+                self.violation(id, &format!("{} before CONNACK", p.name()))
+            }
+            (ConnPhase::Closed, _) => {}
+        }
+    }
+
+    /// Input that did not decode. Closes the connection (CONNACK 0x01 first for an
+    /// unsupported protocol level).
+    pub fn handle_decode_error(&mut self, id: ConnId, err: &DecodeError, now: Timestamp) {
+        self.now = now;
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.close {
+            return;
+        }
+        if let (ConnPhase::AwaitingConnect, DecodeError::UnsupportedProtocolLevel { .. }) =
+            (c.phase, err)
+        {
+            self.metrics.connects_refused += 1;
+            debug!(peer = %c.peer, error = %err, "refusing CONNECT");
+            self.outbox_bytes += put(
+                &mut c.outbox,
+                &Packet::Connack(Connack {
+                    session_present: false,
+                    code: ConnectReturnCode::UnacceptableProtocolVersion,
+                }),
+            );
+            c.start_close(now);
+            self.arm_conn(id);
+            return;
+        }
+        self.metrics.malformed_packets += 1;
+        debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), error = %err, "malformed packet, closing");
+        self.end_connection(id, true);
+        self.drain_inbox();
+    }
+
+    /// The connection's deadline passed (or may have): closes it on CONNECT or keepalive
+    /// timeout, and gives up on a close that could not flush within `close_timeout`.
+    pub fn conn_timeout(&mut self, id: ConnId, now: Timestamp) {
+        self.now = now;
+        let Some(c) = self.conns.get(id.idx as usize).filter(|c| c.gen == id.gen) else {
+            return;
+        };
+        if c.close {
+            if self.timeout_deadline(c).is_some_and(|d| d <= now) {
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    self.metrics.close_timeouts += 1;
+                    debug!(peer = %c.peer, unsent = c.outbox.len(), "close timed out, resetting the connection");
+                    let unsent = std::mem::take(&mut c.outbox).len();
+                    c.abort = true;
+                    c.wake();
+                    self.release_outbox_bytes(unsent);
+                }
+            }
+            return;
+        }
+        if self.timeout_deadline(c).is_none_or(|d| now < d) {
+            if self.park_deadline(c).is_some_and(|d| d <= now) {
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    c.park = true;
+                    c.wake();
+                }
+            }
+            return;
+        }
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.phase == ConnPhase::AwaitingConnect {
+            self.metrics.connect_timeouts += 1;
+            debug!(peer = %c.peer, "no CONNECT within idle_timeout, closing");
+        } else if c.phase == ConnPhase::Connecting && c.last_rx.after(self.cfg.idle_timeout) <= now
+        {
+            self.metrics.connect_timeouts += 1;
+            debug!(peer = %c.peer, "CONNECT not answered within idle_timeout, closing");
+        } else {
+            self.metrics.keepalive_timeouts += 1;
+            debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "keepalive timeout, closing");
+        }
+        self.end_connection(id, true);
+        self.drain_inbox();
+    }
+
+    /// The transport is gone (peer closed, I/O error, or the driver finished closing). Frees
+    /// the connection; a session still attached detaches and its will is published.
+    pub fn conn_closed(&mut self, id: ConnId, now: Timestamp) {
+        self.now = now;
+        if conn_mut(&mut self.conns, id).is_none() {
+            return;
+        }
+        self.detach_conn(id, true);
+        let c = self.conns.remove(id.idx as usize);
+        self.listener_conns[usize::from(c.listener)] -= 1;
+        if c.parked {
+            self.parked_count -= 1;
+        }
+        self.release_outbox_bytes(c.outbox.len());
+        self.metrics.connections_closed += 1;
+        self.drain_inbox();
+    }
+
+    /// Closes every connection (broker shutdown). Wills are not published.
+    pub fn close_all(&mut self, now: Timestamp) {
+        self.now = now;
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .map(|(idx, c)| ConnId {
+                idx: idx as u32,
+                gen: c.gen,
+            })
+            .collect();
+        for id in ids {
+            self.end_connection(id, false);
+        }
+        self.drain_inbox();
+    }
+
+    pub(super) fn violation(&mut self, id: ConnId, what: &str) {
+        self.metrics.protocol_errors += 1;
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "protocol error: {what}; closing");
+        }
+        self.end_connection(id, true);
+    }
+
+    /// Marks the connection closing (its close deadline armed); detaches its session
+    /// (publishing the will when `will_allowed` and the client did not DISCONNECT).
+    pub(super) fn end_connection(&mut self, id: ConnId, will_allowed: bool) {
+        self.detach_conn(id, will_allowed);
+        self.arm_conn(id);
+    }
+
+    /// [`Engine::end_connection`] without arming the close deadline (the connection is gone).
+    pub(super) fn detach_conn(&mut self, id: ConnId, will_allowed: bool) {
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        let phase = c.phase;
+        c.start_close(self.now);
+        let will = c.will.take().filter(|_| will_allowed);
+        if let ConnPhase::Connected(key) = phase {
+            self.detach(key as usize);
+            if let Some(w) = will {
+                self.publish_will(*w);
+            }
+        }
+    }
+
+    pub(super) fn on_session_packet(&mut self, id: ConnId, key: usize, packet: Packet) {
+        match packet {
+            Packet::Publish(p) => self.on_publish(id, key, p),
+            Packet::Puback(pid) => self.on_ack(id, key, pid, AckKind::Puback),
+            Packet::Pubrec(pid) => self.on_ack(id, key, pid, AckKind::Pubrec),
+            Packet::Pubcomp(pid) => self.on_ack(id, key, pid, AckKind::Pubcomp),
+            Packet::Pubrel(pid) => {
+                if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
+                    a.session.on_pubrel(pid);
+                }
+                self.reply(id, &Packet::Pubcomp(pid));
+            }
+            // A route delta and one retained query to each shard, at most.
+            Packet::Subscribe(s) if self.congested(2) => self.stall(id, Packet::Subscribe(s)),
+            Packet::Subscribe(s) => self.on_subscribe(id, key, s),
+            Packet::Unsubscribe(u) if self.congested(1) => self.stall(id, Packet::Unsubscribe(u)),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(id, key, u),
+            Packet::Pingreq => self.reply(id, &Packet::Pingresp),
+            Packet::Disconnect => {
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    c.will = None;
+                }
+                self.end_connection(id, false);
+            }
+            p @ (Packet::Connack(_)
+            | Packet::Suback(_)
+            | Packet::Unsuback(_)
+            | Packet::Pingresp
+            | Packet::Connect(_)) => {
+                self.violation(id, &format!("{} is a server-to-client packet", p.name()))
+            }
+        }
+    }
+
+    /// Writes `p` to the connection's outbox (a reply to the client's own packet: always).
+    pub(super) fn reply(&mut self, id: ConnId, p: &Packet) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            self.outbox_bytes += put(&mut c.outbox, p);
+            c.wake();
+        }
+    }
+}

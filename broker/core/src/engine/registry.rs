@@ -1,0 +1,409 @@
+//! The client-id registry and the sessions held here: CONNECT, the owner shard's registration
+//! of each client id (epochs, one connect placed at a time), and attaching, detaching, creating
+//! and discarding sessions.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn refuse(&mut self, id: ConnId, code: ConnectReturnCode) {
+        self.metrics.connects_refused += 1;
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), ?code, "refusing CONNECT");
+            self.outbox_bytes += put(
+                &mut c.outbox,
+                &Packet::Connack(Connack {
+                    session_present: false,
+                    code,
+                }),
+            );
+            c.start_close(self.now);
+            c.will = None;
+            self.arm_conn(id);
+        }
+    }
+
+    pub(super) fn on_connect(&mut self, id: ConnId, connect: Connect) {
+        let Connect {
+            level,
+            client_id,
+            clean_session,
+            keep_alive,
+            will,
+            ..
+        } = connect;
+        let limit = match level {
+            ProtocolLevel::V31 => self.cfg.v31_max_clientid_len,
+            ProtocolLevel::V311 => self.cfg.max_clientid_len,
+        };
+        let client_id = if client_id.is_empty() {
+            if level == ProtocolLevel::V311 && clean_session {
+                self.client_seq += 1;
+                format!(
+                    "shardmq-{:x}-{}-{}",
+                    self.started_at.0, self.cfg.shard, self.client_seq
+                )
+            } else {
+                // [MQTT-3.1.3-8]: an empty id needs clean session (and 3.1 has no empty ids).
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    c.level = level;
+                }
+                return self.refuse(id, ConnectReturnCode::IdentifierRejected);
+            }
+        } else if client_id.chars().count() > limit {
+            if let Some(c) = conn_mut(&mut self.conns, id) {
+                c.level = level;
+            }
+            return self.refuse(id, ConnectReturnCode::IdentifierRejected);
+        } else {
+            client_id
+        };
+        let client_id = ByteStr::from(client_id);
+        // Whole milliseconds, at least 1 for a non-zero keepalive, saturating at u32::MAX.
+        let ka = if keep_alive == 0 {
+            0
+        } else {
+            (f64::from(keep_alive) * self.cfg.keepalive_multiplier * 1000.0)
+                .clamp(1.0, f64::from(u32::MAX)) as u32
+        };
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        c.level = level;
+        c.clean = clean_session;
+        c.will = will.map(Box::new);
+        c.keepalive_ms = ka;
+        c.phase = ConnPhase::Connecting;
+        self.arm_conn(id);
+        let ticket = Ticket::new(self.cfg.shard, id);
+        let owner = self.owner(client_id.as_bytes());
+        self.send(
+            owner,
+            Control::Register {
+                client_id,
+                ticket,
+                clean: clean_session,
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------- sessions
+
+    /// The key of the active session of `client_id` on this shard.
+    pub(super) fn local_session(&self, client_id: &ByteStr) -> Option<usize> {
+        self.by_client
+            .get(client_id.as_bytes(), |k| {
+                slot_holds(&self.sessions, k, client_id)
+            })
+            .map(|k| k as usize)
+    }
+
+    pub(super) fn new_session(&mut self, client_id: ByteStr, clean: bool, epoch: u64) -> usize {
+        let session = Session::new(client_id, clean, self.now);
+        self.add_active(session, epoch, None).0
+    }
+
+    /// Puts `session` in a new active slot indexed by its client id; returns (key, gen).
+    pub(super) fn add_active(
+        &mut self,
+        session: Session,
+        epoch: u64,
+        arrival: Option<Box<Arrival>>,
+    ) -> (usize, u32) {
+        let gen = self.next_gen();
+        let client_id = session.client_id.clone();
+        let key = self.sessions.insert(SessionSlot::Active(ActiveSession {
+            gen,
+            session,
+            conn: None,
+            epoch,
+            arrival,
+            expires_at: Timestamp::NEVER,
+            timer_at: Timestamp::NEVER,
+        }));
+        let sessions = &self.sessions;
+        self.by_client
+            .insert(client_id.as_bytes(), key as u32, |k| {
+                slot_holds(sessions, k, &client_id)
+            });
+        (key, gen)
+    }
+
+    /// Puts a session that moved here in a slot and indexes its subscriptions; with an
+    /// `upstream` still forwarding, the session holds direct deliveries until it is done, and
+    /// the upstream is released once every shard routes to this one.
+    pub(super) fn install_session(
+        &mut self,
+        session: Session,
+        epoch: u64,
+        upstream: Option<usize>,
+    ) -> usize {
+        let subs: Vec<(String, QoS)> = session
+            .subscriptions
+            .iter()
+            .map(|(f, q)| (f.clone(), *q))
+            .collect();
+        let shards = self.cfg.shards;
+        let arrival = upstream.map(|upstream| Box::new(Arrival::new(upstream, epoch, shards)));
+        let (key, gen) = self.add_active(session, epoch, arrival);
+        for (f, q) in subs {
+            self.add_local_sub(&f, key, q);
+        }
+        let seq = self.flush_routes();
+        if upstream.is_some() {
+            self.add_waiter(seq, Waiter::Release { key, gen });
+        }
+        key
+    }
+
+    /// Frees a session: its subscriptions leave the index; `unregister` tells the owner.
+    pub(super) fn discard_session(&mut self, key: usize, unregister: bool) {
+        let Some(SessionSlot::Active(_)) = self.sessions.get(key) else {
+            return;
+        };
+        let SessionSlot::Active(a) = self.sessions.remove(key) else {
+            return;
+        };
+        let client_id = a.session.client_id.clone();
+        self.by_client.remove(client_id.as_bytes(), key as u32);
+        for f in a.session.subscriptions.keys() {
+            self.remove_local_sub(f, key);
+        }
+        self.flush_routes();
+        let owner = self.owner(client_id.as_bytes());
+        if let Some(arrival) = a.arrival {
+            // The upstream's forwards now find no session of their epoch and are dropped; the
+            // registration it kept busy is free.
+            if arrival.state == ArrivalState::Routing {
+                self.send(
+                    arrival.upstream,
+                    Control::ReleaseForward {
+                        client_id: client_id.clone(),
+                        epoch: arrival.epoch,
+                    },
+                );
+            }
+            let epoch = arrival.epoch;
+            self.metrics.dropped_queue_full += arrival.into_held().len() as u64;
+            self.send(
+                owner,
+                Control::ConnectDone {
+                    client_id: client_id.clone(),
+                    epoch,
+                },
+            );
+        }
+        if unregister {
+            self.send(
+                owner,
+                Control::Unregister {
+                    client_id,
+                    epoch: a.epoch,
+                },
+            );
+        }
+    }
+
+    /// The session's connection ended.
+    pub(super) fn detach(&mut self, key: usize) {
+        let now = self.now;
+        let expiry = self.cfg.session_expiry;
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        a.conn = None;
+        if a.session.clean_session {
+            self.discard_session(key, true);
+        } else {
+            a.session.shrink();
+            a.expires_at = expiry.map_or(Timestamp::NEVER, |d| now.after(d));
+            self.arm(key);
+        }
+    }
+
+    pub(super) fn attach(&mut self, key: usize, id: ConnId, present: bool) {
+        let now = self.now;
+        let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        a.conn = Some(id);
+        a.expires_at = Timestamp::NEVER;
+        c.phase = ConnPhase::Connected(key as u32);
+        let before = c.outbox.len();
+        mqtt::encode(
+            &Packet::Connack(Connack {
+                session_present: present && c.level == ProtocolLevel::V311,
+                code: ConnectReturnCode::Accepted,
+            }),
+            &mut c.outbox,
+        );
+        let limit = outbox_limit(&self.cfg, self.outbox_bytes, c.outbox.len());
+        let lim = &self.cfg.limits;
+        let sent = a
+            .session
+            .resume(now, lim, Outbox::new(&mut c.outbox, limit));
+        let len = c.outbox.len();
+        self.outbox_bytes += len - before;
+        if a.session.wants_room(lim) {
+            starve(c, id, len, &self.cfg, &mut self.starved);
+        }
+        debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), session_present = present, "connected");
+        c.wake();
+        self.metrics.messages_sent += sent as u64;
+        self.metrics.connects_accepted += 1;
+        self.arm(key);
+        self.arm_conn(id);
+    }
+
+    /// Completes a CONNECT at this (the connecting) shard and tells the owner, which lets the
+    /// next CONNECT for the client id proceed; for a session still arriving from another shard,
+    /// only once the forwarding is done (`ForwardDone`), so a session never moves on before
+    /// it has fully arrived.
+    pub(super) fn finish_connect(
+        &mut self,
+        client_id: ByteStr,
+        ticket: Ticket,
+        epoch: u64,
+        handed: Handed,
+    ) {
+        let owner = self.owner(client_id.as_bytes());
+        let id = ticket.slot;
+        let live = conn_mut(&mut self.conns, id)
+            .filter(|c| c.phase == ConnPhase::Connecting && !c.close)
+            .map(|c| c.clean);
+        let arriving = matches!(
+            &handed,
+            Handed::Moved {
+                upstream: Some(_),
+                ..
+            }
+        ) && live != Some(true);
+        if !arriving {
+            self.send(
+                owner,
+                Control::ConnectDone {
+                    client_id: client_id.clone(),
+                    epoch,
+                },
+            );
+        }
+        let Some(clean) = live else {
+            // The client went away while we waited: keep a persistent session offline.
+            match handed {
+                Handed::Fresh => self.send(owner, Control::Unregister { client_id, epoch }),
+                Handed::Local(key) => {
+                    if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
+                        a.epoch = epoch;
+                        if a.session.clean_session {
+                            self.discard_session(key, true);
+                        }
+                    }
+                }
+                Handed::Moved { session, upstream } => {
+                    let key = self.install_session(*session, epoch, upstream);
+                    self.detach(key);
+                }
+            }
+            return;
+        };
+        let (key, present) = match handed {
+            Handed::Fresh => (self.new_session(client_id, clean, epoch), false),
+            Handed::Local(key) => {
+                let keep = matches!(self.sessions.get(key), Some(SessionSlot::Active(a)) if !a.session.clean_session);
+                if clean || !keep {
+                    self.discard_session(key, false);
+                    (self.new_session(client_id, clean, epoch), false)
+                } else {
+                    if let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) {
+                        a.epoch = epoch;
+                    }
+                    (key, true)
+                }
+            }
+            Handed::Moved { session, upstream } => {
+                if clean {
+                    if let Some(up) = upstream {
+                        self.send(
+                            up,
+                            Control::ReleaseForward {
+                                client_id: client_id.clone(),
+                                epoch,
+                            },
+                        );
+                    }
+                    (self.new_session(client_id, clean, epoch), false)
+                } else {
+                    (self.install_session(*session, epoch, upstream), true)
+                }
+            }
+        };
+        self.attach(key, id, present);
+    }
+
+    // ---------------------------------------------------------------- registry (owner side)
+
+    pub(super) fn on_register(&mut self, client_id: ByteStr, ticket: Ticket, clean: bool) {
+        let reg = self
+            .registry
+            .entry(client_id.clone())
+            .or_insert(Registration {
+                epoch: 0,
+                holder: NO_HOLDER,
+                busy: false,
+            });
+        if reg.busy {
+            self.reg_waiting
+                .entry(client_id)
+                .or_default()
+                .push_back((ticket, clean));
+            return;
+        }
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        reg.busy = true;
+        reg.epoch = epoch;
+        let previous = std::mem::replace(&mut reg.holder, ticket.shard() as u32);
+        match (previous != NO_HOLDER).then_some(previous as usize) {
+            None => self.reply_fresh(client_id, ticket, epoch),
+            Some(holder) => self.send(
+                holder,
+                Control::Takeover {
+                    client_id,
+                    ticket,
+                    epoch,
+                    clean,
+                },
+            ),
+        }
+    }
+
+    pub(super) fn on_connect_done(&mut self, client_id: ByteStr, epoch: u64) {
+        let Some(reg) = self.registry.get_mut(&client_id) else {
+            return;
+        };
+        if reg.epoch != epoch {
+            return;
+        }
+        reg.busy = false;
+        let Some(queue) = self.reg_waiting.get_mut(&client_id) else {
+            return;
+        };
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.reg_waiting.remove(&client_id);
+        }
+        if let Some((ticket, clean)) = next {
+            self.on_register(client_id, ticket, clean);
+        }
+    }
+
+    pub(super) fn on_unregister(&mut self, client_id: ByteStr, epoch: u64) {
+        if let Some(reg) = self.registry.get(&client_id) {
+            if reg.epoch == epoch && !reg.busy && !self.reg_waiting.contains_key(&client_id) {
+                self.registry.remove(&client_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The transport seam: what a connection's bytes travel over.
+//!
+//! The connection driver ([`crate::shard::connection`]) is written once, generic over a
+//! [`Transport`]: it reads into the shard's scratch buffer, hands the bytes to the engine, and
+//! writes the engine's outbox. It knows nothing of the protocol (the engine decodes) nor of
+//! what carries the bytes (the transport). Plain TCP ([`tcp::Tcp`]) is the first; TLS and
+//! WebSocket are added beside it as further implementations, without touching the driver, the
+//! engine or the codecs.
+//!
+//! Parking an idle connection (handing its socket to the shard's epoll set and dropping the
+//! driver) is a capability: a transport that keeps no state outside the kernel socket can
+//! offer it ([`Transport::park`]); one with user-space state (a TLS session, a WebSocket
+//! frame in progress) keeps its driver instead.
+
+pub mod tcp;
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::task::{Context, Poll};
+
+/// A byte stream under one connection, polled by its driver task.
+pub trait Transport: Sized + Unpin + 'static {
+    /// Whether [`Transport::park`] can succeed (the driver asks before it gives up its task).
+    const PARKS: bool = false;
+
+    /// Reads what is available into `buf`. `Ok(0)` means the peer closed.
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+
+    /// Writes a prefix of `buf`; returns how many bytes it took.
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+
+    /// Closes gracefully, after what was written (the driver has flushed the outbox).
+    fn close(self) -> impl Future<Output = ()>;
+
+    /// Drops the connection at once, discarding what is still unsent (a reset where the
+    /// transport has one).
+    fn reset(self);
+
+    /// Gives up the socket for parking: its descriptor, with nothing left in user space. A
+    /// transport that cannot park returns itself.
+    fn park(self) -> Result<OwnedFd, Self> {
+        Err(self)
+    }
+}
