@@ -15,6 +15,9 @@ scripts/install-test-deps.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "vendor/glommio is glommio 0.9.0 plus its patch series"
+scripts/vendor-glommio.sh check
+
 step "layers (scripts/check-layers.sh)"
 scripts/check-layers.sh
 

@@ -1,4 +1,4 @@
-//! The vendored glommio's wake-first tasks (patches 7 and 8 in `vendor/glommio/PATCHES.md`),
+//! The vendored glommio's wake-first tasks (patches 7 and 8 in `vendor/glommio-patches/README.md`),
 //! which the load generator's subscribers use: a task that asked for it runs before the tasks
 //! woken with it, and a socket completion posted while a busy task queue runs wakes it within
 //! that turn rather than after the queue drains.

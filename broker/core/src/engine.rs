@@ -33,6 +33,7 @@ use super::msgs::{Control, ShardMsg, SlotId, Ticket};
 use super::retained::{RetainedLimits, RetainedStore, SetOutcome};
 use super::route::{owner_shard, RouteTable, ShardSet};
 use super::session::{Delivery, Outbox, Session, SessionLimits};
+use super::sink::Sink;
 use super::time::Timestamp;
 use super::topic;
 use super::trie::TopicTrie;
@@ -117,7 +118,8 @@ enum ConnPhase {
 
 struct Conn {
     gen: u32,
-    outbox: BytesMut,
+    /// What waits to go out (MQTT bytes, or typed packets for a gateway).
+    outbox: Sink,
     waker: Option<Waker>,
     /// Flush the outbox, then close. `last_rx` then holds when the close began.
     close: bool,
@@ -170,8 +172,8 @@ impl std::fmt::Display for Peer {
 struct HeldAcks {
     /// Retained stores not confirmed yet.
     waiting: u32,
-    /// Acknowledgements written meanwhile, in order.
-    bytes: BytesMut,
+    /// Acknowledgements due meanwhile, in order.
+    acks: Vec<Packet>,
 }
 
 impl Conn {
@@ -182,7 +184,7 @@ impl Conn {
         !self.close
             && !self.paused
             && self.phase != ConnPhase::Connecting
-            && self.outbox.len() + self.held.as_ref().map_or(0, |h| h.bytes.len())
+            && self.outbox.len() + self.held.as_ref().map_or(0, |h| 4 * h.acks.len())
                 < max_write_buffer
     }
 
@@ -248,7 +250,7 @@ enum Waiter {
     /// filters: a client that sees either knows that publishes from anywhere reach it.
     Suback {
         conn: ConnId,
-        packet: Bytes,
+        suback: Suback,
         key: usize,
         gen: u32,
         granted: Vec<(String, QoS)>,
@@ -402,11 +404,9 @@ fn starve(c: &mut Conn, id: ConnId, len: usize, cfg: &EngineConfig, starved: &mu
     }
 }
 
-/// Encodes `p` at the end of `out`; returns the bytes added.
-fn put(out: &mut BytesMut, p: &Packet) -> usize {
-    let before = out.len();
-    mqtt::encode(p, out);
-    out.len() - before
+/// Writes `p` to `out`; returns the bytes it counts for.
+fn put(out: &mut Sink, p: &Packet) -> usize {
+    out.put(p)
 }
 
 fn push_pending(list: &mut Vec<ByteStr>, cancel: &mut Vec<ByteStr>, filter: &str) {

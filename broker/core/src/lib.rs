@@ -13,6 +13,7 @@ pub mod msgs;
 pub mod retained;
 pub mod route;
 pub mod session;
+pub mod sink;
 pub mod time;
 pub mod topic;
 pub mod trie;

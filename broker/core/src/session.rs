@@ -19,7 +19,7 @@
 
 use super::message::SharedMessage;
 use super::time::Timestamp;
-use bytes::BytesMut;
+use crate::sink::Sink;
 use serde::{Deserialize, Serialize};
 use shardmq_protocol::bytestr::ByteStr;
 use shardmq_protocol::mqtt::{self, QoS};
@@ -43,32 +43,33 @@ pub struct SessionLimits {
     pub await_rel_timeout: Option<Duration>,
 }
 
-/// The attached connection's outbox, and how far a session may fill it: deliveries and resends
-/// are written while it holds fewer than `limit` bytes (one message may take it past the
-/// limit; the next waits). Replies to the client's own packets (PUBREL) are always written.
+/// The attached connection's sink (its outbox), and how far a session may fill it: deliveries
+/// and resends are written while it holds fewer than `limit` bytes (one message may take it
+/// past the limit; the next waits). Replies to the client's own packets (PUBREL) are always
+/// written.
 pub struct Outbox<'a> {
-    /// The bytes waiting to be written to the connection.
-    pub bytes: &'a mut BytesMut,
+    /// What waits to go to the connection.
+    pub sink: &'a mut Sink,
     /// The fill limit.
     pub limit: usize,
 }
 
 impl<'a> Outbox<'a> {
-    /// `bytes`, filled up to `limit`.
-    pub fn new(bytes: &'a mut BytesMut, limit: usize) -> Self {
-        Outbox { bytes, limit }
+    /// `sink`, filled up to `limit`.
+    pub fn new(sink: &'a mut Sink, limit: usize) -> Self {
+        Outbox { sink, limit }
     }
 
-    /// `bytes`, with no limit.
-    pub fn unlimited(bytes: &'a mut BytesMut) -> Self {
+    /// `sink`, with no limit.
+    pub fn unlimited(sink: &'a mut Sink) -> Self {
         Outbox {
-            bytes,
+            sink,
             limit: usize::MAX,
         }
     }
 
     fn has_room(&self) -> bool {
-        self.bytes.len() < self.limit
+        self.sink.len() < self.limit
     }
 }
 
@@ -254,15 +255,7 @@ impl Session {
             if !out.has_room() {
                 return Delivery::DroppedSlowConsumer;
             }
-            mqtt::encode_publish(
-                false,
-                qos,
-                retain,
-                msg.topic.as_bytes(),
-                0,
-                &msg.payload,
-                out.bytes,
-            );
+            out.sink.publish(false, qos, retain, msg, 0);
             return Delivery::Sent;
         }
         if self.inflight().len() < lim.max_inflight && out.has_room() {
@@ -273,7 +266,7 @@ impl Session {
                 qos,
                 retain,
                 now,
-                out.bytes,
+                out.sink,
             );
             Delivery::Sent
         } else {
@@ -347,7 +340,7 @@ impl Session {
         &mut self,
         id: u16,
         now: Timestamp,
-        out: &mut BytesMut,
+        out: &mut Sink,
     ) -> Result<(), UnknownPacketId> {
         let e = self
             .flows
@@ -359,7 +352,7 @@ impl Session {
             .ok_or(UnknownPacketId(id))?;
         e.phase = Phase::Released;
         e.sent_at = now;
-        mqtt::encode(&mqtt::Packet::Pubrel(id), out);
+        out.put(&mqtt::Packet::Pubrel(id));
         Ok(())
     }
 
@@ -463,7 +456,7 @@ impl Session {
             for e in f.inflight.iter_mut().take(sent) {
                 if e.sent_at.after(r) <= now {
                     if out.has_room() {
-                        Flows::resend(e, now, out.bytes);
+                        Flows::resend(e, now, out.sink);
                         resent += 1;
                     } else {
                         e.sent_at = now;
@@ -512,19 +505,11 @@ impl Flows {
         qos: QoS,
         retain: bool,
         now: Timestamp,
-        out: &mut BytesMut,
+        out: &mut Sink,
     ) {
         let packet_id = self.next_packet_id(last);
         let alloc = self.allocated;
-        mqtt::encode_publish(
-            false,
-            qos,
-            retain,
-            msg.topic.as_bytes(),
-            packet_id,
-            &msg.payload,
-            out,
-        );
+        out.publish(false, qos, retain, &msg, packet_id);
         self.inflight.push_back(InflightEntry {
             packet_id,
             msg,
@@ -549,7 +534,7 @@ impl Flows {
         while self.unsent > 0 && out.has_room() {
             let i = self.inflight.len() - self.unsent;
             let e = &mut self.inflight[i];
-            Flows::resend(e, now, out.bytes);
+            Flows::resend(e, now, out.sink);
             sent += (e.phase == Phase::Published) as usize;
             self.unsent -= 1;
         }
@@ -577,35 +562,23 @@ impl Flows {
                 break;
             };
             if q.qos == QoS::AtMostOnce {
-                mqtt::encode_publish(
-                    false,
-                    q.qos,
-                    q.retain,
-                    q.msg.topic.as_bytes(),
-                    0,
-                    &q.msg.payload,
-                    out.bytes,
-                );
+                out.sink.publish(false, q.qos, q.retain, &q.msg, 0);
             } else {
-                self.send_new(last, q.msg, q.qos, q.retain, now, out.bytes);
+                self.send_new(last, q.msg, q.qos, q.retain, now, out.sink);
             }
             sent += 1;
         }
         sent
     }
 
-    fn resend(entry: &mut InflightEntry, now: Timestamp, out: &mut BytesMut) {
+    fn resend(entry: &mut InflightEntry, now: Timestamp, out: &mut Sink) {
         match entry.phase {
-            Phase::Published => mqtt::encode_publish(
-                true,
-                entry.qos,
-                entry.retain,
-                entry.msg.topic.as_bytes(),
-                entry.packet_id,
-                &entry.msg.payload,
-                out,
-            ),
-            Phase::Released => mqtt::encode(&mqtt::Packet::Pubrel(entry.packet_id), out),
+            Phase::Published => {
+                out.publish(true, entry.qos, entry.retain, &entry.msg, entry.packet_id)
+            }
+            Phase::Released => {
+                out.put(&mqtt::Packet::Pubrel(entry.packet_id));
+            }
         }
         entry.sent_at = now;
     }

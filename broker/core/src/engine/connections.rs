@@ -7,9 +7,25 @@ use super::*;
 impl Engine {
     // ---------------------------------------------------------------- connection inputs
 
-    /// A transport connection from `peer` was accepted on `listener` (a number the runtime
-    /// gives each of its listeners, counted by [`Engine::listener_connections`]).
+    /// An MQTT connection from `peer` was accepted on `listener` (a number the runtime gives
+    /// each of its listeners, counted by [`Engine::listener_connections`]). Its packets are
+    /// encoded into an outbox the driver writes ([`Engine::conn_outbox`]).
     pub fn open_conn(&mut self, peer: SocketAddr, listener: u16, now: Timestamp) -> ConnId {
+        self.open_conn_with(peer, listener, Sink::mqtt(), now)
+    }
+
+    /// A connection with the given sink: [`Sink::packets`] for a gateway client (keyed by
+    /// whatever the gateway likes, a UDP peer's address for instance), which feeds the engine
+    /// decoded packets ([`Engine::handle_packet`]) and takes typed ones back
+    /// ([`Engine::take_packets`]). It is a connection like any other: session, routing,
+    /// retained, will, takeover, keepalive and limits apply alike.
+    pub fn open_conn_with(
+        &mut self,
+        peer: SocketAddr,
+        listener: u16,
+        sink: Sink,
+        now: Timestamp,
+    ) -> ConnId {
         self.now = now;
         let gen = self.next_gen();
         let l = usize::from(listener);
@@ -19,7 +35,7 @@ impl Engine {
         self.listener_conns[l] += 1;
         let idx = self.conns.insert(Conn {
             gen,
-            outbox: BytesMut::new(),
+            outbox: sink,
             waker: None,
             close: false,
             abort: false,
@@ -83,9 +99,27 @@ impl Engine {
         }
     }
 
-    /// The bytes waiting to be written to this connection.
+    /// The bytes waiting to be written to this MQTT connection (`None` if it is gone or has
+    /// a gateway's sink).
     pub fn conn_outbox(&mut self, id: ConnId) -> Option<&mut BytesMut> {
-        conn_mut(&mut self.conns, id).map(|c| &mut c.outbox)
+        conn_mut(&mut self.conns, id).and_then(|c| c.outbox.bytes_mut())
+    }
+
+    /// A gateway client's packets: takes what waits in its sink, as a driver writes an
+    /// outbox; the room this makes lets deliveries held back for it in, and they are taken
+    /// too. `None` if the connection is gone or is not a gateway's.
+    pub fn take_packets(&mut self, id: ConnId, now: Timestamp) -> Option<VecDeque<Packet>> {
+        let mut all: Option<VecDeque<Packet>> = None;
+        loop {
+            let (packets, counted) = conn_mut(&mut self.conns, id)?.outbox.take_packets()?;
+            match &mut all {
+                Some(all) => all.extend(packets),
+                None => all = Some(packets),
+            }
+            if !self.conn_flushed(id, counted, now) {
+                return all;
+            }
+        }
     }
 
     /// Registers the waker of the connection's driver task, woken when the outbox gains bytes,
@@ -439,7 +473,7 @@ impl Engine {
                 if let Some(c) = conn_mut(&mut self.conns, id) {
                     self.metrics.close_timeouts += 1;
                     debug!(peer = %c.peer, unsent = c.outbox.len(), "close timed out, resetting the connection");
-                    let unsent = std::mem::take(&mut c.outbox).len();
+                    let unsent = c.outbox.clear();
                     c.abort = true;
                     c.wake();
                     self.release_outbox_bytes(unsent);

@@ -101,15 +101,14 @@ impl Engine {
         match w {
             Waiter::Suback {
                 conn,
-                packet,
+                suback,
                 key,
                 gen,
                 granted,
             } => {
                 if let Some(c) = conn_mut(&mut self.conns, conn) {
                     if !c.close {
-                        c.outbox.extend_from_slice(&packet);
-                        self.outbox_bytes += packet.len();
+                        self.outbox_bytes += put(&mut c.outbox, &Packet::Suback(suback));
                         c.wake();
                     }
                 }

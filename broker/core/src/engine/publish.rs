@@ -79,7 +79,7 @@ impl Engine {
                 .get_or_insert_with(|| {
                     Box::new(HeldAcks {
                         waiting: 0,
-                        bytes: BytesMut::new(),
+                        acks: Vec::new(),
                     })
                 })
                 .waiting += 1;
@@ -91,9 +91,7 @@ impl Engine {
         };
         if let Some(ack) = ack {
             match &mut c.held {
-                Some(h) => {
-                    put(&mut h.bytes, &ack);
-                }
+                Some(h) => h.acks.push(ack),
                 None => {
                     self.outbox_bytes += put(&mut c.outbox, &ack);
                     c.wake();
@@ -120,8 +118,9 @@ impl Engine {
         h.waiting = h.waiting.saturating_sub(1);
         if h.waiting == 0 {
             if let Some(h) = c.held.take() {
-                c.outbox.extend_from_slice(&h.bytes);
-                self.outbox_bytes += h.bytes.len();
+                for ack in &h.acks {
+                    self.outbox_bytes += put(&mut c.outbox, ack);
+                }
                 c.wake();
             }
         }
@@ -318,7 +317,7 @@ impl Engine {
         let out = Outbox::new(&mut c.outbox, limit);
         let result = match kind {
             AckKind::Puback => a.session.on_puback(pid, now, lim, out),
-            AckKind::Pubrec => a.session.on_pubrec(pid, now, out.bytes).map(|_| 0),
+            AckKind::Pubrec => a.session.on_pubrec(pid, now, out.sink).map(|_| 0),
             AckKind::Pubcomp => a.session.on_pubcomp(pid, now, lim, out),
         };
         let wrote = c.outbox.len() - before;

@@ -232,13 +232,10 @@ impl Engine {
         a.expires_at = Timestamp::NEVER;
         c.phase = ConnPhase::Connected(key as u32);
         let before = c.outbox.len();
-        mqtt::encode(
-            &Packet::Connack(Connack {
-                session_present: present && c.level == ProtocolLevel::V311,
-                code: ConnectReturnCode::Accepted,
-            }),
-            &mut c.outbox,
-        );
+        c.outbox.put(&Packet::Connack(Connack {
+            session_present: present && c.level == ProtocolLevel::V311,
+            code: ConnectReturnCode::Accepted,
+        }));
         let limit = outbox_limit(&self.cfg, self.outbox_bytes, c.outbox.len());
         let lim = &self.cfg.limits;
         let sent = a

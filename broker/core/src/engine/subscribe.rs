@@ -30,14 +30,10 @@ impl Engine {
             granted.push((filter, qos));
         }
         let seq = self.flush_routes();
-        let mut packet = BytesMut::new();
-        mqtt::encode(
-            &Packet::Suback(Suback {
-                packet_id: sub.packet_id,
-                codes,
-            }),
-            &mut packet,
-        );
+        let suback = Suback {
+            packet_id: sub.packet_id,
+            codes,
+        };
         let Some(gen) = self.sessions.get(key).map(SessionSlot::gen) else {
             return;
         };
@@ -45,7 +41,7 @@ impl Engine {
             seq,
             Waiter::Suback {
                 conn: id,
-                packet: packet.freeze(),
+                suback,
                 key,
                 gen,
                 granted,

@@ -205,6 +205,29 @@ impl Cluster {
         Client { shard, id }
     }
 
+    /// A gateway's client: typed packets both ways.
+    fn open_gateway(&mut self, shard: usize) -> Client {
+        let id = self.engines[shard].open_conn_with(peer(), 1, Sink::packets(), self.now);
+        Client { shard, id }
+    }
+
+    /// Connects an opened client; returns what came back.
+    fn connect_opened(&mut self, c: Client, client_id: &str, clean: bool) -> Vec<Packet> {
+        self.send(
+            c,
+            Packet::Connect(Box::new(Connect {
+                level: ProtocolLevel::V311,
+                client_id: client_id.into(),
+                clean_session: clean,
+                keep_alive: 10,
+                will: None,
+                username: None,
+                password: None,
+            })),
+        );
+        self.recv(c)
+    }
+
     fn input(&mut self, c: Client, p: Packet) {
         self.engines[c.shard].handle_packet(c.id, p, self.now);
     }
@@ -257,6 +280,9 @@ impl Cluster {
     /// What the engine wrote to the client, read as a driver would (and acknowledged to the
     /// engine as written).
     fn recv(&mut self, c: Client) -> Vec<Packet> {
+        if let Some(packets) = self.engines[c.shard].take_packets(c.id, self.now) {
+            return packets.into();
+        }
         let opts = self.engines[c.shard].decode_options(c.id);
         let Some(out) = self.engines[c.shard].conn_outbox(c.id) else {
             return Vec::new();
@@ -1633,4 +1659,132 @@ fn connection_and_session_slots_stay_small() {
         "{}",
         std::mem::size_of::<SessionSlot>()
     );
+}
+
+/// A client id whose owner is `shard` of `shards`.
+fn id_owned_by(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|id| owner_shard(id.as_bytes(), shards) == shard)
+        .expect("some id hashes to every shard")
+}
+
+/// The delivery seam: a gateway's client is a session like any other, and receives typed
+/// packets (deliveries with their packet ids, PUBREL, replies) instead of MQTT bytes. With
+/// its client id owned by the accepting shard, and by the other one.
+#[test]
+fn a_gateway_client_gets_typed_packets_with_its_id_owned_anywhere() {
+    for owner in 0..2 {
+        let mut cl = Cluster::new(2);
+        let id = id_owned_by("gw", owner, 2);
+        let g = cl.open_gateway(0);
+        let out = cl.connect_opened(g, &id, true);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Packet::Connack(Connack {
+                    code: ConnectReturnCode::Accepted,
+                    session_present: false
+                })]
+            ),
+            "owner {owner}: {out:?}"
+        );
+        assert_eq!(
+            cl.subscribe(g, &[("g/#", QoS::ExactlyOnce)]),
+            [SubackCode::Granted(QoS::ExactlyOnce)]
+        );
+        let p = cl.connect(1, "mqtt-pub", true);
+        cl.publish(p, "g/1", "one", QoS::AtLeastOnce, false, 1);
+        cl.publish(p, "g/2", "two", QoS::ExactlyOnce, true, 2);
+        let got = cl.recv(g);
+        let (one, two) = match got.as_slice() {
+            [Packet::Publish(a), Packet::Publish(b)] => (a.clone(), b.clone()),
+            other => panic!("owner {owner}: {other:?}"),
+        };
+        assert_eq!(
+            (one.topic.as_str(), &one.payload[..], one.qos),
+            ("g/1", &b"one"[..], QoS::AtLeastOnce)
+        );
+        assert_eq!(
+            (two.topic.as_str(), &two.payload[..], two.qos),
+            ("g/2", &b"two"[..], QoS::ExactlyOnce)
+        );
+        assert!(!one.dup && !two.retain, "a live delivery is not retained");
+        assert_ne!(one.packet_id, two.packet_id);
+        cl.send(g, Packet::Puback(one.packet_id));
+        cl.send(g, Packet::Pubrec(two.packet_id));
+        assert_eq!(cl.recv(g), [Packet::Pubrel(two.packet_id)]);
+        cl.send(g, Packet::Pubcomp(two.packet_id));
+        // Its own publishes reach MQTT subscribers, with the replies a client expects.
+        let s = cl.connect(1, "mqtt-sub", true);
+        cl.subscribe(s, &[("up/#", QoS::AtLeastOnce)]);
+        cl.publish(g, "up/x", "from the gateway", QoS::AtLeastOnce, false, 7);
+        assert_eq!(cl.recv(g), [Packet::Puback(7)]);
+        assert_eq!(
+            publishes(&cl.recv(s)),
+            [(
+                "up/x".into(),
+                "from the gateway".into(),
+                QoS::AtLeastOnce,
+                false
+            )]
+        );
+        assert_eq!(
+            cl.engines[0].listener_connections(1),
+            1,
+            "counted under its listener"
+        );
+        cl.check();
+    }
+}
+
+/// A gateway client and an MQTT client with one client id take each other's session over,
+/// across shards, and the queued deliveries follow in order.
+#[test]
+fn a_session_moves_between_a_gateway_client_and_an_mqtt_client() {
+    let mut cl = Cluster::new(2);
+    let id = id_owned_by("mv", 1, 2);
+    let g = cl.open_gateway(0);
+    cl.connect_opened(g, &id, false);
+    cl.subscribe(g, &[("m/t", QoS::AtLeastOnce)]);
+    let p = cl.connect(0, "p", true);
+    cl.publish(p, "m/t", "a", QoS::AtLeastOnce, false, 1);
+    // The gateway does not acknowledge: "a" stays in flight.
+    let first = cl.recv(g);
+    assert_eq!(
+        publishes(&first),
+        [("m/t".into(), "a".into(), QoS::AtLeastOnce, false)]
+    );
+    let (m, out) = cl.connect_with(1, &id, false, ProtocolLevel::V311, None);
+    assert!(
+        matches!(
+            out.first(),
+            Some(Packet::Connack(Connack {
+                session_present: true,
+                ..
+            }))
+        ),
+        "{out:?}"
+    );
+    assert!(cl.closing(g), "the gateway's connection was taken over");
+    cl.publish(p, "m/t", "b", QoS::AtLeastOnce, false, 2);
+    let mut got = publishes(&out[1..]);
+    got.extend(publishes(&cl.recv(m)));
+    assert_eq!(
+        got.iter().map(|g| g.1.as_str()).collect::<Vec<_>>(),
+        ["a", "b"],
+        "the unacknowledged delivery is resent, then the next one"
+    );
+    // And back to a gateway client on the other shard.
+    let g2 = cl.open_gateway(0);
+    let out = cl.connect_opened(g2, &id, false);
+    assert!(matches!(
+        out.first(),
+        Some(Packet::Connack(Connack {
+            session_present: true,
+            ..
+        }))
+    ));
+    assert!(cl.closing(m));
+    cl.check();
 }

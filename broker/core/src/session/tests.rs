@@ -33,7 +33,7 @@ fn deliver(
     qos: QoS,
     now: Timestamp,
     lim: &SessionLimits,
-    out: Option<&mut BytesMut>,
+    out: Option<&mut Sink>,
 ) -> Delivery {
     s.deliver(
         &msg(n, qos),
@@ -45,7 +45,8 @@ fn deliver(
     )
 }
 
-fn packets(out: &mut BytesMut) -> Vec<Packet> {
+fn packets(out: &mut Sink) -> Vec<Packet> {
+    let out = out.bytes_mut().expect("an MQTT sink");
     let mut v = Vec::new();
     while let Some(p) = decode(out, &DecodeOptions::default()).unwrap() {
         v.push(p);
@@ -69,7 +70,7 @@ fn publish(p: &Packet) -> (u16, bool, String) {
 fn qos1_window_queue_and_order() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     let now = Timestamp(0);
     for n in 1..=4 {
         deliver(&mut s, n, QoS::AtLeastOnce, now, &l, Some(&mut out));
@@ -127,7 +128,7 @@ fn queue_drops_oldest_when_full() {
 fn qos2_outbound_handshake_and_resume_after_reconnect() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     deliver(
         &mut s,
         1,
@@ -171,7 +172,7 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
 fn retry_interval_resends_with_dup() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     deliver(
         &mut s,
         1,
@@ -231,7 +232,7 @@ fn packet_ids_skip_those_in_flight_and_wrap() {
     };
     let mut s = Session::new("c".into(), false, Timestamp(0));
     s.last_packet_id = 65_534;
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     for n in 0..3 {
         deliver(
             &mut s,
@@ -251,7 +252,7 @@ fn a_delivery_stuck_in_flight_keeps_its_id_through_a_wrap() {
     let l = lim();
     let t = Timestamp(0);
     let mut s = Session::new("c".into(), false, t);
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     // Message 0 takes id 1 and is never acknowledged.
     deliver(&mut s, 0, QoS::AtLeastOnce, t, &l, Some(&mut out));
     let mut seen = std::collections::HashSet::new();
@@ -271,7 +272,7 @@ fn a_delivery_stuck_in_flight_keeps_its_id_through_a_wrap() {
 fn slow_consumer_drops_qos0() {
     let l = lim();
     let mut s = Session::new("c".into(), true, Timestamp(0));
-    let mut out = BytesMut::from(&[0u8; 10][..]);
+    let mut out = Sink::Mqtt(bytes::BytesMut::from(&[0u8; 10][..]));
     let t = Timestamp(0);
     assert_eq!(
         s.deliver(
@@ -301,7 +302,7 @@ fn session_state_serializes() {
 fn delivery_state_is_allocated_on_demand_and_freed_when_idle() {
     let l = lim();
     let mut s = Session::new("c".into(), false, Timestamp(0));
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     // QoS 0 to a connected client needs no state.
     deliver(&mut s, 1, QoS::AtMostOnce, Timestamp(0), &l, Some(&mut out));
     assert!(s.flows.is_none());
@@ -350,7 +351,7 @@ fn a_full_outbox_queues_qos1_and_drops_qos0_until_refilled() {
     };
     let t = Timestamp(0);
     let mut s = Session::new("c".into(), false, t);
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     // Each PUBLISH of message n (one-digit payload) takes 8 bytes: room for two under 12.
     for n in 1..=3 {
         s.deliver(
@@ -378,7 +379,7 @@ fn a_full_outbox_queues_qos1_and_drops_qos0_until_refilled() {
     assert_eq!(publish(&packets(&mut out)[0]), (3, false, "3".into()));
     assert!(!s.wants_room(&l));
     // QoS 0 to a full outbox is dropped, not queued.
-    let mut full = BytesMut::from(&[0u8; 12][..]);
+    let mut full = Sink::Mqtt(bytes::BytesMut::from(&[0u8; 12][..]));
     assert_eq!(
         s.deliver(
             &msg(4, QoS::AtMostOnce),
@@ -402,19 +403,12 @@ fn resume_resends_the_window_as_far_as_the_outbox_allows() {
     let t = Timestamp(0);
     let mut s = Session::new("c".into(), false, t);
     for n in 1..=4 {
-        deliver(
-            &mut s,
-            n,
-            QoS::AtLeastOnce,
-            t,
-            &l,
-            Some(&mut BytesMut::new()),
-        );
+        deliver(&mut s, n, QoS::AtLeastOnce, t, &l, Some(&mut Sink::mqtt()));
     }
     deliver(&mut s, 5, QoS::AtLeastOnce, t, &l, None);
     assert_eq!((s.inflight().len(), s.queue().len()), (4, 1));
     // Reconnect with room for two resends.
-    let mut out = BytesMut::new();
+    let mut out = Sink::mqtt();
     assert_eq!(s.resume(Timestamp(1), &l, Outbox::new(&mut out, 12)), 2);
     let resent: Vec<_> = packets(&mut out).iter().map(publish).collect();
     assert_eq!(resent, vec![(1, true, "1".into()), (2, true, "2".into())]);
@@ -453,9 +447,9 @@ fn a_retry_that_finds_the_outbox_full_waits_another_interval() {
         QoS::AtLeastOnce,
         Timestamp(0),
         &l,
-        Some(&mut BytesMut::new()),
+        Some(&mut Sink::mqtt()),
     );
-    let mut full = BytesMut::from(&[0u8; 4][..]);
+    let mut full = Sink::Mqtt(bytes::BytesMut::from(&[0u8; 4][..]));
     assert_eq!(
         s.on_timeout(Timestamp(10_000), &l, Some(Outbox::new(&mut full, 4))),
         (0, 0)

@@ -1338,6 +1338,7 @@ impl LocalExecutor {
 
     fn run_one_task_queue(&self) -> bool {
         /// ShardMQ patch 8: how often a busy task queue looks at the main ring's completions.
+        #[cfg(feature = "wake-first")]
         const REAP_EVERY_TASKS: u64 = 8;
 
         let mut tq = self.queues.borrow_mut();
@@ -1389,6 +1390,7 @@ impl LocalExecutor {
                     // with the main ring's cooperative task work, arrives at their system
                     // calls) wake their tasks now rather than after the queue drains, so such
                     // a task runs next.
+                    #[cfg(feature = "wake-first")]
                     if tasks_executed_this_loop % REAP_EVERY_TASKS == 0
                         && crate::task::wake_first_in_use()
                     {

@@ -104,11 +104,12 @@ impl LocalQueue {
 
     pub(crate) fn push(&self, runnable: Runnable) {
         // ShardMQ patch 7: a task that asked for it runs before the others already queued.
+        #[cfg(feature = "wake-first")]
         if runnable.wake_first() {
             self.queue.borrow_mut().push_front(runnable);
-        } else {
-            self.queue.borrow_mut().push_back(runnable);
+            return;
         }
+        self.queue.borrow_mut().push_back(runnable);
     }
 
     pub(crate) fn pop(&self) -> Option<Runnable> {

@@ -1286,6 +1286,8 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// ShardMQ patch: when the latency timer armed last fires.
+    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1417,6 +1419,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1809,6 +1812,7 @@ impl Reactor {
 
     /// ShardMQ patch 8: wakes the tasks of completions already on the main ring's completion
     /// queue, without a system call (nothing is submitted, no task work is run).
+    #[cfg(feature = "wake-first")]
     pub(crate) fn reap_main_ring(&self) {
         if let Ok(mut ring) = self.main_ring.try_borrow_mut() {
             ring.consume_completion_queue(&mut 0);
@@ -1901,13 +1905,20 @@ impl Reactor {
         // to be removed otherwise we'll wake up when it expires.
         //
         // ShardMQ patch: when we will not sleep (a preempt timer is wanted) and the one armed
-        // on an earlier turn has not fired, it is kept: it preempts a little early at worst.
-        // The same for the throughput timer. Dropping and re-arming both on every turn cost
-        // four submissions and two kernel timer updates per turn of a busy loop.
-        let keep_latency_timer = preempt_timer().is_some()
-            && Self::still_pending(&self.latency_preemption_timeout_src);
+        // on an earlier turn has not fired and fires no later than the one wanted now, it is
+        // kept: it preempts a little early at worst, never late. The throughput timer (which
+        // counts completions, not time) is kept while it has not fired. Dropping and
+        // re-arming both on every turn cost four submissions and two kernel timer updates per
+        // turn of a busy loop.
+        let keep_latency_timer = keep_preemption_timer(
+            Self::still_pending(&self.latency_preemption_timeout_src),
+            self.latency_preemption_deadline.get(),
+            preempt_timer(),
+            Instant::now(),
+        );
         if !keep_latency_timer {
             drop(self.latency_preemption_timeout_src.take());
+            self.latency_preemption_deadline.set(None);
         }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
@@ -1941,6 +1952,8 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
+                self.latency_preemption_deadline
+                    .set(Instant::now().checked_add(dur));
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
                 assert!(flush_rings!(lat_ring)? > 0);
@@ -1970,6 +1983,8 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer().filter(|_| !keep_latency_timer) {
+            self.latency_preemption_deadline
+                .set(Instant::now().checked_add(preempt));
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
             flush_rings!(lat_ring, main_ring)?;
@@ -2126,8 +2141,38 @@ impl Drop for Reactor {
     fn drop(&mut self) {}
 }
 
+/// ShardMQ patch: whether a latency preemption timer still pending, armed to fire at
+/// `armed`, may stand for the one wanted now (`wanted` from `now`): only if it fires no later.
+/// A deadline that moved earlier (a latency queue with a shorter slice became active) needs a
+/// new timer, or that queue would be preempted late.
+fn keep_preemption_timer(
+    pending: bool,
+    armed: Option<Instant>,
+    wanted: Option<Duration>,
+    now: Instant,
+) -> bool {
+    match (pending, armed, wanted) {
+        (true, Some(armed), Some(wanted)) => now.checked_add(wanted).is_some_and(|w| armed <= w),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_kept_preemption_timer_never_fires_late() {
+        use super::keep_preemption_timer as keep;
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let armed = Some(now + ms(5));
+        assert!(keep(true, armed, Some(ms(10)), now), "fires early: kept");
+        assert!(keep(true, armed, Some(ms(5)), now), "fires on time: kept");
+        assert!(!keep(true, armed, Some(ms(2)), now), "would fire late: re-armed");
+        assert!(!keep(false, armed, Some(ms(10)), now), "already fired: re-armed");
+        assert!(!keep(true, None, Some(ms(10)), now), "deadline unknown: re-armed");
+        assert!(!keep(true, armed, None, now), "no preemption wanted: dropped");
+    }
+
     use crate::PoolPlacement;
     use std::time::Instant;
 

@@ -31,6 +31,7 @@ pub(crate) struct Header {
     pub(crate) latency_matters: bool,
 
     /// ShardMQ patch 7: when woken, the task goes to the front of its queue.
+    #[cfg(feature = "wake-first")]
     pub(crate) wake_first: bool,
 
     /// Current reference count of the task.

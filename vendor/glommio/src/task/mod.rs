@@ -59,7 +59,9 @@ mod tests;
 pub(crate) mod utils;
 pub(crate) mod waker_fn;
 
+#[cfg(feature = "wake-first")]
 pub use task_impl::set_wake_first;
+#[cfg(feature = "wake-first")]
 pub(crate) use task_impl::wake_first_in_use;
 
 pub use crate::task::{join_handle::JoinHandle, task_impl::Task};

@@ -132,6 +132,7 @@ where
                 notifier: sys::get_sleep_notifier_for(executor_id).unwrap(),
                 state: SCHEDULED | HANDLE,
                 latency_matters,
+                #[cfg(feature = "wake-first")]
                 wake_first: false,
                 references: AtomicI16::new(0),
                 awaiter: None,

@@ -122,12 +122,14 @@ impl Task {
             mem::forget(self);
             #[cfg(feature = "debugging")]
             TaskDebugger::set_current_task(ptr);
+            #[cfg(feature = "wake-first")]
             let _current = CurrentTask::enter(ptr);
             unsafe { ((*header).vtable.run)(ptr) }
         })
     }
 
     /// ShardMQ patch 7: whether the task asked to go to the front of its queue when woken.
+    #[cfg(feature = "wake-first")]
     pub(crate) fn wake_first(&self) -> bool {
         unsafe { (*(self.raw_task.as_ptr() as *const Header)).wake_first }
     }
@@ -140,6 +142,7 @@ impl Task {
         unsafe {
             let refs = (*header).references.fetch_add(1, Ordering::Relaxed);
             assert_ne!(refs, i16::max_value());
+            #[cfg(feature = "wake-first")]
             let _current = CurrentTask::enter(ptr);
             ((*header).vtable.run)(ptr)
         }
@@ -147,6 +150,7 @@ impl Task {
 }
 
 // ShardMQ patch 7: the task being polled on this thread, so it can ask to be woken first.
+#[cfg(feature = "wake-first")]
 std::thread_local! {
     static CURRENT_TASK: std::cell::Cell<*const ()> = const { std::cell::Cell::new(core::ptr::null()) };
     /// Whether a task of this thread's executor has ever asked to be woken first.
@@ -155,34 +159,39 @@ std::thread_local! {
 
 /// ShardMQ patch 8: whether some task of this thread's executor has asked to be woken first
 /// (only then does a busy task queue look for completions between its tasks).
+#[cfg(feature = "wake-first")]
 pub(crate) fn wake_first_in_use() -> bool {
     WAKE_FIRST_IN_USE.with(|c| c.get())
 }
 
 /// Marks the task being polled for the duration of one run (restoring the outer one, as a
 /// task may be run from inside another).
+#[cfg(feature = "wake-first")]
 struct CurrentTask(*const ());
 
+#[cfg(feature = "wake-first")]
 impl CurrentTask {
     fn enter(ptr: *const ()) -> Self {
         CurrentTask(CURRENT_TASK.with(|c| c.replace(ptr)))
     }
 }
 
+#[cfg(feature = "wake-first")]
 impl Drop for CurrentTask {
     fn drop(&mut self) {
         CURRENT_TASK.with(|c| c.set(self.0));
     }
 }
 
-/// ShardMQ patch 7: asks that the task being polled now be put at the front of its task
-/// queue, not the back, whenever it is woken from now on (until called with `false`). Use it
-/// for a task whose progress frees work for many others (a consumer that drains a queue):
-/// it then runs before the tasks woken with it, instead of after all of them. A task that
-/// stays runnable (yields to its peers) should clear it first, or it would run again at once.
-/// Does nothing outside a task. The first call with `true` on an executor also makes its busy
-/// task queues look for new completions every few tasks (ShardMQ patch 8), so that the task
-/// is woken while others still run.
+/// ShardMQ patch 7 (feature `wake-first`): asks that the task being polled now be put at the
+/// front of its task queue, not the back, whenever it is woken from now on (until called with
+/// `false`). Use it for a task whose progress frees work for many others (a consumer that
+/// drains a queue): it then runs before the tasks woken with it, instead of after all of
+/// them. A task that stays runnable (yields to its peers) should clear it first, or it would
+/// run again at once. Does nothing outside a task. The first call with `true` on an executor
+/// also makes its busy task queues look for new completions every few tasks (ShardMQ patch
+/// 8), so that the task is woken while others still run.
+#[cfg(feature = "wake-first")]
 pub fn set_wake_first(on: bool) {
     if on {
         WAKE_FIRST_IN_USE.with(|c| c.set(true));
