@@ -12,7 +12,8 @@
 # Usage: scripts/instructions-per-message.sh [seconds, default 20]
 # Environment: BENCH_BEFORE=path/to/another/shardmq also measures that build
 # ("shardmq-before"), for an A/B of a change; PATTERN (p2p, fanout or fanin; default p2p),
-# PUBLISHERS and SUBSCRIBERS (default 10 and 10) change the workload.
+# PUBLISHERS and SUBSCRIBERS (default 10 and 10) change the workload; PEERS= (empty) skips
+# Mosquitto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -64,7 +65,7 @@ printf '| broker | instructions (loaded) | messages | instructions (idle) | mess
 printf '|---|---|---|---|---|---|\n'
 brokers=(shardmq)
 [ -z "${BENCH_BEFORE:-}" ] || brokers+=(shardmq-before)
-for b in "${brokers[@]}" mosquitto; do
+for b in "${brokers[@]}" ${PEERS-mosquitto}; do
   read -r ir1 m1 < <(run "$b" 0)
   read -r ir0 m0 < <(run "$b" 0.01)
   per=$(python3 -c "print(round(($ir1 - $ir0) / max(1, $m1 - $m0)))")

@@ -33,7 +33,7 @@ use super::msgs::{Control, ShardMsg, SlotId, Ticket};
 use super::retained::{RetainedLimits, RetainedStore, SetOutcome};
 use super::route::{owner_shard, RouteTable, ShardSet};
 use super::session::{Delivery, Outbox, Session, SessionLimits};
-use super::sink::Sink;
+use super::sink::{Sink, SinkWrite};
 use super::time::Timestamp;
 use super::topic;
 use super::trie::TopicTrie;

@@ -19,7 +19,7 @@
 
 use super::message::SharedMessage;
 use super::time::Timestamp;
-use crate::sink::Sink;
+use crate::sink::{Sink, SinkWrite};
 use serde::{Deserialize, Serialize};
 use shardmq_protocol::bytestr::ByteStr;
 use shardmq_protocol::mqtt::{self, QoS};
@@ -47,21 +47,21 @@ pub struct SessionLimits {
 /// and resends are written while it holds fewer than `limit` bytes (one message may take it
 /// past the limit; the next waits). Replies to the client's own packets (PUBREL) are always
 /// written.
-pub struct Outbox<'a> {
+pub struct Outbox<'a, W: SinkWrite = Sink> {
     /// What waits to go to the connection.
-    pub sink: &'a mut Sink,
+    pub sink: &'a mut W,
     /// The fill limit.
     pub limit: usize,
 }
 
-impl<'a> Outbox<'a> {
+impl<'a, W: SinkWrite> Outbox<'a, W> {
     /// `sink`, filled up to `limit`.
-    pub fn new(sink: &'a mut Sink, limit: usize) -> Self {
+    pub fn new(sink: &'a mut W, limit: usize) -> Self {
         Outbox { sink, limit }
     }
 
     /// `sink`, with no limit.
-    pub fn unlimited(sink: &'a mut Sink) -> Self {
+    pub fn unlimited(sink: &'a mut W) -> Self {
         Outbox {
             sink,
             limit: usize::MAX,
@@ -229,14 +229,14 @@ impl Session {
     }
 
     /// Offers a delivery. `out` is the outbox of the attached connection, `None` when offline.
-    pub fn deliver(
+    pub fn deliver<W: SinkWrite>(
         &mut self,
         msg: &SharedMessage,
         qos: QoS,
         retain: bool,
         now: Timestamp,
         lim: &SessionLimits,
-        out: Option<Outbox<'_>>,
+        out: Option<Outbox<'_, W>>,
     ) -> Delivery {
         let Some(out) = out else {
             if qos == QoS::AtMostOnce && !lim.mqueue_store_qos0 {
@@ -308,7 +308,12 @@ impl Session {
     /// Writes what waits for room while the outbox has it: the rest of the window's resends,
     /// then queued deliveries while the window has room. Returns how many PUBLISH packets were
     /// written.
-    pub fn refill(&mut self, now: Timestamp, lim: &SessionLimits, mut out: Outbox<'_>) -> usize {
+    pub fn refill<W: SinkWrite>(
+        &mut self,
+        now: Timestamp,
+        lim: &SessionLimits,
+        mut out: Outbox<'_, W>,
+    ) -> usize {
         match self.flows.as_deref_mut() {
             Some(f) => f.refill(&mut self.last_packet_id, now, lim, &mut out),
             None => 0,
@@ -317,7 +322,12 @@ impl Session {
 
     /// A connection attached: resend the window (DUP / PUBREL), then drain the queue, as far
     /// as the outbox has room. Returns the number of PUBLISH packets written.
-    pub fn resume(&mut self, now: Timestamp, lim: &SessionLimits, out: Outbox<'_>) -> usize {
+    pub fn resume<W: SinkWrite>(
+        &mut self,
+        now: Timestamp,
+        lim: &SessionLimits,
+        out: Outbox<'_, W>,
+    ) -> usize {
         if let Some(f) = self.flows.as_deref_mut() {
             f.unsent = f.inflight.len();
         }
@@ -325,22 +335,22 @@ impl Session {
     }
 
     /// PUBACK for a QoS 1 delivery. Frees its slot and refills (count returned).
-    pub fn on_puback(
+    pub fn on_puback<W: SinkWrite>(
         &mut self,
         id: u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: Outbox<'_>,
+        out: Outbox<'_, W>,
     ) -> Result<usize, UnknownPacketId> {
         self.complete(id, |e| e.qos == QoS::AtLeastOnce, now, lim, out)
     }
 
     /// PUBREC for a QoS 2 delivery: answer PUBREL and wait for PUBCOMP.
-    pub fn on_pubrec(
+    pub fn on_pubrec<W: SinkWrite>(
         &mut self,
         id: u16,
         now: Timestamp,
-        out: &mut Sink,
+        out: &mut W,
     ) -> Result<(), UnknownPacketId> {
         let e = self
             .flows
@@ -357,24 +367,24 @@ impl Session {
     }
 
     /// PUBCOMP for a QoS 2 delivery. Frees its slot and refills (count returned).
-    pub fn on_pubcomp(
+    pub fn on_pubcomp<W: SinkWrite>(
         &mut self,
         id: u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: Outbox<'_>,
+        out: Outbox<'_, W>,
     ) -> Result<usize, UnknownPacketId> {
         self.complete(id, |e| e.phase == Phase::Released, now, lim, out)
     }
 
     /// Removes the inflight entry `id` if `expected` holds for it, then refills.
-    fn complete(
+    fn complete<W: SinkWrite>(
         &mut self,
         id: u16,
         expected: impl Fn(&InflightEntry) -> bool,
         now: Timestamp,
         lim: &SessionLimits,
-        mut out: Outbox<'_>,
+        mut out: Outbox<'_, W>,
     ) -> Result<usize, UnknownPacketId> {
         let f = self.flows.as_deref_mut().ok_or(UnknownPacketId(id))?;
         let pos = f
@@ -441,11 +451,11 @@ impl Session {
     /// Resends what is due (when `out` is given) and forgets expired inbound QoS 2 ids. A due
     /// resend that finds the outbox at its limit is put off by one more interval. Returns
     /// (deliveries resent, QoS 2 ids expired).
-    pub fn on_timeout(
+    pub fn on_timeout<W: SinkWrite>(
         &mut self,
         now: Timestamp,
         lim: &SessionLimits,
-        out: Option<Outbox<'_>>,
+        out: Option<Outbox<'_, W>>,
     ) -> (usize, usize) {
         let Some(f) = self.flows.as_deref_mut() else {
             return (0, 0);
@@ -498,14 +508,14 @@ impl Flows {
         }
     }
 
-    fn send_new(
+    fn send_new<W: SinkWrite>(
         &mut self,
         last: &mut u16,
         msg: SharedMessage,
         qos: QoS,
         retain: bool,
         now: Timestamp,
-        out: &mut Sink,
+        out: &mut W,
     ) {
         let packet_id = self.next_packet_id(last);
         let alloc = self.allocated;
@@ -523,12 +533,12 @@ impl Flows {
 
     /// Resends the window's entries still unsent on this connection, then drains the queue,
     /// while the outbox has room. Returns the PUBLISH packets written.
-    fn refill(
+    fn refill<W: SinkWrite>(
         &mut self,
         last: &mut u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: &mut Outbox<'_>,
+        out: &mut Outbox<'_, W>,
     ) -> usize {
         let mut sent = 0;
         while self.unsent > 0 && out.has_room() {
@@ -544,12 +554,12 @@ impl Flows {
         sent + self.drain(last, now, lim, out)
     }
 
-    fn drain(
+    fn drain<W: SinkWrite>(
         &mut self,
         last: &mut u16,
         now: Timestamp,
         lim: &SessionLimits,
-        out: &mut Outbox<'_>,
+        out: &mut Outbox<'_, W>,
     ) -> usize {
         let mut sent = 0;
         while let Some(front) = self.queue.front() {
@@ -571,7 +581,7 @@ impl Flows {
         sent
     }
 
-    fn resend(entry: &mut InflightEntry, now: Timestamp, out: &mut Sink) {
+    fn resend<W: SinkWrite>(entry: &mut InflightEntry, now: Timestamp, out: &mut W) {
         match entry.phase {
             Phase::Published => {
                 out.publish(true, entry.qos, entry.retain, &entry.msg, entry.packet_id)

@@ -44,6 +44,101 @@ fn counted_len(p: &Packet) -> usize {
     }
 }
 
+/// What a session writes into: a [`Sink`], or one of its two kinds directly. The hot path
+/// (one delivery to one subscriber) looks at the kind of the sink once and writes through the
+/// kind's own implementation, so an MQTT delivery costs what encoding into a `BytesMut` costs.
+pub trait SinkWrite {
+    /// Bytes waiting.
+    fn len(&self) -> usize;
+
+    /// Whether nothing waits.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes `p`; returns the bytes it counts for.
+    fn put(&mut self, p: &Packet) -> usize;
+
+    /// Writes a PUBLISH of `msg`.
+    fn publish(&mut self, dup: bool, qos: QoS, retain: bool, msg: &Message, packet_id: u16);
+}
+
+impl SinkWrite for BytesMut {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        BytesMut::len(self)
+    }
+
+    fn put(&mut self, p: &Packet) -> usize {
+        let before = BytesMut::len(self);
+        mqtt::encode(p, self);
+        BytesMut::len(self) - before
+    }
+
+    #[inline(always)]
+    fn publish(&mut self, dup: bool, qos: QoS, retain: bool, msg: &Message, packet_id: u16) {
+        mqtt::encode_publish(
+            dup,
+            qos,
+            retain,
+            msg.topic.as_bytes(),
+            packet_id,
+            &msg.payload,
+            self,
+        )
+    }
+}
+
+impl SinkWrite for PacketQueue {
+    fn len(&self) -> usize {
+        self.bytes
+    }
+
+    fn put(&mut self, p: &Packet) -> usize {
+        let n = counted_len(p);
+        self.packets.push_back(p.clone());
+        self.bytes += n;
+        n
+    }
+
+    fn publish(&mut self, dup: bool, qos: QoS, retain: bool, msg: &Message, packet_id: u16) {
+        let p = Packet::Publish(Publish {
+            dup,
+            qos,
+            retain,
+            topic: msg.topic.clone(),
+            packet_id,
+            payload: msg.payload.clone(),
+        });
+        self.bytes += counted_len(&p);
+        self.packets.push_back(p);
+    }
+}
+
+impl SinkWrite for Sink {
+    #[inline]
+    fn len(&self) -> usize {
+        match self {
+            Sink::Mqtt(b) => SinkWrite::len(b),
+            Sink::Packets(q) => q.len(),
+        }
+    }
+
+    fn put(&mut self, p: &Packet) -> usize {
+        match self {
+            Sink::Mqtt(b) => b.put(p),
+            Sink::Packets(q) => q.put(p),
+        }
+    }
+
+    fn publish(&mut self, dup: bool, qos: QoS, retain: bool, msg: &Message, packet_id: u16) {
+        match self {
+            Sink::Mqtt(b) => SinkWrite::publish(b, dup, qos, retain, msg, packet_id),
+            Sink::Packets(q) => q.publish(dup, qos, retain, msg, packet_id),
+        }
+    }
+}
+
 impl Sink {
     /// An empty MQTT outbox (it allocates with its first packet).
     pub fn mqtt() -> Self {
@@ -55,69 +150,9 @@ impl Sink {
         Sink::Packets(Box::default())
     }
 
-    /// Bytes waiting.
-    #[inline]
-    pub fn len(&self) -> usize {
-        match self {
-            Sink::Mqtt(b) => b.len(),
-            Sink::Packets(q) => q.bytes,
-        }
-    }
-
-    /// Whether nothing waits.
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Writes `p`; returns the bytes it counts for.
-    pub fn put(&mut self, p: &Packet) -> usize {
-        match self {
-            Sink::Mqtt(b) => {
-                let before = b.len();
-                mqtt::encode(p, b);
-                b.len() - before
-            }
-            Sink::Packets(q) => {
-                let n = counted_len(p);
-                q.packets.push_back(p.clone());
-                q.bytes += n;
-                n
-            }
-        }
-    }
-
-    /// Writes a PUBLISH of `msg`.
-    #[inline]
-    pub fn publish(&mut self, dup: bool, qos: QoS, retain: bool, msg: &Message, packet_id: u16) {
-        match self {
-            Sink::Mqtt(b) => mqtt::encode_publish(
-                dup,
-                qos,
-                retain,
-                msg.topic.as_bytes(),
-                packet_id,
-                &msg.payload,
-                b,
-            ),
-            Sink::Packets(q) => {
-                let p = Packet::Publish(Publish {
-                    dup,
-                    qos,
-                    retain,
-                    topic: msg.topic.clone(),
-                    packet_id,
-                    payload: msg.payload.clone(),
-                });
-                q.bytes += counted_len(&p);
-                q.packets.push_back(p);
-            }
-        }
-    }
-
     /// Drops everything waiting; returns the bytes it counted for.
     pub fn clear(&mut self) -> usize {
-        let n = self.len();
+        let n = SinkWrite::len(self);
         match self {
             Sink::Mqtt(b) => *b = BytesMut::new(),
             Sink::Packets(q) => **q = PacketQueue::default(),

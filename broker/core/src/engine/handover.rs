@@ -233,7 +233,7 @@ impl Engine {
             // done. Should it happen, the held deliveries go with the session.
             for (m, q, r) in arrival.into_held() {
                 a.session
-                    .deliver(&m, q, r, self.now, &self.cfg.limits, None);
+                    .deliver::<Sink>(&m, q, r, self.now, &self.cfg.limits, None);
             }
         }
         // Keep the slot (and its index entries) as a forwarder under the same key.

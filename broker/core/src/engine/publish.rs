@@ -368,7 +368,10 @@ impl Deliverer<'_> {
     ) -> bool {
         let lim = &self.cfg.limits;
         let (Some(id), Some(c)) = (a.conn, attached(self.conns, a.conn)) else {
-            match a.session.deliver(msg, qos, retain, self.now, lim, None) {
+            match a
+                .session
+                .deliver::<Sink>(msg, qos, retain, self.now, lim, None)
+            {
                 Delivery::Queued { dropped_oldest } => {
                     self.metrics.dropped_queue_full += u64::from(dropped_oldest)
                 }
@@ -377,15 +380,32 @@ impl Deliverer<'_> {
             }
             return false;
         };
-        let before = c.outbox.len();
-        let limit = outbox_limit(self.cfg, *self.outbox_bytes, before);
-        let out = Outbox::new(&mut c.outbox, limit);
-        match a
-            .session
-            .deliver(msg, qos, retain, self.now, lim, Some(out))
-        {
+        // The kind of sink is looked at once, here; below it the MQTT kind is a `BytesMut`.
+        let (delivery, before, after) = match &mut c.outbox {
+            Sink::Mqtt(bytes) => deliver_into(
+                self.cfg,
+                *self.outbox_bytes,
+                self.now,
+                a,
+                bytes,
+                msg,
+                qos,
+                retain,
+            ),
+            Sink::Packets(queue) => deliver_into(
+                self.cfg,
+                *self.outbox_bytes,
+                self.now,
+                a,
+                &mut **queue,
+                msg,
+                qos,
+                retain,
+            ),
+        };
+        match delivery {
             Delivery::Sent => {
-                *self.outbox_bytes += c.outbox.len() - before;
+                *self.outbox_bytes += after - before;
                 self.metrics.messages_sent += 1;
                 c.wake();
                 return qos != QoS::AtMostOnce;
@@ -405,4 +425,32 @@ impl Deliverer<'_> {
         }
         false
     }
+}
+
+/// Offers a delivery to session `a` with `out` as its outbox (filled up to the limits, with
+/// `total` bytes in all the shard's outboxes); returns what happened and the outbox's length
+/// before and after.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn deliver_into<W: SinkWrite>(
+    cfg: &EngineConfig,
+    total: usize,
+    now: Timestamp,
+    a: &mut ActiveSession,
+    out: &mut W,
+    msg: &SharedMessage,
+    qos: QoS,
+    retain: bool,
+) -> (Delivery, usize, usize) {
+    let before = out.len();
+    let limit = outbox_limit(cfg, total, before);
+    let delivery = a.session.deliver(
+        msg,
+        qos,
+        retain,
+        now,
+        &cfg.limits,
+        Some(Outbox::new(&mut *out, limit)),
+    );
+    (delivery, before, out.len())
 }

@@ -133,7 +133,7 @@ impl Engine {
                     }
                     r
                 }
-                None => a.session.on_timeout(now, &self.cfg.limits, None),
+                None => a.session.on_timeout::<Sink>(now, &self.cfg.limits, None),
             };
             self.metrics.retries += resent as u64;
             self.metrics.awaiting_rel_expired += expired as u64;

@@ -220,7 +220,7 @@ fn inbound_qos2_exactly_once_and_limits() {
         "id reusable after PUBREL"
     );
     assert_eq!(s.next_deadline(false, &l), Some(Timestamp(30_002)));
-    assert_eq!(s.on_timeout(Timestamp(30_002), &l, None), (0, 1));
+    assert_eq!(s.on_timeout::<Sink>(Timestamp(30_002), &l, None), (0, 1));
     assert_eq!(s.awaiting_rel().len(), 1);
 }
 
