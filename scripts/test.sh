@@ -18,6 +18,9 @@ cargo fmt --all -- --check
 step "vendor/glommio is glommio 0.9.0 plus its patch series"
 scripts/vendor-glommio.sh check
 
+step "glommio's own unit tests of the patched modules"
+scripts/vendor-glommio.sh test
+
 step "layers (scripts/check-layers.sh)"
 scripts/check-layers.sh
 

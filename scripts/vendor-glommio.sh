@@ -67,10 +67,15 @@ case "$mode" in
     # The unit tests of the modules the series touches: the executor and task queues (1, 4, 7,
     # 8), the rings and timers (1, 3, 4, 6), cross-executor wake-ups (2), sockets polled on
     # the main ring (1, 6). Built in their own target directory.
-    cd vendor/glommio
-    CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-../../target/glommio-tests} \
+    # Built from a copy, so that the vendored tree gets no lock file, in their own target
+    # directory (kept between runs).
+    cp -r vendor/glommio "$work/glommio"
+    target=${GLOMMIO_TEST_TARGET:-$PWD/target/glommio-tests}
+    (cd "$work/glommio" && CARGO_TARGET_DIR=$target \
       cargo test --lib --features wake-first -- "${@:2}" \
-      executor:: sys::uring timer:: channels::shared_channel net::tcp_socket task::
+      executor:: sys::uring timer:: channels::shared_channel net::tcp_socket task:: \
+      --skip net::tcp_socket::tests::tcp_connect_timeout_error)
+    # Skipped: it connects to 10.255.255.1, off this machine; tests stay on loopback.
     ;;
   *) echo "usage: $0 check|rebuild|test" >&2; exit 2 ;;
 esac
