@@ -19,7 +19,8 @@ wait_port() {
 # for the broker process; every other setting is its default): 100 unacknowledged deliveries
 # per client and a queue that does not drop in the standard scenarios (fan-in keeps 16,000
 # messages on their way to one subscriber).
-shardmq_compared_env=(SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000)
+shardmq_compared_env=(SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000
+  SHARDMQ_LISTENER__WS__EXTERNAL__ENABLE=false)
 
 # mosquitto_conf PORT FILE: Mosquitto as compared everywhere — anonymous, no persistence, no
 # logging, no connection limit, 100 unacknowledged deliveries per client, no limit on queued

@@ -81,7 +81,7 @@ wait "$WATCHER" || true
 check "mosquitto no will after DISCONNECT" "" "$(seen "$out" | grep -v -i 'timed out' || true)"
 rm -f "$out"
 
-python3 scripts/interop_paho.py 127.0.0.1 "$BROKER_PORT" || fail=1
+python3 scripts/interop_paho.py 127.0.0.1 "$BROKER_PORT" ${BROKER_WS_PORT:+"$BROKER_WS_PORT"} || fail=1
 
 trap - EXIT
 stop_broker || fail=1

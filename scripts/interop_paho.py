@@ -1,10 +1,11 @@
 """Interop checks with paho-mqtt (PyPI), an independent MQTT client.
 
-Usage: python3 scripts/interop_paho.py HOST PORT
+Usage: python3 scripts/interop_paho.py HOST PORT [WS_PORT]
 
 For MQTT 3.1 and 3.1.1: QoS 0/1/2 round trips, retained delivery with the retain flag, a will
 published when the socket dies without DISCONNECT, and a persistent session that queues
-messages while its client is away. Exits non-zero on the first failure.
+messages while its client is away. With WS_PORT, QoS 1 both ways between a client over
+WebSocket (ws://HOST:WS_PORT/mqtt) and one over TCP. Exits non-zero on the first failure.
 """
 
 import queue
@@ -15,16 +16,20 @@ import uuid
 import paho.mqtt.client as mqtt
 
 HOST, PORT = sys.argv[1], int(sys.argv[2])
+WS_PORT = int(sys.argv[3]) if len(sys.argv) > 3 else None
 TIMEOUT = 10
 
 
-def client(level, client_id=None, clean=True, will=None):
+def client(level, client_id=None, clean=True, will=None, ws=False):
     c = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id or f"paho-{uuid.uuid4().hex[:12]}",
         clean_session=clean,
         protocol=level,
+        transport="websockets" if ws else "tcp",
     )
+    if ws:
+        c.ws_set_options(path="/mqtt")
     inbox = queue.Queue()
     connacks = queue.Queue()
     subacks = queue.Queue()
@@ -33,7 +38,7 @@ def client(level, client_id=None, clean=True, will=None):
     c.on_subscribe = lambda _c, _u, mid, codes, _p: subacks.put(codes)
     if will:
         c.will_set(*will)
-    c.connect(HOST, PORT, keepalive=30)
+    c.connect(HOST, WS_PORT if ws else PORT, keepalive=30)
     c.loop_start()
     present, rc = connacks.get(timeout=TIMEOUT)
     assert rc == 0, f"CONNACK {rc}"
@@ -123,5 +128,21 @@ for label, level in LEVELS:
     check(f"{label} retained", retained)
     check(f"{label} will on abnormal close", will)
     check(f"{label} persistent session", persistent)
+
+if WS_PORT is not None:
+
+    def websocket():
+        w = client(mqtt.MQTTv311, ws=True)
+        t = client(mqtt.MQTTv311)
+        subscribe(w, "paho/ws/down", 1)
+        subscribe(t, "paho/ws/up", 1)
+        t.publish("paho/ws/down", b"to the websocket", qos=1).wait_for_publish(TIMEOUT)
+        assert expect(w, "over ws") == ("paho/ws/down", b"to the websocket", 1, False)
+        w.publish("paho/ws/up", b"from the websocket", qos=1).wait_for_publish(TIMEOUT)
+        assert expect(t, "over tcp") == ("paho/ws/up", b"from the websocket", 1, False)
+        stop(w)
+        stop(t)
+
+    check("3.1.1 over WebSocket, QoS 1 both ways with a TCP client", websocket)
 
 sys.exit(1 if failures else 0)

@@ -10,6 +10,7 @@ fn broker() -> (shardmq::shard::BrokerHandle, std::net::SocketAddr) {
     let mut c = Config::default();
     c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.listener.ws.get_mut("external").unwrap().enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
     (h, addr)

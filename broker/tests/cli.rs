@@ -16,6 +16,7 @@ fn print_config_shows_the_effective_configuration() {
         .args(["--print-config"])
         .env("SHARDMQ_MQTT__MAX_INFLIGHT", "77")
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:11883")
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -102,6 +103,7 @@ fn a_port_held_by_another_process_fails_the_start() {
             "SHARDMQ_LISTENER__TCP__EXTERNAL__BIND",
             format!("127.0.0.1:{port}"),
         )
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -129,6 +131,7 @@ fn a_port_held_by_a_reuseport_listener_is_refused_too() {
             "SHARDMQ_LISTENER__TCP__EXTERNAL__BIND",
             format!("127.0.0.1:{port}"),
         )
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -144,6 +147,7 @@ fn too_little_memlock_fails_with_a_clear_line() {
             env!("CARGO_BIN_EXE_shardmq")
         ))
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -161,6 +165,7 @@ fn an_io_memory_above_the_memlock_limit_fails_naming_the_key() {
             env!("CARGO_BIN_EXE_shardmq")
         ))
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .env("SHARDMQ_SHARDS__CPUS", "[0]")
         .env("SHARDMQ_SHARDS__IO_MEMORY", "8MB")
         .output()
@@ -181,6 +186,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
             env!("CARGO_BIN_EXE_shardmq")
         ))
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .env("SHARDMQ_SHARDS__CPUS", "[0]")
         .env("SHARDMQ_LOG__LEVEL", "info")
         .stdout(Stdio::null())
@@ -283,6 +289,7 @@ fn a_panic_on_a_shard_stops_the_broker_with_a_line_naming_it() {
     let target = shards - 1;
     let mut child = bin()
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
         .env("SHARDMQ_LOG__LEVEL", "info")
         .env("SHARDMQTEST_PANIC_SHARD", target.to_string())
         .env("SHARDMQTEST_PANIC_AFTER_MS", "1000")

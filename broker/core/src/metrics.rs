@@ -98,4 +98,7 @@ metrics! {
     backpressure_pauses,
     /// Accept errors (such as EMFILE) that made a listener back off.
     accept_errors,
+    /// WebSocket upgrades that failed: refused (wrong path, no accepted subprotocol), not an
+    /// upgrade, timed out, or the client went away.
+    ws_handshake_failures,
 }

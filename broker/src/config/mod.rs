@@ -130,12 +130,84 @@ impl Default for ShardsConfig {
 pub struct ListenersConfig {
     /// `listener.tcp.<name>`: plain MQTT over TCP. The default has one, `external`.
     pub tcp: BTreeMap<String, TcpListenerConfig>,
+    /// `listener.ws.<name>`: MQTT over WebSocket. The default has one, `external`.
+    pub ws: BTreeMap<String, WsListenerConfig>,
 }
 
 impl Default for ListenersConfig {
     fn default() -> Self {
         ListenersConfig {
             tcp: BTreeMap::from([("external".to_string(), TcpListenerConfig::default())]),
+            ws: BTreeMap::from([("external".to_string(), WsListenerConfig::default())]),
+        }
+    }
+}
+
+/// `listener.ws.<name>.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsListenerConfig {
+    /// Whether the listener is started.
+    pub enable: bool,
+    /// Address to listen on. EMQX: `listener.ws.external`.
+    pub bind: SocketAddr,
+    /// The HTTP path that upgrades to MQTT; other paths get 404. EMQX:
+    /// `listener.ws.external.mqtt_path`.
+    pub path: String,
+    /// Largest WebSocket frame (and message) accepted; a larger one closes the connection
+    /// (1009). EMQX: `listener.ws.external.max_frame_size`.
+    pub max_frame_size: ByteSize,
+    /// `Sec-WebSocket-Protocol` values accepted, in order; the first one the client offers
+    /// is echoed. EMQX: `listener.ws.external.supported_subprotocols`.
+    pub subprotocols: Vec<String>,
+    /// Refuse (HTTP 400) a client that offers none of `subprotocols`. EMQX:
+    /// `listener.ws.external.fail_if_no_subprotocol`.
+    pub fail_if_no_subprotocol: bool,
+    /// The HTTP upgrade must be done within this time, or the socket is closed.
+    pub handshake_timeout: Duration,
+    /// Listen backlog. EMQX: `listener.ws.external.backlog`.
+    pub backlog: u32,
+    /// Connections this listener accepts per shard (after the upgrade); further ones are
+    /// closed and counted. EMQX: `listener.ws.external.max_connections` (per node there).
+    pub max_connections: usize,
+    /// TCP_NODELAY on accepted sockets. EMQX: `listener.ws.external.nodelay`.
+    pub nodelay: bool,
+    /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
+    pub sndbuf: ByteSize,
+    /// SO_RCVBUF of accepted sockets; "0" leaves the kernel's autotuning.
+    pub recbuf: ByteSize,
+}
+
+impl Default for WsListenerConfig {
+    fn default() -> Self {
+        WsListenerConfig {
+            enable: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            path: "/mqtt".into(),
+            max_frame_size: ByteSize(1 << 20),
+            subprotocols: vec!["mqtt".into(), "mqttv3.1".into(), "mqttv3.1.1".into()],
+            fail_if_no_subprotocol: false,
+            handshake_timeout: Duration::secs(15),
+            backlog: 1024,
+            max_connections: 1_000_000,
+            nodelay: true,
+            sndbuf: ByteSize(0),
+            recbuf: ByteSize(0),
+        }
+    }
+}
+
+impl WsListenerConfig {
+    /// The socket settings, shared with plain TCP listeners.
+    pub fn socket(&self) -> TcpListenerConfig {
+        TcpListenerConfig {
+            enable: self.enable,
+            bind: self.bind,
+            backlog: self.backlog,
+            max_connections: self.max_connections,
+            nodelay: self.nodelay,
+            sndbuf: self.sndbuf,
+            recbuf: self.recbuf,
         }
     }
 }
@@ -484,6 +556,30 @@ impl Config {
         }
         if s.io_memory.0 < 64 << 10 {
             return Err(invalid("shards.io_memory", "must be at least 64KB"));
+        }
+        for (name, l) in &self.listener.ws {
+            let key = |k: &str| format!("listener.ws.{name}.{k}");
+            if !l.path.starts_with('/') {
+                return Err(invalid(&key("path"), "must start with /"));
+            }
+            if l.max_frame_size.0 < 16 {
+                return Err(invalid(&key("max_frame_size"), "must be at least 16B"));
+            }
+            if l.subprotocols
+                .iter()
+                .any(|p| p.trim().is_empty() || p.contains(','))
+            {
+                return Err(invalid(
+                    &key("subprotocols"),
+                    "names must be non-empty, without commas",
+                ));
+            }
+            if l.backlog == 0 {
+                return Err(invalid(&key("backlog"), "must be at least 1"));
+            }
+            if l.max_connections == 0 {
+                return Err(invalid(&key("max_connections"), "must be at least 1"));
+            }
         }
         for (name, l) in &self.listener.tcp {
             if l.backlog == 0 {

@@ -175,6 +175,14 @@ impl<T: Transport> Driver<T> {
                 break empty;
             }
         };
+        // What the transport itself still holds (a WebSocket frame or TLS record it buffered)
+        // must go out before the connection counts as flushed.
+        let empty = empty
+            && match self.transport.poll_flush(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Some(End::Transport),
+                Poll::Pending => false,
+            };
         match e.conn_status(self.id) {
             None => Some(End::Transport),
             Some(s) if s.close && s.reset => Some(End::Reset),

@@ -6,6 +6,8 @@ use super::connection::{self, ConnCtx};
 use crate::config::TcpListenerConfig;
 use crate::shard::clock;
 use crate::transport::tcp::Tcp;
+use crate::transport::ws::{Ws, WsSettings};
+use futures_lite::future;
 use glommio::net::TcpListener;
 use glommio::timer::sleep;
 use glommio::{spawn_local, Task};
@@ -15,7 +17,38 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
-use tracing::warn;
+use tracing::{debug, warn};
+
+/// The HTTP upgrade of a WebSocket connection, within its handshake timeout; then the
+/// connection is opened in the engine and driven like any other.
+async fn upgrade(
+    ctx: Rc<ConnCtx>,
+    stream: glommio::net::TcpStream,
+    peer: SocketAddr,
+    number: u16,
+    ws: Rc<WsSettings>,
+) {
+    let timeout = async {
+        sleep(ws.handshake_timeout).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "WebSocket handshake timed out",
+        ))
+    };
+    match future::or(Ws::accept(stream, &ws), timeout).await {
+        Ok(transport) => {
+            let id = ctx
+                .engine
+                .borrow_mut()
+                .open_conn(peer, number, clock::now());
+            connection::drive(ctx, transport, id).await;
+        }
+        Err(error) => {
+            ctx.engine.borrow_mut().metrics.ws_handshake_failures += 1;
+            debug!(%peer, %error, "WebSocket upgrade failed");
+        }
+    }
+}
 
 /// Checks, before any shard binds, that no other process listens on `addr` (glommio-style
 /// SO_REUSEPORT would otherwise silently share the port with it), and resolves port 0 to a
@@ -76,6 +109,7 @@ pub fn spawn_accept(
     number: u16,
     listener: TcpListener,
     cfg: TcpListenerConfig,
+    ws: Option<Rc<WsSettings>>,
     ctx: Rc<ConnCtx>,
 ) -> Task<()> {
     spawn_local(async move {
@@ -95,9 +129,14 @@ pub fn spawn_accept(
                     let peer = stream
                         .peer_addr()
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                    let id = e.open_conn(peer, number, clock::now());
+                    let Some(ws) = ws.clone() else {
+                        let id = e.open_conn(peer, number, clock::now());
+                        drop(e);
+                        spawn_local(connection::drive(ctx.clone(), Tcp::new(stream), id)).detach();
+                        continue;
+                    };
                     drop(e);
-                    spawn_local(connection::drive(ctx.clone(), Tcp::new(stream), id)).detach();
+                    spawn_local(upgrade(ctx.clone(), stream, peer, number, ws)).detach();
                 }
                 Err(err) => {
                     // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.

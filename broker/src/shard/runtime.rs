@@ -15,6 +15,7 @@ use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
 use crate::core::time::Timestamp;
 use crate::shard::clock;
+use crate::transport::ws::WsSettings;
 use glommio::timer::sleep;
 use glommio::{spawn_local, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use serde::Serialize;
@@ -122,12 +123,17 @@ fn return_freed_memory(shard: usize) {
 /// How long a shard waits for its connections to close at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A listener every MQTT shard binds: its name (`external`, or `ws.external` for
+/// `listener.ws.external`), its address, its socket settings, and the WebSocket upgrade for a
+/// WebSocket one.
+type ListenerSpec = (String, SocketAddr, TcpListenerConfig, Option<WsSettings>);
+
 struct ShardCtx {
     shard: usize,
     shards: usize,
     cfg: Config,
     mqtt: bool,
-    listeners: Vec<(String, SocketAddr, TcpListenerConfig)>,
+    listeners: Vec<ListenerSpec>,
     ends: MeshEnds,
     shutdown: Arc<AtomicBool>,
     report: mpsc::Sender<Result<(), String>>,
@@ -211,8 +217,29 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             return Err(StartError::Memlock { have, need, shards });
         }
     }
-    let mut listeners = Vec::new();
-    for (name, l) in cfg.listener.tcp.iter().filter(|(_, l)| l.enable) {
+    let mut listeners: Vec<ListenerSpec> = Vec::new();
+    let plain = cfg
+        .listener
+        .tcp
+        .iter()
+        .filter(|(_, l)| l.enable)
+        .map(|(name, l)| (name.clone(), l.clone(), None));
+    let ws = cfg
+        .listener
+        .ws
+        .iter()
+        .filter(|(_, l)| l.enable)
+        .map(|(name, l)| {
+            let settings = WsSettings {
+                path: l.path.clone(),
+                subprotocols: l.subprotocols.clone(),
+                fail_if_no_subprotocol: l.fail_if_no_subprotocol,
+                max_frame_size: l.max_frame_size.as_usize(),
+                handshake_timeout: l.handshake_timeout.0,
+            };
+            (format!("ws.{name}"), l.socket(), Some(settings))
+        });
+    for (name, l, ws) in plain.chain(ws) {
         let addr = listener::probe(l.bind).map_err(|error| {
             if error.kind() == std::io::ErrorKind::AddrInUse {
                 StartError::PortInUse {
@@ -227,7 +254,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
                 }
             }
         })?;
-        listeners.push((name.clone(), addr, l.clone()));
+        listeners.push((name, addr, l, ws));
     }
     if listeners.is_empty() {
         return Err(StartError::NoListener);
@@ -303,7 +330,10 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
-    let names = listeners.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
+    let names = listeners
+        .iter()
+        .map(|(n, a, _, _)| (n.clone(), *a))
+        .collect();
     let handle = BrokerHandle {
         listeners: names,
         shutdown,
@@ -327,7 +357,14 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         return Err(err);
     }
     for (name, addr) in &handle.listeners {
-        info!(listener = %name, %addr, shards = mqtt_shards.len(), "listening for MQTT over TCP");
+        if let Some(ws) = name
+            .strip_prefix("ws.")
+            .and_then(|n| cfg.listener.ws.get(n))
+        {
+            info!(listener = %name, %addr, path = %ws.path, shards = mqtt_shards.len(), "listening for MQTT over WebSocket");
+        } else {
+            info!(listener = %name, %addr, shards = mqtt_shards.len(), "listening for MQTT over TCP");
+        }
     }
     info!(shards, cpus = ?cpus, node = %cfg.node.name, "broker started");
     Ok(handle)
@@ -560,7 +597,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     // A second descriptor of every listening socket, to stop it listening at shutdown.
     let mut listening: Vec<OwnedFd> = Vec::new();
     if mqtt {
-        for (number, (name, addr, lcfg)) in listeners.iter().enumerate() {
+        for (number, (name, addr, lcfg, ws)) in listeners.iter().enumerate() {
             match listener::bind(*addr, lcfg.backlog) {
                 Ok((l, fd)) => {
                     listening.push(fd);
@@ -569,6 +606,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                         number as u16,
                         l,
                         lcfg.clone(),
+                        ws.clone().map(Rc::new),
                         ctx.clone(),
                     ))
                 }

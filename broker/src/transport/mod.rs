@@ -13,6 +13,7 @@
 //! frame in progress) keeps its driver instead.
 
 pub mod tcp;
+pub mod ws;
 
 use std::future::Future;
 use std::io;
@@ -29,6 +30,12 @@ pub trait Transport: Sized + Unpin + 'static {
 
     /// Writes a prefix of `buf`; returns how many bytes it took.
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+
+    /// Sends what the transport itself still holds (a frame or record it buffered).
+    /// `Ready(Ok)` once nothing is held; plain TCP holds nothing.
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 
     /// Closes gracefully, after what was written (the driver has flushed the outbox).
     fn close(self) -> impl Future<Output = ()>;

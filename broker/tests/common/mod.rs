@@ -31,6 +31,7 @@ pub fn config(shards: usize) -> Config {
             .collect(),
     );
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.log.level = "warn".into();
     c
 }
@@ -412,6 +413,7 @@ pub mod process {
     pub fn spawn_broker(bind: &str) -> Child {
         bin()
             .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", bind)
+            .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
             .env("SHARDMQ_LOG__LEVEL", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

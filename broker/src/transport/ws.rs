@@ -1,0 +1,340 @@
+//! MQTT over WebSocket: binary frames over a glommio `TcpStream`, framed by tungstenite.
+//!
+//! tungstenite works on blocking `Read + Write` streams; here it runs sans-IO over two
+//! in-memory buffers ([`Pipe`]): bytes read from the socket are appended to `input`, and what it
+//! writes lands in `output`, which the transport sends when the socket takes it. A read that
+//! finds `input` empty answers `WouldBlock`, and the transport then polls the socket.
+//!
+//! MQTT packets travel in binary frames; one frame may carry several packets and a packet may
+//! span frames (the driver's partial-packet buffer joins them). A text frame closes the
+//! connection with 1003. Pings are answered; a close frame is answered and ends the
+//! connection. Parking is not offered: the framing state lives in user space.
+
+use super::Transport;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use tungstenite::handshake::server::{ErrorResponse, Request, Response, ServerHandshake};
+use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// What the WebSocket handshake checks (from `listener.ws.<name>.*`).
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// The request path that upgrades (others get 404).
+    pub path: String,
+    /// Accepted `Sec-WebSocket-Protocol` values, in order of preference.
+    pub subprotocols: Vec<String>,
+    /// Refuse (400) a client that offers none of them, or none at all.
+    pub fail_if_no_subprotocol: bool,
+    /// Largest frame and message accepted.
+    pub max_frame_size: usize,
+    /// How long the HTTP upgrade may take.
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// The in-memory stream tungstenite reads and writes. The output is shared, so that what a
+/// refused handshake wrote (a 400 or 404 response) can still be sent after tungstenite has
+/// dropped the stream.
+#[derive(Debug, Default)]
+pub struct Pipe {
+    input: Vec<u8>,
+    read_at: usize,
+    output: Rc<RefCell<Vec<u8>>>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = &self.input[self.read_at..];
+        if avail.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.read_at += n;
+        if self.read_at == self.input.len() {
+            self.input = Vec::new();
+            self.read_at = 0;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The tungstenite configuration for `settings`: frames and messages capped at the packet
+/// size limit, small buffers.
+fn ws_config(settings: &WsSettings) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(usize::MAX)
+        .max_frame_size(Some(settings.max_frame_size))
+        .max_message_size(Some(settings.max_frame_size))
+}
+
+/// Checks the upgrade request: the path, then the subprotocols offered against the accepted
+/// ones (the first accepted one offered is echoed). The error type is tungstenite's.
+#[allow(clippy::result_large_err)]
+fn check_request(
+    settings: &WsSettings,
+    request: &Request,
+    mut response: Response,
+) -> Result<Response, ErrorResponse> {
+    let refuse = |status: u16, why: &str| -> ErrorResponse {
+        let mut r = ErrorResponse::new(Some(why.to_string()));
+        *r.status_mut() = tungstenite::http::StatusCode::from_u16(status)
+            .unwrap_or(tungstenite::http::StatusCode::BAD_REQUEST);
+        r
+    };
+    if request.uri().path() != settings.path {
+        return Err(refuse(404, "no WebSocket endpoint at this path"));
+    }
+    let offered: Vec<String> = request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_ascii_lowercase())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let chosen = offered.iter().find(|p| {
+        settings
+            .subprotocols
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(p))
+    });
+    match chosen {
+        Some(p) => {
+            if let Ok(v) = p.parse() {
+                response.headers_mut().insert("sec-websocket-protocol", v);
+            }
+            Ok(response)
+        }
+        None if settings.fail_if_no_subprotocol => {
+            Err(refuse(400, "no supported WebSocket subprotocol offered"))
+        }
+        None => Ok(response),
+    }
+}
+
+/// MQTT over WebSocket.
+pub struct Ws {
+    tcp: TcpStream,
+    ws: WebSocket<Pipe>,
+    /// What tungstenite wrote and the socket has not taken yet (shared with the pipe).
+    output: Rc<RefCell<Vec<u8>>>,
+    /// The payload of the binary frame being handed to the driver, and how much of it is.
+    pending: Vec<u8>,
+    pending_at: usize,
+}
+
+/// Sends what `output` holds; `Ready(Ok)` once it is empty.
+fn poll_send(
+    tcp: &mut TcpStream,
+    output: &RefCell<Vec<u8>>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let mut output = output.borrow_mut();
+    while !output.is_empty() {
+        match Pin::new(&mut *tcp).poll_write(cx, &output) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                output.drain(..n);
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    *output = Vec::new();
+    Poll::Ready(Ok(()))
+}
+
+/// Reads what the socket holds into `pipe`; `Ok(0)` when the peer closed.
+fn poll_fill(
+    tcp: &mut TcpStream,
+    pipe: &mut Pipe,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut buf = [0u8; 4096];
+    match Pin::new(&mut *tcp).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(n)) => {
+            pipe.input.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        other => other,
+    }
+}
+
+fn ws_error(e: WsError) -> io::Error {
+    match e {
+        WsError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+impl Ws {
+    /// Runs the HTTP upgrade on an accepted stream. `Err` when the client goes away or is
+    /// refused (the refusal, 400 or 404, is sent first); the caller bounds the time it takes.
+    #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
+    pub async fn accept(mut tcp: TcpStream, settings: &WsSettings) -> io::Result<Ws> {
+        let config = ws_config(settings);
+        let output = Rc::new(RefCell::new(Vec::new()));
+        let pipe = Pipe {
+            output: output.clone(),
+            ..Pipe::default()
+        };
+        let callback = |req: &Request, resp: Response| check_request(settings, req, resp);
+        let mut mid = match ServerHandshake::start(pipe, callback, Some(config)).handshake() {
+            Ok(_) => return Err(io::ErrorKind::InvalidData.into()),
+            Err(HandshakeError::Interrupted(mid)) => mid,
+            Err(HandshakeError::Failure(e)) => return Err(ws_error(e)),
+        };
+        loop {
+            let pipe = mid.get_mut().get_mut();
+            let n = std::future::poll_fn(|cx| poll_fill(&mut tcp, pipe, cx)).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let result = mid.handshake();
+            // The response (101, or a refusal) goes out whatever came of it.
+            std::future::poll_fn(|cx| poll_send(&mut tcp, &output, cx)).await?;
+            match result {
+                Ok(ws) => {
+                    return Ok(Ws {
+                        tcp,
+                        ws,
+                        output,
+                        pending: Vec::new(),
+                        pending_at: 0,
+                    });
+                }
+                Err(HandshakeError::Interrupted(m)) => mid = m,
+                Err(HandshakeError::Failure(e)) => {
+                    let _ = tcp.shutdown(Shutdown::Write).await;
+                    return Err(ws_error(e));
+                }
+            }
+        }
+    }
+
+    /// Queues a close frame with `code` (best effort).
+    fn close_with(&mut self, code: CloseCode, reason: &str) {
+        let _ = self.ws.close(Some(CloseFrame {
+            code,
+            reason: reason.to_string().into(),
+        }));
+    }
+}
+
+impl Transport for Ws {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            if self.pending_at < self.pending.len() {
+                let rest = &self.pending[self.pending_at..];
+                let n = rest.len().min(buf.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                self.pending_at += n;
+                if self.pending_at == self.pending.len() {
+                    self.pending = Vec::new();
+                    self.pending_at = 0;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            match self.ws.read() {
+                Ok(Message::Binary(data)) => {
+                    self.pending = data.into();
+                    self.pending_at = 0;
+                }
+                Ok(Message::Text(_)) => {
+                    self.close_with(CloseCode::Unsupported, "MQTT needs binary frames");
+                    let _ = poll_send(&mut self.tcp, &self.output, cx);
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "text frame on an MQTT WebSocket",
+                    )));
+                }
+                Ok(Message::Close(_)) => {
+                    let _ = self.ws.flush();
+                    let _ = poll_send(&mut self.tcp, &self.output, cx);
+                    return Poll::Ready(Ok(0));
+                }
+                // Pings are answered by tungstenite (the pong goes out with the next send).
+                Ok(_) => {
+                    let _ = self.ws.flush();
+                    if let Poll::Ready(Err(e)) = poll_send(&mut self.tcp, &self.output, cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match poll_fill(&mut self.tcp, self.ws.get_mut(), cx) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
+                    return Poll::Ready(Ok(0))
+                }
+                Err(e) => {
+                    if matches!(e, WsError::Capacity(_)) {
+                        self.close_with(CloseCode::Size, "frame too large");
+                    } else {
+                        self.close_with(CloseCode::Protocol, "bad WebSocket frame");
+                    }
+                    let _ = poll_send(&mut self.tcp, &self.output, cx);
+                    return Poll::Ready(Err(ws_error(e)));
+                }
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // What an earlier frame left unsent goes first; no new frame while it waits.
+        match poll_send(&mut self.tcp, &self.output, cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        if let Err(e) = self.ws.send(Message::Binary(buf.to_vec().into())) {
+            return Poll::Ready(Err(ws_error(e)));
+        }
+        // The frame is ours now; it goes out here or on the next write or flush.
+        if let Poll::Ready(Err(e)) = poll_send(&mut self.tcp, &self.output, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        poll_send(&mut self.tcp, &self.output, cx)
+    }
+
+    async fn close(mut self) {
+        self.close_with(CloseCode::Normal, "");
+        let _ = std::future::poll_fn(|cx| poll_send(&mut self.tcp, &self.output, cx)).await;
+        let _ = self.tcp.shutdown(Shutdown::Both).await;
+    }
+
+    fn reset(self) {
+        super::tcp::Tcp::new(self.tcp).reset();
+    }
+}
