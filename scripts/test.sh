@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit/property/integration tests, the fuzz targets
-# (built on stable and run briefly), and interop with third-party MQTT clients.
+# (built on stable and run briefly), interop with third-party MQTT clients, and a real browser
+# over WebSocket.
 #
 # Usage: scripts/test.sh            (installs missing test dependencies first)
 #        FUZZ_SECONDS=60 scripts/test.sh
@@ -40,5 +41,8 @@ scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 step "interop with mosquitto-clients and paho-mqtt"
 cargo build -q -p shardmq
 scripts/interop.sh target/debug/shardmq
+
+step "a real browser: headless Chromium with MQTT.js over WebSocket"
+scripts/browser-test.sh target/debug/shardmq
 
 step "all tests passed"
