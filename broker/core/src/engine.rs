@@ -63,6 +63,22 @@ mod timers;
 
 use handover::{Arrival, ArrivalState, ForwardSlot};
 
+/// The [`publish::Deliverer`] of `$engine`, borrowing its fields apart from the session slots
+/// (a macro, so that a session slot may stay borrowed beside it).
+macro_rules! deliverer {
+    ($engine:ident) => {
+        Deliverer {
+            conns: &mut $engine.conns,
+            cfg: &$engine.cfg,
+            outbox_bytes: &mut $engine.outbox_bytes,
+            starved: &mut $engine.starved,
+            metrics: &mut $engine.metrics,
+            now: $engine.now,
+        }
+    };
+}
+use deliverer;
+
 /// What the engine needs from the configuration: plain values, which the runtime derives from
 /// the loaded configuration (the core never reads it).
 #[derive(Debug, Clone, PartialEq)]
@@ -402,11 +418,6 @@ fn starve(c: &mut Conn, id: ConnId, len: usize, cfg: &EngineConfig, starved: &mu
     if len < cfg.max_write_buffer {
         starved.push(id);
     }
-}
-
-/// Writes `p` to `out`; returns the bytes it counts for.
-fn put(out: &mut Sink, p: &Packet) -> usize {
-    out.put(p)
 }
 
 fn push_pending(list: &mut Vec<ByteStr>, cancel: &mut Vec<ByteStr>, filter: &str) {

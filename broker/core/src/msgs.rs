@@ -135,10 +135,9 @@ pub enum Control {
         ticket: Ticket,
         /// Registration epoch.
         epoch: u64,
-        /// The session moving, if the old one is kept.
+        /// The session moving, if the old one is kept; the sender then forwards deliveries
+        /// that still reach it until released.
         session: Option<Box<Session>>,
-        /// Whether the sender forwards deliveries that still reach it until released.
-        forwarding: bool,
     },
     /// Holder → owner: the session is gone (if the registration is still `epoch`).
     Unregister {

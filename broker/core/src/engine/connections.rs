@@ -444,13 +444,10 @@ impl Engine {
         {
             self.metrics.connects_refused += 1;
             debug!(peer = %c.peer, error = %err, "refusing CONNECT");
-            self.outbox_bytes += put(
-                &mut c.outbox,
-                &Packet::Connack(Connack {
-                    session_present: false,
-                    code: ConnectReturnCode::UnacceptableProtocolVersion,
-                }),
-            );
+            self.outbox_bytes += c.outbox.put(&Packet::Connack(Connack {
+                session_present: false,
+                code: ConnectReturnCode::UnacceptableProtocolVersion,
+            }));
             c.start_close(now);
             self.arm_conn(id);
             return;
@@ -611,7 +608,7 @@ impl Engine {
     /// Writes `p` to the connection's outbox (a reply to the client's own packet: always).
     pub(super) fn reply(&mut self, id: ConnId, p: &Packet) {
         if let Some(c) = conn_mut(&mut self.conns, id) {
-            self.outbox_bytes += put(&mut c.outbox, p);
+            self.outbox_bytes += c.outbox.put(p);
             c.wake();
         }
     }

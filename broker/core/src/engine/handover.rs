@@ -253,29 +253,30 @@ impl Engine {
         self.by_client.remove(client_id.as_bytes(), key as u32);
         self.forwarders.insert((client_id.clone(), epoch), key);
         self.metrics.sessions_moved += 1;
-        self.send(
-            ticket.shard(),
-            Control::Handover {
-                client_id,
-                ticket,
-                epoch,
-                session: Some(Box::new(a.session)),
-                forwarding: true,
-            },
-        );
+        self.hand_over(client_id, ticket, epoch, Some(Box::new(a.session)));
     }
 
+    /// Tells the connecting shard that nobody keeps a session for it.
     pub(super) fn reply_fresh(&mut self, client_id: ByteStr, ticket: Ticket, epoch: u64) {
-        self.send(
-            ticket.shard(),
-            Control::Handover {
-                client_id,
-                ticket,
-                epoch,
-                session: None,
-                forwarding: false,
-            },
-        );
+        self.hand_over(client_id, ticket, epoch, None);
+    }
+
+    /// Sends the connecting shard the session (this shard then forwards what still reaches
+    /// it), or none.
+    fn hand_over(
+        &mut self,
+        client_id: ByteStr,
+        ticket: Ticket,
+        epoch: u64,
+        session: Option<Box<Session>>,
+    ) {
+        let msg = Control::Handover {
+            client_id,
+            ticket,
+            epoch,
+            session,
+        };
+        self.send(ticket.shard(), msg);
     }
 
     /// A forwarding slot passes `forward` on, or keeps it while the queue to the new holder

@@ -108,7 +108,7 @@ impl Engine {
             } => {
                 if let Some(c) = conn_mut(&mut self.conns, conn) {
                     if !c.close {
-                        self.outbox_bytes += put(&mut c.outbox, &Packet::Suback(suback));
+                        self.outbox_bytes += c.outbox.put(&Packet::Suback(suback));
                         c.wake();
                     }
                 }
@@ -216,12 +216,12 @@ impl Engine {
                 ticket,
                 epoch,
                 session,
-                forwarding,
             } => {
                 let handed = match session {
+                    // The sender forwards what still reaches it until released.
                     Some(session) => Handed::Moved {
                         session,
-                        upstream: forwarding.then_some(from),
+                        upstream: Some(from),
                     },
                     None => Handed::Fresh,
                 };

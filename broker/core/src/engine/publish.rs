@@ -93,7 +93,7 @@ impl Engine {
             match &mut c.held {
                 Some(h) => h.acks.push(ack),
                 None => {
-                    self.outbox_bytes += put(&mut c.outbox, &ack);
+                    self.outbox_bytes += c.outbox.put(&ack);
                     c.wake();
                 }
             }
@@ -119,7 +119,7 @@ impl Engine {
         if h.waiting == 0 {
             if let Some(h) = c.held.take() {
                 for ack in &h.acks {
-                    self.outbox_bytes += put(&mut c.outbox, ack);
+                    self.outbox_bytes += c.outbox.put(ack);
                 }
                 c.wake();
             }
@@ -249,14 +249,7 @@ impl Engine {
             Some(SessionSlot::Active(a)) => match &mut a.arrival {
                 // The common case, without a second look-up of the slot.
                 None => {
-                    let mut d = Deliverer {
-                        conns: &mut self.conns,
-                        cfg: &self.cfg,
-                        outbox_bytes: &mut self.outbox_bytes,
-                        starved: &mut self.starved,
-                        metrics: &mut self.metrics,
-                        now: self.now,
-                    };
+                    let mut d = deliverer!(self);
                     if d.deliver(a, msg, qos, retain) {
                         self.arm_new(key, self.retry_due(self.now));
                     }
@@ -290,14 +283,7 @@ impl Engine {
         let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
             return;
         };
-        let mut d = Deliverer {
-            conns: &mut self.conns,
-            cfg: &self.cfg,
-            outbox_bytes: &mut self.outbox_bytes,
-            starved: &mut self.starved,
-            metrics: &mut self.metrics,
-            now: self.now,
-        };
+        let mut d = deliverer!(self);
         if d.deliver(a, msg, qos, retain) {
             self.arm_new(key, self.retry_due(self.now));
         }

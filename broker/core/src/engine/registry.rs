@@ -9,13 +9,10 @@ impl Engine {
         self.metrics.connects_refused += 1;
         if let Some(c) = conn_mut(&mut self.conns, id) {
             debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), ?code, "refusing CONNECT");
-            self.outbox_bytes += put(
-                &mut c.outbox,
-                &Packet::Connack(Connack {
-                    session_present: false,
-                    code,
-                }),
-            );
+            self.outbox_bytes += c.outbox.put(&Packet::Connack(Connack {
+                session_present: false,
+                code,
+            }));
             c.start_close(self.now);
             c.will = None;
             self.arm_conn(id);
