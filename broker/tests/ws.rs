@@ -117,10 +117,15 @@ impl WsClient {
 #[test]
 fn qos1_round_trips_between_websocket_and_tcp_clients_on_either_shard() {
     let b = Broker::with_shards(2);
+    // One client id owned by each shard: whichever shard accepts, one is local, one remote.
     for round in 0..2 {
+        let id = (0..)
+            .map(|i| format!("ws-{round}-{i}"))
+            .find(|id| shardmq::core::route::owner_shard(id.as_bytes(), 2) == round)
+            .unwrap();
         let mut w = open(ws_addr(&b), "/mqtt", &["mqtt"]).unwrap();
         assert_eq!(w.protocol.as_deref(), Some("mqtt"));
-        w.connect(&format!("ws-{round}"));
+        w.connect(&id);
         w.send(&Packet::Subscribe(Subscribe {
             packet_id: 1,
             filters: vec![(format!("to/ws/{round}"), QoS::AtLeastOnce)],
@@ -234,7 +239,9 @@ fn a_text_frame_closes_the_connection_with_1003() {
             Err(e) => panic!("no close frame before the end: {e}"),
         }
     }
-    b.wait_metrics("the connection ended", |m| m.connections_closed >= 1);
+    b.wait_metrics("the violation counted", |m| {
+        m.transport_violations == 1 && m.connections_closed >= 1
+    });
 }
 
 #[test]
@@ -274,4 +281,5 @@ fn a_frame_above_max_frame_size_closes_with_1009() {
             Err(e) => panic!("no close frame before the end: {e}"),
         }
     }
+    b.wait_metrics("the violation counted", |m| m.transport_violations == 1);
 }

@@ -101,4 +101,7 @@ metrics! {
     /// WebSocket upgrades that failed: refused (wrong path, no accepted subprotocol), not an
     /// upgrade, timed out, or the client went away.
     ws_handshake_failures,
+    /// Connections closed for bad input below MQTT: a WebSocket text frame, or a frame that is
+    /// too large or malformed.
+    transport_violations,
 }

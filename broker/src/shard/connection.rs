@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use tracing::debug;
 
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
@@ -109,7 +110,15 @@ impl<T: Transport> Driver<T> {
             if status.readable {
                 let mut scratch = ctx.scratch.borrow_mut();
                 match self.transport.poll_read(cx, &mut scratch[..]) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(End::Transport),
+                    Poll::Ready(Ok(0)) => return Poll::Ready(End::Transport),
+                    Poll::Ready(Err(err)) => {
+                        if err.kind() == std::io::ErrorKind::InvalidData {
+                            // The transport refused the peer's framing (and told it so).
+                            e.metrics.transport_violations += 1;
+                            debug!(error = %err, "bad input on the transport, closing");
+                        }
+                        return Poll::Ready(End::Transport);
+                    }
                     Poll::Ready(Ok(n)) => {
                         e.count_received(n);
                         e.note_io(self.id, now);
