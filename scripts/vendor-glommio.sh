@@ -71,11 +71,28 @@ case "$mode" in
     # directory (kept between runs).
     cp -r vendor/glommio "$work/glommio"
     target=${GLOMMIO_TEST_TARGET:-$PWD/target/glommio-tests}
-    (cd "$work/glommio" && CARGO_TARGET_DIR=$target \
-      cargo test --lib --features wake-first -- "${@:2}" \
-      executor:: sys::uring timer:: channels::shared_channel net::tcp_socket task:: \
-      --skip net::tcp_socket::tests::tcp_connect_timeout_error)
+    (cd "$work/glommio" && CARGO_TARGET_DIR=$target cargo test --lib --features wake-first --no-run)
     # Skipped: it connects to 10.255.255.1, off this machine; tests stay on loopback.
+    run_tests() {
+      (cd "$work/glommio" && CARGO_TARGET_DIR=$target timeout -k 10 "${GLOMMIO_TEST_TIMEOUT:-300}" \
+        cargo test --lib --features wake-first -- "${@:2}" \
+        executor:: sys::uring timer:: channels::shared_channel net::tcp_socket task:: \
+        --skip net::tcp_socket::tests::tcp_connect_timeout_error)
+    }
+    # The run takes about 20 s. Upstream's executor tests can hang now and then (a busy-looping
+    # shares test never finishing; DataDog/glommio#477): one run that does not finish within
+    # the timeout is retried once, so a stuck test costs minutes, not the CI budget, and a
+    # second hang fails the step.
+    set +e
+    run_tests "$@"
+    rc=$?
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+      echo "vendor-glommio: the tests did not finish within ${GLOMMIO_TEST_TIMEOUT:-300} s; running them once more" >&2
+      run_tests "$@"
+      rc=$?
+    fi
+    set -e
+    exit "$rc"
     ;;
   *) echo "usage: $0 check|rebuild|test" >&2; exit 2 ;;
 esac
