@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Interoperability with independent, third-party MQTT clients from the registries:
 # mosquitto_pub/mosquitto_sub (Debian package mosquitto-clients) and paho-mqtt (PyPI).
-# QoS 0/1/2 round trips, retained messages, wills, protocol levels 3 (3.1) and 4 (3.1.1).
+# QoS 0/1/2 round trips, retained messages, wills, protocol levels 3 (3.1) and 4 (3.1.1), and
+# mosquitto_pub/sub over TLS (--cafile, with certificates from scripts/gen-test-certs.sh).
 #
 # Usage: scripts/interop.sh [path/to/shardmq]   (default: target/debug/shardmq, built if missing)
 set -euo pipefail
@@ -13,9 +14,13 @@ for tool in mosquitto_pub mosquitto_sub python3; do
 done
 python3 -c 'import paho.mqtt' 2>/dev/null || { echo "interop: paho-mqtt missing (run scripts/install-test-deps.sh)" >&2; exit 1; }
 
+certs=$(mktemp -d)
+scripts/gen-test-certs.sh "$certs" >/dev/null
 . scripts/start-broker.sh
-start_broker "$bin"
-trap 'kill "$BROKER_PID" 2>/dev/null || true' EXIT
+start_broker "$bin" \
+  SHARDMQ_LISTENER__SSL__EXTERNAL__CERTFILE="$certs/server.crt" \
+  SHARDMQ_LISTENER__SSL__EXTERNAL__KEYFILE="$certs/server.key"
+trap 'kill "$BROKER_PID" 2>/dev/null || true; rm -rf "$certs"' EXIT
 H=(-h 127.0.0.1 -p "$BROKER_PORT")
 fail=0
 check() { # name expected actual
@@ -80,6 +85,27 @@ mosquitto_pub "${H[@]}" -t interop/other -m x --will-topic interop/will/polite -
 wait "$WATCHER" || true
 check "mosquitto no will after DISCONNECT" "" "$(seen "$out" | grep -v -i 'timed out' || true)"
 rm -f "$out"
+
+# Over TLS: mosquitto_pub/sub check the broker's certificate against the test CA (as
+# localhost, a name the certificate carries); TLS to TCP and back at QoS 1.
+[ -n "$BROKER_TLS_PORT" ] || { echo "FAIL the TLS listener did not start"; fail=1; }
+T=(-h localhost -p "$BROKER_TLS_PORT" --cafile "$certs/ca.crt")
+out=$(mktemp)
+watch "$out" "${T[@]}" -q 1 -t interop/tls/in -C 1 -W 10 -F '%q %t %p'
+mosquitto_pub "${H[@]}" -q 1 -t interop/tls/in -m from-tcp
+wait "$WATCHER" || true
+check "mosquitto TCP -> TLS QoS 1" "1 interop/tls/in from-tcp" "$(seen "$out")"
+watch "$out" "${H[@]}" -q 1 -t interop/tls/out -C 1 -W 10 -F '%q %t %p'
+mosquitto_pub "${T[@]}" -q 1 -t interop/tls/out -m from-tls
+wait "$WATCHER" || true
+check "mosquitto TLS -> TCP QoS 1" "1 interop/tls/out from-tls" "$(seen "$out")"
+rm -f "$out"
+if mosquitto_pub -h localhost -p "$BROKER_TLS_PORT" --cafile "$certs/other-ca.crt" \
+  -t interop/tls/x -m x 2>/dev/null; then
+  check "mosquitto refuses a broker signed by another CA" "refused" "accepted"
+else
+  check "mosquitto refuses a broker signed by another CA" "refused" "refused"
+fi
 
 python3 scripts/interop_paho.py 127.0.0.1 "$BROKER_PORT" ${BROKER_WS_PORT:+"$BROKER_WS_PORT"} || fail=1
 

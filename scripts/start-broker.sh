@@ -1,21 +1,29 @@
 # Sourced by the test scripts: start_broker BIN [ENV...] starts a ShardMQ on a free loopback port
-# and sets BROKER_PID, BROKER_PORT (MQTT over TCP), BROKER_WS_PORT (over WebSocket; empty if
-# that listener is off) and BROKER_LOG; stop_broker stops it (SIGTERM, then checks the exit
-# status).
+# and sets BROKER_PID, BROKER_PORT (MQTT over TCP), BROKER_WS_PORT (over WebSocket),
+# BROKER_TLS_PORT and BROKER_WSS_PORT (over TLS and WSS, which start only when ENV gives them
+# a certificate) — each empty when its listener is off — and BROKER_LOG; stop_broker stops it
+# (SIGTERM, then checks the exit status).
+
+# listener_port NAME: the port of listener NAME from the broker's "listening" line.
+listener_port() {
+  sed -n "s/.*listening for MQTT.* listener=$1 addr=127\.0\.0\.1:\([0-9]*\).*/\1/p" "$BROKER_LOG" | head -n 1
+}
 
 start_broker() {
   local bin=$1
   shift
   BROKER_LOG=$(mktemp)
   env "$@" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:0 \
-    SHARDMQ_LISTENER__WS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LOG__LEVEL=info \
+    SHARDMQ_LISTENER__WS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LISTENER__SSL__EXTERNAL__BIND=127.0.0.1:0 \
+    SHARDMQ_LISTENER__WSS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LOG__LEVEL=info \
     "$bin" >"$BROKER_LOG" 2>&1 &
   BROKER_PID=$!
   for _ in $(seq 1 200); do
     if grep -q "broker started" "$BROKER_LOG"; then
-      BROKER_PORT=$(sed -n 's/.*listening for MQTT over TCP.*addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
-      # Empty when the WebSocket listener is off.
-      BROKER_WS_PORT=$(sed -n 's/.*listening for MQTT over WebSocket.*addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
+      BROKER_PORT=$(listener_port external)
+      BROKER_WS_PORT=$(listener_port ws.external)
+      BROKER_TLS_PORT=$(listener_port ssl.external)
+      BROKER_WSS_PORT=$(listener_port wss.external)
       [ -n "$BROKER_PORT" ] && return 0
     fi
     if ! kill -0 "$BROKER_PID" 2>/dev/null; then

@@ -158,7 +158,6 @@ struct Conn {
     last_rx: Timestamp,
     peer: Peer,
     clean: bool,
-    will: Option<Box<LastWill>>,
     /// The deadline a timer is armed for in `conn_timers` (`NEVER`: none).
     timer_at: Timestamp,
     /// Last time bytes moved either way.
@@ -170,6 +169,31 @@ struct Conn {
     /// Acknowledgements held back until retained messages this client published are stored
     /// on their owner shards (so a subscriber that comes after the PUBACK sees them).
     held: Option<Box<HeldAcks>>,
+    /// The will and the username, when there are any (boxed: most connections have neither,
+    /// and every byte of `Conn` is paid per connection).
+    about: Option<Box<About>>,
+}
+
+/// What a connection may carry beside its state.
+#[derive(Debug, Default)]
+struct About {
+    will: Option<LastWill>,
+    /// Its CONNECT's username, or the name its transport vouched for (a verified TLS client
+    /// certificate, [`Engine::set_conn_username`]), which then wins.
+    username: Option<Box<str>>,
+    /// `username` came from the transport; CONNECT does not replace it.
+    username_from_transport: bool,
+}
+
+impl Conn {
+    /// Takes the will away (published, or discarded on a clean DISCONNECT).
+    fn take_will(&mut self) -> Option<LastWill> {
+        self.about.as_mut().and_then(|a| a.will.take())
+    }
+
+    fn about_mut(&mut self) -> &mut About {
+        self.about.get_or_insert_with(Box::default)
+    }
 }
 
 /// A peer address in 20 bytes (`SocketAddr` takes 32), kept for logs.

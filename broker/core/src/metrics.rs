@@ -101,7 +101,10 @@ metrics! {
     /// WebSocket upgrades that failed: refused (wrong path, no accepted subprotocol), not an
     /// upgrade, timed out, or the client went away.
     ws_handshake_failures,
-    /// Connections closed for bad input below MQTT: a WebSocket text frame, or a frame that is
-    /// too large or malformed.
+    /// TLS handshakes that failed: a client certificate refused or missing, no common version
+    /// or cipher suite, not TLS at all, timed out, or the client went away.
+    tls_handshake_failures,
+    /// Connections closed for bad input below MQTT: a WebSocket text frame, a frame that is
+    /// too large or malformed, or a TLS record that does not decrypt.
     transport_violations,
 }

@@ -132,6 +132,12 @@ pub struct ListenersConfig {
     pub tcp: BTreeMap<String, TcpListenerConfig>,
     /// `listener.ws.<name>`: MQTT over WebSocket. The default has one, `external`.
     pub ws: BTreeMap<String, WsListenerConfig>,
+    /// `listener.ssl.<name>`: MQTT over TLS. The default has one, `external`, which starts
+    /// only once a certificate is configured.
+    pub ssl: BTreeMap<String, SslListenerConfig>,
+    /// `listener.wss.<name>`: MQTT over WebSocket over TLS. The default has one, `external`,
+    /// which starts only once a certificate is configured.
+    pub wss: BTreeMap<String, WssListenerConfig>,
 }
 
 impl Default for ListenersConfig {
@@ -139,6 +145,256 @@ impl Default for ListenersConfig {
         ListenersConfig {
             tcp: BTreeMap::from([("external".to_string(), TcpListenerConfig::default())]),
             ws: BTreeMap::from([("external".to_string(), WsListenerConfig::default())]),
+            ssl: BTreeMap::from([("external".to_string(), SslListenerConfig::default())]),
+            wss: BTreeMap::from([("external".to_string(), WssListenerConfig::default())]),
+        }
+    }
+}
+
+/// `verify`: whether a TLS listener asks clients for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsVerify {
+    /// No client certificate is asked for.
+    #[default]
+    VerifyNone,
+    /// A client certificate is asked for and, when given, must chain to `cacertfile`.
+    VerifyPeer,
+}
+
+/// `peer_cert_as_username`: which part of a verified client certificate becomes the
+/// connection's username (replacing the CONNECT's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerCertAsUsername {
+    /// The subject's common name.
+    Cn,
+    /// The whole subject, as RFC 4514 writes it (`CN=device-7,O=Acme`).
+    Dn,
+}
+
+/// The TLS keys a TLS or WSS listener has (`listener.ssl.<name>.*`, `listener.wss.<name>.*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsOptions {
+    /// PEM certificate chain of the server, leaf first.
+    pub certfile: Option<PathBuf>,
+    /// PEM private key of the server (PKCS#8, PKCS#1 or SEC1).
+    pub keyfile: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to.
+    pub cacertfile: Option<PathBuf>,
+    /// Whether to ask clients for a certificate.
+    pub verify: TlsVerify,
+    /// With `verify_peer`: refuse a client that sends no certificate.
+    pub fail_if_no_peer_cert: bool,
+    /// TLS versions offered.
+    pub versions: Vec<String>,
+    /// How long the handshake may take.
+    pub handshake_timeout: Duration,
+    /// Which part of a verified client certificate becomes the username.
+    pub peer_cert_as_username: Option<PeerCertAsUsername>,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        TlsOptions {
+            certfile: None,
+            keyfile: None,
+            cacertfile: None,
+            verify: TlsVerify::VerifyNone,
+            fail_if_no_peer_cert: false,
+            versions: vec!["tlsv1.2".into(), "tlsv1.3".into()],
+            handshake_timeout: Duration::secs(15),
+            peer_cert_as_username: None,
+        }
+    }
+}
+
+/// Declares a listener's configuration struct: its own keys, then the TLS keys of
+/// [`TlsOptions`] (serde cannot flatten them in while refusing unknown keys), with `tls()` to
+/// read them back and `with_tls()` to build the defaults.
+macro_rules! tls_listener {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// PEM certificate chain of the server, leaf first; the listener starts only when
+            /// it is set. EMQX: `certfile`.
+            pub certfile: Option<PathBuf>,
+            /// PEM private key of the server (PKCS#8, PKCS#1 or SEC1). EMQX: `keyfile`.
+            pub keyfile: Option<PathBuf>,
+            /// PEM CA certificates that client certificates must chain to (with
+            /// `verify_peer`). EMQX: `cacertfile`.
+            pub cacertfile: Option<PathBuf>,
+            /// `verify_none` (default) or `verify_peer`. EMQX: `verify`.
+            pub verify: TlsVerify,
+            /// With `verify_peer`: refuse a client that sends no certificate. EMQX:
+            /// `fail_if_no_peer_cert`.
+            pub fail_if_no_peer_cert: bool,
+            /// TLS versions offered: `tlsv1.2`, `tlsv1.3`. EMQX: `tls_versions`.
+            pub versions: Vec<String>,
+            /// The handshake (TLS, and for WSS the HTTP upgrade too) must be done within
+            /// this time, or the socket is closed.
+            pub handshake_timeout: Duration,
+            /// `cn` or `dn`: that part of a verified client certificate replaces the
+            /// CONNECT's username. EMQX: `peer_cert_as_username`.
+            pub peer_cert_as_username: Option<PeerCertAsUsername>,
+        }
+
+        impl $name {
+            /// Its TLS keys.
+            pub fn tls(&self) -> TlsOptions {
+                TlsOptions {
+                    certfile: self.certfile.clone(),
+                    keyfile: self.keyfile.clone(),
+                    cacertfile: self.cacertfile.clone(),
+                    verify: self.verify,
+                    fail_if_no_peer_cert: self.fail_if_no_peer_cert,
+                    versions: self.versions.clone(),
+                    handshake_timeout: self.handshake_timeout,
+                    peer_cert_as_username: self.peer_cert_as_username,
+                }
+            }
+        }
+    };
+}
+
+tls_listener! {
+    /// `listener.ssl.<name>.*`: MQTT over TLS.
+    pub struct SslListenerConfig {
+        /// Whether the listener is started (once `certfile` is set).
+        pub enable: bool,
+        /// Address to listen on. EMQX: `listener.ssl.external`.
+        pub bind: SocketAddr,
+        /// Listen backlog. EMQX: `listener.ssl.external.backlog`.
+        pub backlog: u32,
+        /// Connections this listener accepts per shard; further ones are closed and counted.
+        /// EMQX: `listener.ssl.external.max_connections` (per node there).
+        pub max_connections: usize,
+        /// TCP_NODELAY on accepted sockets. EMQX: `listener.ssl.external.nodelay`.
+        pub nodelay: bool,
+        /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
+        pub sndbuf: ByteSize,
+        /// SO_RCVBUF of accepted sockets; "0" leaves the kernel's autotuning.
+        pub recbuf: ByteSize,
+    }
+}
+
+impl Default for SslListenerConfig {
+    fn default() -> Self {
+        let tcp = TcpListenerConfig::default();
+        let tls = TlsOptions::default();
+        SslListenerConfig {
+            enable: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            backlog: tcp.backlog,
+            max_connections: tcp.max_connections,
+            nodelay: tcp.nodelay,
+            sndbuf: tcp.sndbuf,
+            recbuf: tcp.recbuf,
+            certfile: tls.certfile,
+            keyfile: tls.keyfile,
+            cacertfile: tls.cacertfile,
+            verify: tls.verify,
+            fail_if_no_peer_cert: tls.fail_if_no_peer_cert,
+            versions: tls.versions,
+            handshake_timeout: tls.handshake_timeout,
+            peer_cert_as_username: tls.peer_cert_as_username,
+        }
+    }
+}
+
+impl SslListenerConfig {
+    /// The socket settings, shared with plain TCP listeners.
+    pub fn socket(&self) -> TcpListenerConfig {
+        TcpListenerConfig {
+            enable: self.enable,
+            bind: self.bind,
+            backlog: self.backlog,
+            max_connections: self.max_connections,
+            nodelay: self.nodelay,
+            sndbuf: self.sndbuf,
+            recbuf: self.recbuf,
+        }
+    }
+}
+
+tls_listener! {
+    /// `listener.wss.<name>.*`: MQTT over WebSocket over TLS.
+    pub struct WssListenerConfig {
+        /// Whether the listener is started (once `certfile` is set).
+        pub enable: bool,
+        /// Address to listen on. EMQX: `listener.wss.external`.
+        pub bind: SocketAddr,
+        /// The HTTP path that upgrades to MQTT; other paths get 404. EMQX:
+        /// `listener.wss.external.mqtt_path`.
+        pub path: String,
+        /// Largest WebSocket frame (and message) accepted. EMQX:
+        /// `listener.wss.external.max_frame_size`.
+        pub max_frame_size: ByteSize,
+        /// `Sec-WebSocket-Protocol` values accepted, in order. EMQX:
+        /// `listener.wss.external.supported_subprotocols`.
+        pub subprotocols: Vec<String>,
+        /// Refuse (HTTP 400) a client that offers none of `subprotocols`.
+        pub fail_if_no_subprotocol: bool,
+        /// Listen backlog.
+        pub backlog: u32,
+        /// Connections this listener accepts per shard.
+        pub max_connections: usize,
+        /// TCP_NODELAY on accepted sockets.
+        pub nodelay: bool,
+        /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
+        pub sndbuf: ByteSize,
+        /// SO_RCVBUF of accepted sockets; "0" leaves the kernel's autotuning.
+        pub recbuf: ByteSize,
+    }
+}
+
+impl Default for WssListenerConfig {
+    fn default() -> Self {
+        let ws = WsListenerConfig::default();
+        let tls = TlsOptions::default();
+        WssListenerConfig {
+            enable: true,
+            bind: SocketAddr::from(([0, 0, 0, 0], 8084)),
+            path: ws.path,
+            max_frame_size: ws.max_frame_size,
+            subprotocols: ws.subprotocols,
+            fail_if_no_subprotocol: ws.fail_if_no_subprotocol,
+            backlog: ws.backlog,
+            max_connections: ws.max_connections,
+            nodelay: ws.nodelay,
+            sndbuf: ws.sndbuf,
+            recbuf: ws.recbuf,
+            certfile: tls.certfile,
+            keyfile: tls.keyfile,
+            cacertfile: tls.cacertfile,
+            verify: tls.verify,
+            fail_if_no_peer_cert: tls.fail_if_no_peer_cert,
+            versions: tls.versions,
+            handshake_timeout: tls.handshake_timeout,
+            peer_cert_as_username: tls.peer_cert_as_username,
+        }
+    }
+}
+
+impl WssListenerConfig {
+    /// The WebSocket settings (the handshake timeout covers TLS and the upgrade together).
+    pub fn ws(&self) -> WsListenerConfig {
+        WsListenerConfig {
+            enable: self.enable,
+            bind: self.bind,
+            path: self.path.clone(),
+            max_frame_size: self.max_frame_size,
+            subprotocols: self.subprotocols.clone(),
+            fail_if_no_subprotocol: self.fail_if_no_subprotocol,
+            handshake_timeout: self.handshake_timeout,
+            backlog: self.backlog,
+            max_connections: self.max_connections,
+            nodelay: self.nodelay,
+            sndbuf: self.sndbuf,
+            recbuf: self.recbuf,
         }
     }
 }
@@ -209,6 +465,51 @@ impl WsListenerConfig {
             sndbuf: self.sndbuf,
             recbuf: self.recbuf,
         }
+    }
+}
+
+impl TlsOptions {
+    /// Checks what can be checked without reading the files (which the start does).
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        if self.versions.is_empty() {
+            return Err(invalid(&key("versions"), "needs at least one version"));
+        }
+        if let Some(v) = self
+            .versions
+            .iter()
+            .find(|v| !matches!(v.as_str(), "tlsv1.2" | "tlsv1.3"))
+        {
+            return Err(invalid(
+                &key("versions"),
+                format!("{v:?} is not supported (tlsv1.2, tlsv1.3)"),
+            ));
+        }
+        if self.certfile.is_some() && self.keyfile.is_none() {
+            return Err(invalid(&key("keyfile"), "must be set with certfile"));
+        }
+        if self.verify == TlsVerify::VerifyPeer && self.cacertfile.is_none() {
+            return Err(invalid(
+                &key("cacertfile"),
+                "must be set with verify = \"verify_peer\"",
+            ));
+        }
+        if self.fail_if_no_peer_cert && self.verify != TlsVerify::VerifyPeer {
+            return Err(invalid(
+                &key("fail_if_no_peer_cert"),
+                "needs verify = \"verify_peer\"",
+            ));
+        }
+        if self.peer_cert_as_username.is_some() && self.verify != TlsVerify::VerifyPeer {
+            return Err(invalid(
+                &key("peer_cert_as_username"),
+                "needs verify = \"verify_peer\" (only a verified certificate names a user)",
+            ));
+        }
+        if self.handshake_timeout.0.is_zero() {
+            return Err(invalid(&key("handshake_timeout"), "must be more than 0s"));
+        }
+        Ok(())
     }
 }
 
@@ -557,8 +858,38 @@ impl Config {
         if s.io_memory.0 < 64 << 10 {
             return Err(invalid("shards.io_memory", "must be at least 64KB"));
         }
-        for (name, l) in &self.listener.ws {
-            let key = |k: &str| format!("listener.ws.{name}.{k}");
+        let wss = self
+            .listener
+            .wss
+            .iter()
+            .map(|(name, l)| (format!("listener.wss.{name}"), l.ws(), Some(l.tls())));
+        let ssl = self
+            .listener
+            .ssl
+            .iter()
+            .map(|(name, l)| (format!("listener.ssl.{name}"), l.socket(), l.tls()));
+        for (prefix, l, tls) in ssl {
+            if l.backlog == 0 {
+                return Err(invalid(&format!("{prefix}.backlog"), "must be at least 1"));
+            }
+            if l.max_connections == 0 {
+                return Err(invalid(
+                    &format!("{prefix}.max_connections"),
+                    "must be at least 1",
+                ));
+            }
+            tls.validate(&prefix)?;
+        }
+        let ws = self
+            .listener
+            .ws
+            .iter()
+            .map(|(name, l)| (format!("listener.ws.{name}"), l.clone(), None));
+        for (prefix, l, tls) in ws.chain(wss) {
+            if let Some(tls) = tls {
+                tls.validate(&prefix)?;
+            }
+            let key = |k: &str| format!("{prefix}.{k}");
             if !l.path.starts_with('/') {
                 return Err(invalid(&key("path"), "must start with /"));
             }

@@ -1,53 +1,129 @@
 //! MQTT listeners: the socket (SO_REUSEPORT, so every MQTT shard binds the same port and the
 //! kernel spreads connections), the probe that refuses to share a port with another process,
-//! and the accept loop.
+//! the accept loop, and the handshakes (TLS, the WebSocket upgrade) that come before the
+//! engine sees a connection.
 
 use super::connection::{self, ConnCtx};
 use crate::config::TcpListenerConfig;
 use crate::shard::clock;
 use crate::transport::tcp::Tcp;
+use crate::transport::tls::{Tls, TlsSettings};
 use crate::transport::ws::{Ws, WsSettings};
+use crate::transport::Transport;
 use futures_lite::future;
 use glommio::net::TcpListener;
 use glommio::timer::sleep;
 use glommio::{spawn_local, Task};
 use socket2::{Domain, Protocol, Socket, Type};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
-/// The HTTP upgrade of a WebSocket connection, within its handshake timeout; then the
-/// connection is opened in the engine and driven like any other.
-async fn upgrade(
+/// How a listener's accepted connections are set up before the engine sees them.
+#[derive(Debug, Clone)]
+pub enum Setup {
+    /// Plain MQTT over TCP: none.
+    Plain,
+    /// The HTTP upgrade to WebSocket.
+    Ws(WsSettings),
+    /// The TLS handshake.
+    Tls(TlsSettings),
+    /// The TLS handshake, then the HTTP upgrade (one deadline for both).
+    Wss(TlsSettings, WsSettings),
+}
+
+/// `fut`, unless `deadline` comes first.
+async fn before<T>(
+    deadline: Instant,
+    what: &str,
+    fut: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let timeout = async {
+        sleep(deadline.saturating_duration_since(Instant::now())).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} handshake timed out"),
+        ))
+    };
+    future::or(fut, timeout).await
+}
+
+/// Runs the connection's handshakes within their timeout, then opens it in the engine and
+/// drives it like any other. Failures are counted (`tls_handshake_failures`,
+/// `ws_handshake_failures`) and logged at debug level.
+async fn handshake(
     ctx: Rc<ConnCtx>,
     stream: glommio::net::TcpStream,
     peer: SocketAddr,
     number: u16,
-    ws: Rc<WsSettings>,
+    setup: Rc<Setup>,
 ) {
-    let timeout = async {
-        sleep(ws.handshake_timeout).await;
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "WebSocket handshake timed out",
-        ))
-    };
-    match future::or(Ws::accept(stream, &ws), timeout).await {
-        Ok(transport) => {
-            let id = ctx
-                .engine
-                .borrow_mut()
-                .open_conn(peer, number, clock::now());
-            connection::drive(ctx, transport, id).await;
-        }
-        Err(error) => {
-            ctx.engine.borrow_mut().metrics.ws_handshake_failures += 1;
+    let failed = |ctx: &ConnCtx, tls: bool, error: io::Error| {
+        let mut e = ctx.engine.borrow_mut();
+        if tls {
+            e.metrics.tls_handshake_failures += 1;
+            debug!(%peer, %error, "TLS handshake failed");
+        } else {
+            e.metrics.ws_handshake_failures += 1;
             debug!(%peer, %error, "WebSocket upgrade failed");
         }
+    };
+    match &*setup {
+        Setup::Plain => open(ctx, Tcp::new(stream), peer, number, None).await,
+        Setup::Ws(ws) => {
+            let deadline = Instant::now() + ws.handshake_timeout;
+            match before(deadline, "WebSocket", Ws::accept(Tcp::new(stream), ws)).await {
+                Ok(t) => open(ctx, t, peer, number, None).await,
+                Err(error) => failed(&ctx, false, error),
+            }
+        }
+        Setup::Tls(tls) => {
+            let deadline = Instant::now() + tls.handshake_timeout;
+            match before(deadline, "TLS", Tls::accept(stream, tls)).await {
+                Ok(t) => {
+                    let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
+                    open(ctx, t, peer, number, user).await
+                }
+                Err(error) => failed(&ctx, true, error),
+            }
+        }
+        Setup::Wss(tls, ws) => {
+            let deadline = Instant::now() + tls.handshake_timeout;
+            let t = match before(deadline, "TLS", Tls::accept(stream, tls)).await {
+                Ok(t) => t,
+                Err(error) => return failed(&ctx, true, error),
+            };
+            let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
+            match before(deadline, "WebSocket", Ws::accept(t, ws)).await {
+                Ok(t) => open(ctx, t, peer, number, user).await,
+                Err(error) => failed(&ctx, false, error),
+            }
+        }
     }
+}
+
+/// Opens the connection in the engine (with the username its certificate gave, if any) and
+/// drives it.
+async fn open<T: Transport>(
+    ctx: Rc<ConnCtx>,
+    transport: T,
+    peer: SocketAddr,
+    number: u16,
+    username: Option<String>,
+) {
+    let id = {
+        let mut e = ctx.engine.borrow_mut();
+        let id = e.open_conn(peer, number, clock::now());
+        if let Some(name) = username {
+            e.set_conn_username(id, &name);
+        }
+        id
+    };
+    connection::drive(ctx, transport, id).await;
 }
 
 /// Checks, before any shard binds, that no other process listens on `addr` (glommio-style
@@ -109,7 +185,7 @@ pub fn spawn_accept(
     number: u16,
     listener: TcpListener,
     cfg: TcpListenerConfig,
-    ws: Option<Rc<WsSettings>>,
+    setup: Rc<Setup>,
     ctx: Rc<ConnCtx>,
 ) -> Task<()> {
     spawn_local(async move {
@@ -129,14 +205,15 @@ pub fn spawn_accept(
                     let peer = stream
                         .peer_addr()
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                    let Some(ws) = ws.clone() else {
+                    if let Setup::Plain = *setup {
                         let id = e.open_conn(peer, number, clock::now());
                         drop(e);
                         spawn_local(connection::drive(ctx.clone(), Tcp::new(stream), id)).detach();
                         continue;
-                    };
+                    }
                     drop(e);
-                    spawn_local(upgrade(ctx.clone(), stream, peer, number, ws)).detach();
+                    spawn_local(handshake(ctx.clone(), stream, peer, number, setup.clone()))
+                        .detach();
                 }
                 Err(err) => {
                     // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.

@@ -15,6 +15,8 @@ use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
 use crate::core::time::Timestamp;
 use crate::shard::clock;
+use crate::shard::listener::Setup;
+use crate::transport::tls::TlsSettings;
 use crate::transport::ws::WsSettings;
 use glommio::timer::sleep;
 use glommio::{spawn_local, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
@@ -60,6 +62,9 @@ pub enum StartError {
         /// Shards.
         shards: usize,
     },
+    /// A TLS listener's certificate, key or CA file cannot be used.
+    #[error("{0}")]
+    Tls(String),
     /// No MQTT listener is enabled.
     #[error("no listener is enabled (listener.tcp.*.enable)")]
     NoListener,
@@ -123,10 +128,21 @@ fn return_freed_memory(shard: usize) {
 /// How long a shard waits for its connections to close at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The WebSocket upgrade's settings from a listener's configuration.
+fn ws_settings(l: &crate::config::WsListenerConfig) -> WsSettings {
+    WsSettings {
+        path: l.path.clone(),
+        subprotocols: l.subprotocols.clone(),
+        fail_if_no_subprotocol: l.fail_if_no_subprotocol,
+        max_frame_size: l.max_frame_size.as_usize(),
+        handshake_timeout: l.handshake_timeout.0,
+    }
+}
+
 /// A listener every MQTT shard binds: its name (`external`, or `ws.external` for
-/// `listener.ws.external`), its address, its socket settings, and the WebSocket upgrade for a
-/// WebSocket one.
-type ListenerSpec = (String, SocketAddr, TcpListenerConfig, Option<WsSettings>);
+/// `listener.ws.external`, `ssl.external`, `wss.external`), its address, its socket settings,
+/// and the handshakes its connections go through.
+type ListenerSpec = (String, SocketAddr, TcpListenerConfig, Setup);
 
 struct ShardCtx {
     shard: usize,
@@ -223,23 +239,35 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .tcp
         .iter()
         .filter(|(_, l)| l.enable)
-        .map(|(name, l)| (name.clone(), l.clone(), None));
+        .map(|(name, l)| (name.clone(), l.clone(), Setup::Plain));
     let ws = cfg
         .listener
         .ws
         .iter()
         .filter(|(_, l)| l.enable)
-        .map(|(name, l)| {
-            let settings = WsSettings {
-                path: l.path.clone(),
-                subprotocols: l.subprotocols.clone(),
-                fail_if_no_subprotocol: l.fail_if_no_subprotocol,
-                max_frame_size: l.max_frame_size.as_usize(),
-                handshake_timeout: l.handshake_timeout.0,
-            };
-            (format!("ws.{name}"), l.socket(), Some(settings))
-        });
-    for (name, l, ws) in plain.chain(ws) {
+        .map(|(name, l)| (format!("ws.{name}"), l.socket(), Setup::Ws(ws_settings(l))));
+    let mut tls = Vec::new();
+    // TLS listeners start once a certificate is configured; reading it is part of the start.
+    for (name, l) in cfg.listener.ssl.iter().filter(|(_, l)| l.enable) {
+        if l.certfile.is_some() {
+            let settings = TlsSettings::load(&format!("listener.ssl.{name}"), &l.tls())
+                .map_err(StartError::Tls)?;
+            tls.push((format!("ssl.{name}"), l.socket(), Setup::Tls(settings)));
+        }
+    }
+    for (name, l) in cfg.listener.wss.iter().filter(|(_, l)| l.enable) {
+        if l.certfile.is_some() {
+            let settings = TlsSettings::load(&format!("listener.wss.{name}"), &l.tls())
+                .map_err(StartError::Tls)?;
+            let ws = l.ws();
+            tls.push((
+                format!("wss.{name}"),
+                ws.socket(),
+                Setup::Wss(settings, ws_settings(&ws)),
+            ));
+        }
+    }
+    for (name, l, ws) in plain.chain(ws).chain(tls) {
         let addr = listener::probe(l.bind).map_err(|error| {
             if error.kind() == std::io::ErrorKind::AddrInUse {
                 StartError::PortInUse {
@@ -356,14 +384,17 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
         return Err(err);
     }
-    for (name, addr) in &handle.listeners {
-        if let Some(ws) = name
-            .strip_prefix("ws.")
-            .and_then(|n| cfg.listener.ws.get(n))
-        {
-            info!(listener = %name, %addr, path = %ws.path, shards = mqtt_shards.len(), "listening for MQTT over WebSocket");
-        } else {
-            info!(listener = %name, %addr, shards = mqtt_shards.len(), "listening for MQTT over TCP");
+    for (name, addr, _, setup) in &listeners {
+        let shards = mqtt_shards.len();
+        match setup {
+            Setup::Plain => info!(listener = %name, %addr, shards, "listening for MQTT over TCP"),
+            Setup::Ws(ws) => {
+                info!(listener = %name, %addr, path = %ws.path, shards, "listening for MQTT over WebSocket")
+            }
+            Setup::Tls(_) => info!(listener = %name, %addr, shards, "listening for MQTT over TLS"),
+            Setup::Wss(_, ws) => {
+                info!(listener = %name, %addr, path = %ws.path, shards, "listening for MQTT over WebSocket over TLS")
+            }
         }
     }
     info!(shards, cpus = ?cpus, node = %cfg.node.name, "broker started");
@@ -606,7 +637,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                         number as u16,
                         l,
                         lcfg.clone(),
-                        ws.clone().map(Rc::new),
+                        Rc::new(ws.clone()),
                         ctx.clone(),
                     ))
                 }

@@ -3,9 +3,9 @@
 //! The connection driver ([`crate::shard::connection`]) is written once, generic over a
 //! [`Transport`]: it reads into the shard's scratch buffer, hands the bytes to the engine, and
 //! writes the engine's outbox. It knows nothing of the protocol (the engine decodes) nor of
-//! what carries the bytes (the transport). Plain TCP ([`tcp::Tcp`]) is the first; TLS and
-//! WebSocket are added beside it as further implementations, without touching the driver, the
-//! engine or the codecs.
+//! what carries the bytes (the transport). Plain TCP ([`tcp::Tcp`]) is the first, and further
+//! transports are added beside it without touching the driver, the engine or the codecs. TLS ([`tls::Tls`]) and WebSocket ([`ws::Ws`], over either) are such
+//! additions; a WSS connection is `Ws<Tls>`.
 //!
 //! Parking an idle connection (handing its socket to the shard's epoll set and dropping the
 //! driver) is a capability: a transport that keeps no state outside the kernel socket can
@@ -13,6 +13,7 @@
 //! frame in progress) keeps its driver instead.
 
 pub mod tcp;
+pub mod tls;
 pub mod ws;
 
 use std::future::Future;

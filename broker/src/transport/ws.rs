@@ -1,4 +1,5 @@
-//! MQTT over WebSocket: binary frames over a glommio `TcpStream`, framed by tungstenite.
+//! MQTT over WebSocket: binary frames framed by tungstenite, over another transport: plain
+//! TCP ([`Tcp`], the `ws` listeners) or TLS (the `wss` listeners).
 //!
 //! tungstenite works on blocking `Read + Write` streams; here it runs sans-IO over two
 //! in-memory buffers ([`Pipe`]): bytes read from the socket are appended to `input`, and what it
@@ -10,13 +11,10 @@
 //! connection with 1003. Pings are answered; a close frame is answered and ends the
 //! connection. Parking is not offered: the framing state lives in user space.
 
+use super::tcp::Tcp;
 use super::Transport;
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use tungstenite::handshake::server::{ErrorResponse, Request, Response, ServerHandshake};
@@ -135,9 +133,9 @@ fn check_request(
     }
 }
 
-/// MQTT over WebSocket.
-pub struct Ws {
-    tcp: TcpStream,
+/// MQTT over WebSocket, over `S`.
+pub struct Ws<S = Tcp> {
+    inner: S,
     ws: WebSocket<Pipe>,
     /// What tungstenite wrote and the socket has not taken yet (shared with the pipe).
     output: Rc<RefCell<Vec<u8>>>,
@@ -146,15 +144,16 @@ pub struct Ws {
     pending_at: usize,
 }
 
-/// Sends what `output` holds; `Ready(Ok)` once it is empty.
-fn poll_send(
-    tcp: &mut TcpStream,
+/// Sends what `output` holds, and what the inner transport holds of it; `Ready(Ok)` once
+/// both are empty.
+fn poll_send<S: Transport>(
+    inner: &mut S,
     output: &RefCell<Vec<u8>>,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>> {
     let mut output = output.borrow_mut();
     while !output.is_empty() {
-        match Pin::new(&mut *tcp).poll_write(cx, &output) {
+        match inner.poll_write(cx, &output) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => {
                 output.drain(..n);
@@ -164,17 +163,17 @@ fn poll_send(
         }
     }
     *output = Vec::new();
-    Poll::Ready(Ok(()))
+    inner.poll_flush(cx)
 }
 
-/// Reads what the socket holds into `pipe`; `Ok(0)` when the peer closed.
-fn poll_fill(
-    tcp: &mut TcpStream,
+/// Reads what the inner transport has into `pipe`; `Ok(0)` when the peer closed.
+fn poll_fill<S: Transport>(
+    inner: &mut S,
     pipe: &mut Pipe,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     let mut buf = [0u8; 4096];
-    match Pin::new(&mut *tcp).poll_read(cx, &mut buf) {
+    match inner.poll_read(cx, &mut buf) {
         Poll::Ready(Ok(n)) => {
             pipe.input.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
@@ -190,11 +189,12 @@ fn ws_error(e: WsError) -> io::Error {
     }
 }
 
-impl Ws {
-    /// Runs the HTTP upgrade on an accepted stream. `Err` when the client goes away or is
-    /// refused (the refusal, 400 or 404, is sent first); the caller bounds the time it takes.
+impl<S: Transport> Ws<S> {
+    /// Runs the HTTP upgrade over an accepted connection. `Err` when the client goes away or
+    /// is refused (the refusal, 400 or 404, is sent first); the caller bounds the time it
+    /// takes.
     #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
-    pub async fn accept(mut tcp: TcpStream, settings: &WsSettings) -> io::Result<Ws> {
+    pub async fn accept(mut inner: S, settings: &WsSettings) -> io::Result<Ws<S>> {
         let config = ws_config(settings);
         let output = Rc::new(RefCell::new(Vec::new()));
         let pipe = Pipe {
@@ -209,17 +209,17 @@ impl Ws {
         };
         loop {
             let pipe = mid.get_mut().get_mut();
-            let n = std::future::poll_fn(|cx| poll_fill(&mut tcp, pipe, cx)).await?;
+            let n = std::future::poll_fn(|cx| poll_fill(&mut inner, pipe, cx)).await?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             let result = mid.handshake();
             // The response (101, or a refusal) goes out whatever came of it.
-            std::future::poll_fn(|cx| poll_send(&mut tcp, &output, cx)).await?;
+            std::future::poll_fn(|cx| poll_send(&mut inner, &output, cx)).await?;
             match result {
                 Ok(ws) => {
                     return Ok(Ws {
-                        tcp,
+                        inner,
                         ws,
                         output,
                         pending: Vec::new(),
@@ -228,7 +228,7 @@ impl Ws {
                 }
                 Err(HandshakeError::Interrupted(m)) => mid = m,
                 Err(HandshakeError::Failure(e)) => {
-                    let _ = tcp.shutdown(Shutdown::Write).await;
+                    inner.close().await;
                     return Err(ws_error(e));
                 }
             }
@@ -244,7 +244,7 @@ impl Ws {
     }
 }
 
-impl Transport for Ws {
+impl<S: Transport> Transport for Ws<S> {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
             if self.pending_at < self.pending.len() {
@@ -265,7 +265,7 @@ impl Transport for Ws {
                 }
                 Ok(Message::Text(_)) => {
                     self.close_with(CloseCode::Unsupported, "MQTT needs binary frames");
-                    let _ = poll_send(&mut self.tcp, &self.output, cx);
+                    let _ = poll_send(&mut self.inner, &self.output, cx);
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "text frame on an MQTT WebSocket",
@@ -273,18 +273,18 @@ impl Transport for Ws {
                 }
                 Ok(Message::Close(_)) => {
                     let _ = self.ws.flush();
-                    let _ = poll_send(&mut self.tcp, &self.output, cx);
+                    let _ = poll_send(&mut self.inner, &self.output, cx);
                     return Poll::Ready(Ok(0));
                 }
                 // Pings are answered by tungstenite (the pong goes out with the next send).
                 Ok(_) => {
                     let _ = self.ws.flush();
-                    if let Poll::Ready(Err(e)) = poll_send(&mut self.tcp, &self.output, cx) {
+                    if let Poll::Ready(Err(e)) = poll_send(&mut self.inner, &self.output, cx) {
                         return Poll::Ready(Err(e));
                     }
                 }
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match poll_fill(&mut self.tcp, self.ws.get_mut(), cx) {
+                    match poll_fill(&mut self.inner, self.ws.get_mut(), cx) {
                         Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
                         Poll::Ready(Ok(_)) => {}
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -300,7 +300,7 @@ impl Transport for Ws {
                     } else {
                         self.close_with(CloseCode::Protocol, "bad WebSocket frame");
                     }
-                    let _ = poll_send(&mut self.tcp, &self.output, cx);
+                    let _ = poll_send(&mut self.inner, &self.output, cx);
                     return Poll::Ready(Err(ws_error(e)));
                 }
             }
@@ -309,7 +309,7 @@ impl Transport for Ws {
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         // What an earlier frame left unsent goes first; no new frame while it waits.
-        match poll_send(&mut self.tcp, &self.output, cx) {
+        match poll_send(&mut self.inner, &self.output, cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
@@ -318,23 +318,23 @@ impl Transport for Ws {
             return Poll::Ready(Err(ws_error(e)));
         }
         // The frame is ours now; it goes out here or on the next write or flush.
-        if let Poll::Ready(Err(e)) = poll_send(&mut self.tcp, &self.output, cx) {
+        if let Poll::Ready(Err(e)) = poll_send(&mut self.inner, &self.output, cx) {
             return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        poll_send(&mut self.tcp, &self.output, cx)
+        poll_send(&mut self.inner, &self.output, cx)
     }
 
     async fn close(mut self) {
         self.close_with(CloseCode::Normal, "");
-        let _ = std::future::poll_fn(|cx| poll_send(&mut self.tcp, &self.output, cx)).await;
-        let _ = self.tcp.shutdown(Shutdown::Both).await;
+        let _ = std::future::poll_fn(|cx| poll_send(&mut self.inner, &self.output, cx)).await;
+        self.inner.close().await;
     }
 
     fn reset(self) {
-        super::tcp::Tcp::new(self.tcp).reset();
+        self.inner.reset();
     }
 }

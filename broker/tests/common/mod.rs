@@ -139,9 +139,11 @@ impl Drop for Broker {
     }
 }
 
-/// A raw MQTT client.
+/// A raw MQTT client, over plain TCP or TLS.
 pub struct Raw {
     pub stream: TcpStream,
+    /// The TLS session over `stream`, for a TLS client ([`Raw::open_tls`]).
+    pub tls: Option<rustls::ClientConnection>,
     buf: BytesMut,
     pub level: ProtocolLevel,
 }
@@ -153,8 +155,25 @@ impl Raw {
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,
+            tls: None,
             buf: BytesMut::new(),
             level: ProtocolLevel::V311,
+        }
+    }
+
+    /// Opens a TLS connection (as `localhost`); the handshake runs with the first read or write.
+    pub fn open_tls(addr: SocketAddr, config: std::sync::Arc<rustls::ClientConfig>) -> Raw {
+        let mut r = Raw::open(addr);
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        r.tls = Some(rustls::ClientConnection::new(config, name).unwrap());
+        r
+    }
+
+    /// Reads from the connection (through TLS for a TLS client).
+    pub fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut self.tls {
+            Some(tls) => rustls::Stream::new(tls, &mut self.stream).read(buf),
+            None => self.stream.read(buf),
         }
     }
 
@@ -174,6 +193,7 @@ impl Raw {
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,
+            tls: None,
             buf: BytesMut::new(),
             level: ProtocolLevel::V311,
         }
@@ -227,7 +247,10 @@ impl Raw {
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
         // A broker that already closed may reset the connection; the read side reports it.
-        let _ = self.stream.write_all(bytes);
+        let _ = match &mut self.tls {
+            Some(tls) => rustls::Stream::new(tls, &mut self.stream).write_all(bytes),
+            None => self.stream.write_all(bytes),
+        };
     }
 
     /// The next packet, `None` if the broker closed the connection. Fails on timeout.
@@ -254,7 +277,7 @@ impl Raw {
             }
             self.stream.set_read_timeout(Some(left)).unwrap();
             let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
+            match self.read(&mut chunk) {
                 Ok(0) => return Some(None),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
@@ -295,7 +318,7 @@ impl Raw {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "connection still open after {WAIT:?}");
             self.stream.set_read_timeout(Some(left)).unwrap();
-            match self.stream.read(&mut chunk) {
+            match self.read(&mut chunk) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}

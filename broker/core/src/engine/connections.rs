@@ -52,12 +52,12 @@ impl Engine {
                 port: peer.port(),
             },
             clean: true,
-            will: None,
             timer_at: Timestamp::NEVER,
             last_io: now,
             park: false,
             parked: false,
             held: None,
+            about: None,
         });
         self.metrics.connections_accepted += 1;
         let id = ConnId {
@@ -196,6 +196,26 @@ impl Engine {
             .park_after
             .filter(|_| idle)
             .map(|d| c.last_io.after(d))
+    }
+
+    /// The transport has authenticated the client as `username` (the CN of a verified TLS
+    /// client certificate with `peer_cert_as_username`): that name is the connection's
+    /// username, whatever its CONNECT says. Call before feeding the engine its input.
+    pub fn set_conn_username(&mut self, id: ConnId, username: &str) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            let about = c.about_mut();
+            about.username = Some(username.into());
+            about.username_from_transport = true;
+        }
+    }
+
+    /// The connection's username: the one its transport vouched for, else its CONNECT's.
+    pub fn conn_username(&self, id: ConnId) -> Option<&str> {
+        self.conns
+            .get(id.idx as usize)
+            .filter(|c| c.gen == id.gen)
+            .and_then(|c| c.about.as_deref())
+            .and_then(|a| a.username.as_deref())
     }
 
     /// Bytes moved on the connection: it is not idle.
@@ -562,11 +582,11 @@ impl Engine {
         };
         let phase = c.phase;
         c.start_close(self.now);
-        let will = c.will.take().filter(|_| will_allowed);
+        let will = c.take_will().filter(|_| will_allowed);
         if let ConnPhase::Connected(key) = phase {
             self.detach(key as usize);
             if let Some(w) = will {
-                self.publish_will(*w);
+                self.publish_will(w);
             }
         }
     }
@@ -591,7 +611,7 @@ impl Engine {
             Packet::Pingreq => self.reply(id, &Packet::Pingresp),
             Packet::Disconnect => {
                 if let Some(c) = conn_mut(&mut self.conns, id) {
-                    c.will = None;
+                    c.take_will();
                 }
                 self.end_connection(id, false);
             }

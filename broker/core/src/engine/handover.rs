@@ -210,10 +210,10 @@ impl Engine {
             if let Some(c) = conn_mut(&mut self.conns, old) {
                 debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "taken over by a new connection");
                 c.start_close(self.now);
-                let will = c.will.take();
+                let will = c.take_will();
                 self.arm_conn(old);
                 if let Some(w) = will {
-                    self.publish_will(*w);
+                    self.publish_will(w);
                 }
             }
         }

@@ -14,7 +14,7 @@ impl Engine {
                 code,
             }));
             c.start_close(self.now);
-            c.will = None;
+            c.take_will();
             self.arm_conn(id);
         }
     }
@@ -26,6 +26,7 @@ impl Engine {
             clean_session,
             keep_alive,
             will,
+            username,
             ..
         } = connect;
         let limit = match level {
@@ -67,7 +68,14 @@ impl Engine {
         };
         c.level = level;
         c.clean = clean_session;
-        c.will = will.map(Box::new);
+        let from_transport = c.about.as_ref().is_some_and(|a| a.username_from_transport);
+        if will.is_some() || (username.is_some() && !from_transport) {
+            let about = c.about_mut();
+            about.will = will;
+            if !from_transport {
+                about.username = username.map(String::into_boxed_str);
+            }
+        }
         c.keepalive_ms = ka;
         c.phase = ConnPhase::Connecting;
         self.arm_conn(id);

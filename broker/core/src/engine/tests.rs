@@ -1788,3 +1788,34 @@ fn a_session_moves_between_a_gateway_client_and_an_mqtt_client() {
     assert!(cl.closing(m));
     cl.check();
 }
+
+/// The CONNECT's username is the connection's, unless the transport vouched for another (a
+/// verified client certificate's CN): that one stays, whichever shard owns the client id.
+#[test]
+fn a_username_from_the_transport_wins_over_the_connects() {
+    for owner in 0..2 {
+        let mut w = Cluster::new(2);
+        let client_id = id_owned_by("cert", owner, 2);
+        let c = w.open(0);
+        w.engines[0].set_conn_username(c.id, "device-7");
+        let mut connect = Connect {
+            level: ProtocolLevel::V311,
+            client_id: client_id.clone(),
+            clean_session: true,
+            keep_alive: 10,
+            will: None,
+            username: Some("someone-else".into()),
+            password: None,
+        };
+        w.send(c, Packet::Connect(Box::new(connect.clone())));
+        assert!(matches!(w.recv(c).first(), Some(Packet::Connack(_))));
+        assert_eq!(w.engines[0].conn_username(c.id), Some("device-7"));
+
+        let plain = w.open(0);
+        assert_eq!(w.engines[0].conn_username(plain.id), None);
+        connect.client_id = format!("{client_id}-plain");
+        w.send(plain, Packet::Connect(Box::new(connect)));
+        assert!(matches!(w.recv(plain).first(), Some(Packet::Connack(_))));
+        assert_eq!(w.engines[0].conn_username(plain.id), Some("someone-else"));
+    }
+}
