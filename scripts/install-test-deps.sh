@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: the third-party MQTT clients
 # used by scripts/interop.sh (mosquitto_pub/mosquitto_sub from Debian, paho-mqtt from PyPI),
+# openssl for the throwaway test certificates (scripts/gen-test-certs.sh),
 # and for scripts/browser-test.sh a real browser (Debian's chromium) and Node.js with npm
 # (whose packages, MQTT.js and playwright-core, that script installs under target/).
 set -euo pipefail
@@ -9,6 +10,11 @@ SUDO=
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients >/dev/null
+fi
+if ! command -v openssl >/dev/null; then
+  # scripts/gen-test-certs.sh makes the TLS tests' certificates with it.
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >/dev/null
 fi
 if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("2.") else 1)' 2>/dev/null; then
   python3 -m pip install -q --root-user-action=ignore 'paho-mqtt==2.2.0'

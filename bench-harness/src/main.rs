@@ -10,6 +10,7 @@ mod report;
 mod runner;
 mod scenario;
 mod stats;
+mod transport;
 
 use clap::{Args, Parser, Subcommand};
 use report::{Outcome, Report};
@@ -63,6 +64,18 @@ struct Load {
     /// No live progress even on a terminal.
     #[arg(long)]
     quiet: bool,
+    /// What the connections travel over (give the broker's port for it).
+    #[arg(long, value_enum, default_value_t = transport::Kind::Tcp)]
+    transport: transport::Kind,
+    /// PEM CA certificates to trust for --transport tls and wss.
+    #[arg(long)]
+    cafile: Option<PathBuf>,
+    /// The name the broker's certificate must carry (tls, wss).
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// The WebSocket request path (ws, wss).
+    #[arg(long, default_value = "/mqtt")]
+    ws_path: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -123,17 +136,23 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{addr}: no address"))
 }
 
-fn run_options(load: &Load) -> RunOptions {
+fn run_options(load: &Load) -> Result<RunOptions, String> {
     let threads = load
         .threads
         .or(load.cpus.as_ref().map(|c| c.len()))
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    RunOptions {
+    Ok(RunOptions {
         threads,
         cpus: load.cpus.clone(),
         sources: load.sources,
         progress: !load.quiet,
-    }
+        transport: transport::ClientTransport::new(
+            load.transport,
+            load.cafile.as_deref(),
+            &load.tls_name,
+            &load.ws_path,
+        )?,
+    })
 }
 
 fn now_unix() -> u64 {
@@ -154,6 +173,7 @@ fn run_one(target: &Target, opts: &RunOptions, sc: &Scenario) -> Result<Report, 
         version: env!("CARGO_PKG_VERSION").into(),
         broker: target.name.clone(),
         addr: target.addr.to_string(),
+        transport: opts.transport.kind,
         pid: target.pid,
         scenario: sc.clone(),
         threads: opts.threads,
@@ -189,7 +209,7 @@ fn run_list(common: &Common, scenarios: Vec<Scenario>) -> Result<(), String> {
         addr: resolve(&common.broker)?,
         pid: common.pid,
     };
-    let opts = run_options(&common.load);
+    let opts = run_options(&common.load)?;
     let single = scenarios.len() == 1;
     let mut reports = Vec::new();
     for sc in &scenarios {
@@ -233,7 +253,7 @@ fn compare(targets: &[String], load: &Load, out: &Path, file: &Path) -> Result<(
         .iter()
         .map(|t| parse_target(t))
         .collect::<Result<_, _>>()?;
-    let opts = run_options(load);
+    let opts = run_options(load)?;
     let mut reports = Vec::new();
     for sc in &scenarios {
         for t in &targets {

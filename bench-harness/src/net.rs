@@ -1,8 +1,9 @@
 //! Sockets for the load generator: non-blocking connects from a chosen loopback source address,
-//! and read/write helpers for a glommio stream shared by a reader and a writer task.
+//! and read/write helpers for a connection (over any [`Stream`]) shared by a reader and a
+//! writer task.
 
+use crate::transport::Stream;
 use bytes::BytesMut;
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::sync::Semaphore;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -11,7 +12,6 @@ use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::pin::Pin;
 use std::rc::Rc;
 
 /// Connections per loopback source address (one ephemeral port range holds ~28,000).
@@ -47,13 +47,13 @@ pub fn connect(dest: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream
 /// A stream used by several tasks of one executor; writes are serialised so packets never
 /// interleave.
 pub struct Shared {
-    stream: RefCell<TcpStream>,
+    stream: RefCell<Stream>,
     write_lock: Semaphore,
 }
 
 impl Shared {
     /// Wraps a stream.
-    pub fn new(stream: TcpStream) -> Rc<Self> {
+    pub fn new(stream: Stream) -> Rc<Self> {
         Rc::new(Shared {
             stream: RefCell::new(stream),
             write_lock: Semaphore::new(1),
@@ -70,7 +70,7 @@ impl Shared {
         poll_fn(|cx| {
             let mut s = scratch.borrow_mut();
             let mut stream = self.stream.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut s[..]) {
+            match stream.poll_read(cx, &mut s[..]) {
                 std::task::Poll::Ready(Ok(n)) => {
                     buf.extend_from_slice(&s[..n]);
                     std::task::Poll::Ready(Ok(n))
@@ -89,14 +89,13 @@ impl Shared {
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
         while !data.is_empty() {
-            let n =
-                poll_fn(|cx| Pin::new(&mut *self.stream.borrow_mut()).poll_write(cx, data)).await?;
+            let n = poll_fn(|cx| self.stream.borrow_mut().poll_write(cx, data)).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             data = &data[n..];
         }
-        Ok(())
+        poll_fn(|cx| self.stream.borrow_mut().poll_flush(cx)).await
     }
 }
 

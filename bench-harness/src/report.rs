@@ -96,6 +96,9 @@ pub struct Report {
     pub broker: String,
     /// Broker address.
     pub addr: String,
+    /// What the connections travelled over (reports from before it was recorded: TCP).
+    #[serde(default)]
+    pub transport: crate::transport::Kind,
     /// Broker pid, if known.
     pub pid: Option<u32>,
     /// Scenario parameters.
@@ -296,6 +299,7 @@ mod tests {
             version: "0".into(),
             broker: broker.into(),
             addr: "127.0.0.1:1".into(),
+            transport: crate::transport::Kind::Tcp,
             pid: None,
             scenario: Scenario::Pubsub(PubsubScenario {
                 name: "p2p".into(),

@@ -10,6 +10,7 @@ use crate::net::{self, Shared};
 use crate::report::{ConnResult, PubsubResult, Second};
 use crate::scenario::{ConnScenario, Pattern, PubsubScenario};
 use crate::stats::{self, new_histogram, Delivery, LatencySummary, SeqTracker};
+use crate::transport::{self, ClientTransport};
 use bytes::BytesMut;
 use glommio::timer::sleep;
 use glommio::{spawn_local, LocalExecutorBuilder, Placement};
@@ -45,6 +46,8 @@ pub struct RunOptions {
     pub sources: usize,
     /// Live progress on the terminal.
     pub progress: bool,
+    /// What connections travel over.
+    pub transport: ClientTransport,
 }
 
 const SETUP: u8 = 0;
@@ -150,6 +153,7 @@ where
 struct Plan {
     sc: PubsubScenario,
     addr: SocketAddr,
+    transport: ClientTransport,
     sources: usize,
     threads: usize,
     run_id: String,
@@ -218,6 +222,7 @@ struct Endpoint<'a> {
     keepalive: u16,
     /// (role, pair index) for a raw forwarder instead of MQTT.
     raw: Option<(u8, u32)>,
+    transport: &'a ClientTransport,
 }
 
 /// Opens a connection and completes CONNECT/CONNACK (or the raw preface).
@@ -233,10 +238,15 @@ async fn open(
         client_id,
         keepalive,
         raw,
+        transport,
     } = *ep;
     let t0 = coord.now_ns();
     let stream = net::connect(addr, source)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // The TLS handshake and the WebSocket upgrade (if any) count in the CONNACK time.
+    let stream = transport::establish(stream, transport).await?;
+    stream
+        .tcp()
+        .set_read_timeout(Some(Duration::from_millis(200)))?;
     let s = Shared::new(stream);
     if let Some((role, idx)) = raw {
         let mut p = RAW_PREFACE.to_vec();
@@ -314,6 +324,7 @@ async fn connect_client(
         client_id: &id,
         keepalive: plan.sc.keepalive,
         raw: plan.sc.raw.then_some((raw_role, idx as u32)),
+        transport: &plan.transport,
     };
     match open(coord, local, &ep, buf).await {
         Ok(s) => Some(s),
@@ -681,6 +692,7 @@ async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOu
     let plan = Rc::new(Plan {
         sc: plan.sc.clone(),
         addr: plan.addr,
+        transport: plan.transport.clone(),
         sources: plan.sources,
         threads: plan.threads,
         run_id: plan.run_id.clone(),
@@ -792,10 +804,14 @@ pub fn run_pubsub(
     opts: &RunOptions,
     sc: &PubsubScenario,
 ) -> Result<PubsubResult, String> {
+    if sc.raw && opts.transport.kind != transport::Kind::Tcp {
+        return Err("raw (the forwarder baseline) runs over plain TCP only".into());
+    }
     let coord = Coord::new(sc.publishers);
     let plan = Arc::new(Plan {
         sc: sc.clone(),
         addr: target.addr,
+        transport: opts.transport.clone(),
         sources: auto_sources(opts, sc.publishers + sc.subscribers),
         threads: opts.threads.max(1),
         run_id: format!("{:x}", timestamp_ms() ^ u64::from(std::process::id())),
@@ -969,10 +985,11 @@ async fn conn_worker(
     w: usize,
     threads: usize,
     sc: ConnScenario,
-    addr: SocketAddr,
+    (addr, transport): (SocketAddr, ClientTransport),
     sources: usize,
     coord: Arc<Coord>,
 ) -> WorkerOut {
+    let transport = Rc::new(transport);
     let local = Rc::new(Local {
         measured: RefCell::new(new_histogram()),
         interval: RefCell::new(new_histogram()),
@@ -1000,7 +1017,7 @@ async fn conn_worker(
         } else if k % 64 == 63 {
             futures_lite::future::yield_now().await;
         }
-        let (coord, local) = (coord.clone(), local.clone());
+        let (coord, local, transport) = (coord.clone(), local.clone(), transport.clone());
         let ka = sc.keepalive;
         tasks.push(spawn_local(async move {
             let mut buf = BytesMut::new();
@@ -1014,6 +1031,7 @@ async fn conn_worker(
                 client_id: &id,
                 keepalive: ka,
                 raw: None,
+                transport: &transport,
             };
             let s = match open(&coord, &local, &ep, &mut buf).await {
                 Ok(s) => s,
@@ -1077,8 +1095,16 @@ pub fn run_conn(
             ..opts.clone()
         };
         std::thread::spawn(move || {
+            let transport = opts.transport.clone();
             on_workers(&opts, move |w| {
-                conn_worker(w, threads, sc.clone(), addr, sources, coord.clone())
+                conn_worker(
+                    w,
+                    threads,
+                    sc.clone(),
+                    (addr, transport.clone()),
+                    sources,
+                    coord.clone(),
+                )
             })
         })
     };

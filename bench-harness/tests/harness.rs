@@ -1,5 +1,6 @@
 //! The harness against a real ShardMQ on free ports: a short pubsub run at QoS 1 and at QoS 2
-//! where every message must arrive exactly once, and the JSON report must say so.
+//! where every message must arrive exactly once, and the JSON report must say so; and QoS 1
+//! runs over each transport (TLS, WebSocket, WSS).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -112,5 +113,58 @@ fn qos1_and_qos2_runs_deliver_exactly_once_and_say_so() {
         ],
     );
     assert_exactly_once(&v);
+    h.stop().unwrap();
+}
+
+#[test]
+fn every_transport_delivers_exactly_once() {
+    let certs = std::env::temp_dir().join(format!("shardmq-bench-certs-{}", std::process::id()));
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-test-certs.sh");
+    assert!(Command::new("bash")
+        .arg(script)
+        .arg(&certs)
+        .status()
+        .unwrap()
+        .success());
+    let mut c = Config::default();
+    c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
+    c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    let ssl = c.listener.ssl.get_mut("external").unwrap();
+    ssl.bind = "127.0.0.1:0".parse().unwrap();
+    ssl.certfile = Some(certs.join("server.crt"));
+    ssl.keyfile = Some(certs.join("server.key"));
+    let wss = c.listener.wss.get_mut("external").unwrap();
+    wss.bind = "127.0.0.1:0".parse().unwrap();
+    wss.certfile = Some(certs.join("server.crt"));
+    wss.keyfile = Some(certs.join("server.key"));
+    let h = shardmq::shard::start(&c).expect("broker starts");
+    let cafile = certs.join("ca.crt");
+    for (transport, listener) in [
+        ("tls", "ssl.external"),
+        ("ws", "ws.external"),
+        ("wss", "wss.external"),
+    ] {
+        let v = run(
+            h.addr(listener).unwrap(),
+            &[
+                "--transport",
+                transport,
+                "--cafile",
+                cafile.to_str().unwrap(),
+                "--publishers",
+                "4",
+                "--subscribers",
+                "4",
+                "--qos",
+                "1",
+                "--rate",
+                "300",
+            ],
+        );
+        assert_exactly_once(&v);
+        assert_eq!(v["transport"], transport);
+    }
     h.stop().unwrap();
 }
