@@ -84,6 +84,30 @@ fn bad_values_name_their_key() {
         ("[shards]\ncpus = \"some\"\n", "shards.cpus"),
         ("[shards]\ncpus = [0]\nmqtt = [1]\n", "shards.mqtt"),
         ("[log]\nlevel = \"loud=[\"\n", "log.level"),
+        (
+            "[listener.ssl.external]\nversions = [\"tlsv1.1\"]\n",
+            "listener.ssl.external.versions",
+        ),
+        (
+            "[listener.ssl.external]\ncertfile = \"/a.crt\"\n",
+            "listener.ssl.external.keyfile",
+        ),
+        (
+            "[listener.wss.external]\nverify = \"verify_peer\"\n",
+            "listener.wss.external.cacertfile",
+        ),
+        (
+            "[listener.ssl.external]\nverify = \"sometimes\"\n",
+            "listener.ssl.external.verify",
+        ),
+        (
+            "[listener.ssl.external]\npeer_cert_as_username = \"cn\"\n",
+            "listener.ssl.external.peer_cert_as_username",
+        ),
+        (
+            "[listener.wss.external]\npath = \"mqtt\"\n",
+            "listener.wss.external.path",
+        ),
     ];
     for (text, key) in cases {
         let e = from_toml_str(text).expect_err(text).to_string();
