@@ -283,3 +283,24 @@ fn a_frame_above_max_frame_size_closes_with_1009() {
     }
     b.wait_metrics("the violation counted", |m| m.transport_violations == 1);
 }
+
+#[test]
+fn a_large_delivery_arrives_whole_across_frames() {
+    let b = Broker::with_shards(2);
+    let mut w = open(ws_addr(&b), "/mqtt", &["mqtt"]).unwrap();
+    w.connect("big-reader");
+    w.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![("big/+".into(), QoS::AtLeastOnce)],
+    }));
+    assert!(matches!(w.recv(), Packet::Suback(_)));
+    // Larger than one outgoing frame (64 KB): the broker splits it, the client joins it.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut t = Raw::ok(b.addr, "big-writer");
+    t.publish("big/1", &payload, QoS::AtLeastOnce, false, 2);
+    assert_eq!(t.recv(), Some(Packet::Puback(2)));
+    match w.recv() {
+        Packet::Publish(p) => assert!(p.payload[..] == payload[..], "payload changed"),
+        other => panic!("{other:?}"),
+    }
+}

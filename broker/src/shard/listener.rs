@@ -73,11 +73,11 @@ async fn handshake(
         }
     };
     match &*setup {
-        Setup::Plain => open(ctx, Tcp::new(stream), peer, number, None).await,
+        Setup::Plain => open(ctx, Tcp::new(stream), peer, number, None),
         Setup::Ws(ws) => {
             let deadline = Instant::now() + ws.handshake_timeout;
             match before(deadline, "WebSocket", Ws::accept(Tcp::new(stream), ws)).await {
-                Ok(t) => open(ctx, t, peer, number, None).await,
+                Ok(t) => open(ctx, t, peer, number, None),
                 Err(error) => failed(&ctx, false, error),
             }
         }
@@ -86,7 +86,7 @@ async fn handshake(
             match before(deadline, "TLS", Tls::accept(stream, tls)).await {
                 Ok(t) => {
                     let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
-                    open(ctx, t, peer, number, user).await
+                    open(ctx, t, peer, number, user)
                 }
                 Err(error) => failed(&ctx, true, error),
             }
@@ -99,7 +99,7 @@ async fn handshake(
             };
             let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
             match before(deadline, "WebSocket", Ws::accept(t, ws)).await {
-                Ok(t) => open(ctx, t, peer, number, user).await,
+                Ok(t) => open(ctx, t, peer, number, user),
                 Err(error) => failed(&ctx, false, error),
             }
         }
@@ -107,8 +107,9 @@ async fn handshake(
 }
 
 /// Opens the connection in the engine (with the username its certificate gave, if any) and
-/// drives it.
-async fn open<T: Transport>(
+/// starts its driver as a task of its own: the handshake task, sized for the largest
+/// handshake (some 16 KB), ends here instead of staying allocated for the connection's life.
+fn open<T: Transport>(
     ctx: Rc<ConnCtx>,
     transport: T,
     peer: SocketAddr,
@@ -123,7 +124,7 @@ async fn open<T: Transport>(
         }
         id
     };
-    connection::drive(ctx, transport, id).await;
+    spawn_local(connection::drive(ctx, transport, id)).detach();
 }
 
 /// Checks, before any shard binds, that no other process listens on `addr` (glommio-style

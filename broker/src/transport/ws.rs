@@ -19,9 +19,14 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use tungstenite::handshake::server::{ErrorResponse, Request, Response, ServerHandshake};
 use tungstenite::handshake::HandshakeError;
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// The largest binary frame written at once: a larger outbox goes out as several frames, so
+/// the copy a frame needs stays small.
+const MAX_OUT_FRAME: usize = 64 << 10;
 
 /// What the WebSocket handshake checks (from `listener.ws.<name>.*`).
 #[derive(Debug, Clone)]
@@ -139,9 +144,8 @@ pub struct Ws<S = Tcp> {
     ws: WebSocket<Pipe>,
     /// What tungstenite wrote and the socket has not taken yet (shared with the pipe).
     output: Rc<RefCell<Vec<u8>>>,
-    /// The payload of the binary frame being handed to the driver, and how much of it is.
-    pending: Vec<u8>,
-    pending_at: usize,
+    /// What is left of the binary message being handed to the driver (no copy of it).
+    pending: bytes::Bytes,
 }
 
 /// Sends what `output` holds, and what the inner transport holds of it; `Ready(Ok)` once
@@ -222,8 +226,7 @@ impl<S: Transport> Ws<S> {
                         inner,
                         ws,
                         output,
-                        pending: Vec::new(),
-                        pending_at: 0,
+                        pending: bytes::Bytes::new(),
                     });
                 }
                 Err(HandshakeError::Interrupted(m)) => mid = m,
@@ -247,22 +250,14 @@ impl<S: Transport> Ws<S> {
 impl<S: Transport> Transport for Ws<S> {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
-            if self.pending_at < self.pending.len() {
-                let rest = &self.pending[self.pending_at..];
-                let n = rest.len().min(buf.len());
-                buf[..n].copy_from_slice(&rest[..n]);
-                self.pending_at += n;
-                if self.pending_at == self.pending.len() {
-                    self.pending = Vec::new();
-                    self.pending_at = 0;
-                }
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.pending[..n]);
+                bytes::Buf::advance(&mut self.pending, n);
                 return Poll::Ready(Ok(n));
             }
             match self.ws.read() {
-                Ok(Message::Binary(data)) => {
-                    self.pending = data.into();
-                    self.pending_at = 0;
-                }
+                Ok(Message::Binary(data)) => self.pending = data,
                 Ok(Message::Text(_)) => {
                     self.close_with(CloseCode::Unsupported, "MQTT needs binary frames");
                     let _ = poll_send(&mut self.inner, &self.output, cx);
@@ -314,14 +309,26 @@ impl<S: Transport> Transport for Ws<S> {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         }
-        if let Err(e) = self.ws.send(Message::Binary(buf.to_vec().into())) {
-            return Poll::Ready(Err(ws_error(e)));
+        // The frame goes straight into the shared output, not through tungstenite's write
+        // buffer, which would keep the capacity of the largest frame ever sent for the
+        // connection's whole life. Frames from the server are not masked.
+        let n = buf.len().min(MAX_OUT_FRAME);
+        let header = FrameHeader {
+            opcode: OpCode::Data(Data::Binary),
+            ..FrameHeader::default()
+        };
+        {
+            let mut out = self.output.borrow_mut();
+            if let Err(e) = header.format(n as u64, &mut *out) {
+                return Poll::Ready(Err(ws_error(e)));
+            }
+            out.extend_from_slice(&buf[..n]);
         }
         // The frame is ours now; it goes out here or on the next write or flush.
         if let Poll::Ready(Err(e)) = poll_send(&mut self.inner, &self.output, cx) {
             return Poll::Ready(Err(e));
         }
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
