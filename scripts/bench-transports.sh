@@ -115,7 +115,7 @@ print("| transport | idle connections | ShardMQ bytes/conn | Mosquitto bytes/con
 print("|---|---:|---:|---:|")
 for t in transports:
     rs = load(t)
-    s, m = get(rs, "conn-5k", "shardmq"), get(rs, "conn-5k", "mosquitto")
+    s, m = get(rs, "conn-10k", "shardmq"), get(rs, "conn-10k", "mosquitto")
     if not s or not m:
         continue
     f = lambda r: "n/a" if r["outcome"].get("rss_per_connection") is None else f"{r['outcome']['rss_per_connection']:,.0f}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A real browser speaking MQTT over WebSocket: headless Chromium (Debian package chromium) runs
-# MQTT.js (npm package mqtt) in a page against a ShardMQ started here on loopback ports, and
-# exchanges QoS 1 messages with a TCP client. npm packages go to target/browser-test.
+# A real browser speaking MQTT over WebSocket and over WebSocket over TLS: headless Chromium
+# (Debian package chromium) runs MQTT.js (npm package mqtt) in a page against a ShardMQ started
+# here on loopback ports (its TLS certificate from scripts/gen-test-certs.sh), and exchanges
+# QoS 1 messages with a TCP client. npm packages go to target/browser-test.
 #
 # Usage: scripts/browser-test.sh [path/to/shardmq]   (default target/debug/shardmq, built if missing)
 set -euo pipefail
@@ -17,10 +18,19 @@ cp scripts/browser/package.json scripts/browser/package-lock.json scripts/browse
 
 # shellcheck source=scripts/start-broker.sh
 . scripts/start-broker.sh
-start_broker "$bin"
-trap 'stop_broker >/dev/null 2>&1 || true' EXIT
+certs=$(mktemp -d)
+scripts/gen-test-certs.sh "$certs" >/dev/null
+# What the browser trusts: the broker's public key (base64 SHA-256 of its SubjectPublicKeyInfo).
+spki=$(openssl x509 -in "$certs/server.crt" -pubkey -noout | openssl pkey -pubin -outform der |
+  openssl dgst -sha256 -binary | base64)
+start_broker "$bin" \
+  SHARDMQ_LISTENER__WSS__EXTERNAL__CERTFILE="$certs/server.crt" \
+  SHARDMQ_LISTENER__WSS__EXTERNAL__KEYFILE="$certs/server.key"
+trap 'stop_broker >/dev/null 2>&1 || true; rm -rf "$certs"' EXIT
+[ -n "$BROKER_WSS_PORT" ] || { echo "browser: the WSS listener did not start" >&2; exit 1; }
 status=0
-node "$dir/ws-test.mjs" "$BROKER_PORT" "$BROKER_WS_PORT" || status=1
+node "$dir/ws-test.mjs" "$BROKER_PORT" "$BROKER_WS_PORT" "$BROKER_WSS_PORT" "$spki" || status=1
 trap - EXIT
 stop_broker || status=1
+rm -rf "$certs"
 exit "$status"
