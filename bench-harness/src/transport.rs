@@ -276,14 +276,26 @@ pub struct Ws<S> {
 }
 
 impl<S: Io> Io for Ws<S> {
+    /// Hands out as many frames' payloads as `buf` holds and tungstenite has already read,
+    /// reading the stream below only when it has none.
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut filled = 0;
         loop {
             if !self.frame.is_empty() {
-                let n = self.frame.len().min(buf.len());
-                self.frame.copy_to_slice(&mut buf[..n]);
-                return Poll::Ready(Ok(n));
+                let n = self.frame.len().min(buf.len() - filled);
+                self.frame.copy_to_slice(&mut buf[filled..filled + n]);
+                filled += n;
+                if filled == buf.len() {
+                    return Poll::Ready(Ok(filled));
+                }
             }
-            match self.ws.read() {
+            let read = self.ws.read();
+            // Data gathered goes out before anything that needs the stream below, or ends it
+            // (a close is sticky: the next call sees the end).
+            if filled > 0 && matches!(read, Ok(Message::Close(_)) | Err(_)) {
+                return Poll::Ready(Ok(filled));
+            }
+            match read {
                 Ok(Message::Binary(b)) => self.frame.extend_from_slice(&b),
                 Ok(Message::Close(_)) => return Poll::Ready(Ok(0)),
                 Ok(_) => {

@@ -266,6 +266,14 @@ fn a_silent_upgrade_times_out() {
 fn a_frame_above_max_frame_size_closes_with_1009() {
     let mut cfg = config(1);
     cfg.listener.ws.get_mut("external").unwrap().max_frame_size = shardmq::config::ByteSize(64);
+    frame_of_200_bytes_closes_with_1009(cfg);
+    // mqtt.max_packet_size caps frames too, whatever max_frame_size says.
+    let mut cfg = config(1);
+    cfg.mqtt.max_packet_size = shardmq::config::ByteSize(64);
+    frame_of_200_bytes_closes_with_1009(cfg);
+}
+
+fn frame_of_200_bytes_closes_with_1009(cfg: shardmq::config::Config) {
     let b = Broker::start(cfg);
     let mut w = open(ws_addr(&b), "/mqtt", &["mqtt"]).unwrap();
     w.connect("big");

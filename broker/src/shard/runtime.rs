@@ -10,7 +10,7 @@ use super::connection::ConnCtx;
 use super::listener;
 use super::mesh::{self, MeshEnds};
 use super::park::ParkingLot;
-use crate::config::{Config, TcpListenerConfig};
+use crate::config::{ByteSize, Config, TcpListenerConfig};
 use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
 use crate::core::time::Timestamp;
@@ -128,13 +128,15 @@ fn return_freed_memory(shard: usize) {
 /// How long a shard waits for its connections to close at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The WebSocket upgrade's settings from a listener's configuration.
-fn ws_settings(l: &crate::config::WsListenerConfig) -> WsSettings {
+/// The WebSocket upgrade's settings from a listener's configuration. Frames are capped at
+/// `mqtt.max_packet_size` too: a larger frame would be buffered whole before the MQTT decoder
+/// could refuse what it carries.
+fn ws_settings(l: &crate::config::WsListenerConfig, max_packet_size: ByteSize) -> WsSettings {
     WsSettings {
         path: l.path.clone(),
         subprotocols: l.subprotocols.clone(),
         fail_if_no_subprotocol: l.fail_if_no_subprotocol,
-        max_frame_size: l.max_frame_size.as_usize(),
+        max_frame_size: l.max_frame_size.min(max_packet_size).as_usize(),
         handshake_timeout: l.handshake_timeout.0,
     }
 }
@@ -245,7 +247,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .ws
         .iter()
         .filter(|(_, l)| l.enable)
-        .map(|(name, l)| (format!("ws.{name}"), l.socket(), Setup::Ws(ws_settings(l))));
+        .map(|(name, l)| (format!("ws.{name}"), l.socket(), Setup::Ws(ws_settings(l, cfg.mqtt.max_packet_size))));
     let mut tls = Vec::new();
     // TLS listeners start once a certificate is configured; reading it is part of the start.
     for (name, l) in cfg.listener.ssl.iter().filter(|(_, l)| l.enable) {
@@ -263,7 +265,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             tls.push((
                 format!("wss.{name}"),
                 ws.socket(),
-                Setup::Wss(settings, ws_settings(&ws)),
+                Setup::Wss(settings, ws_settings(&ws, cfg.mqtt.max_packet_size)),
             ));
         }
     }

@@ -146,6 +146,8 @@ pub struct Ws<S = Tcp> {
     output: Rc<RefCell<Vec<u8>>>,
     /// What is left of the binary message being handed to the driver (no copy of it).
     pending: bytes::Bytes,
+    /// How the stream ended, found while data read before it was still to be handed out.
+    deferred: Option<io::Result<usize>>,
 }
 
 /// Sends what `output` holds, and what the inner transport holds of it; `Ready(Ok)` once
@@ -227,6 +229,7 @@ impl<S: Transport> Ws<S> {
                         ws,
                         output,
                         pending: bytes::Bytes::new(),
+                        deferred: None,
                     });
                 }
                 Err(HandshakeError::Interrupted(m)) => mid = m,
@@ -248,47 +251,63 @@ impl<S: Transport> Ws<S> {
 }
 
 impl<S: Transport> Transport for Ws<S> {
+    /// Hands out the payloads of as many binary frames as `buf` holds and tungstenite has
+    /// already read (one packet per frame is the rule for MQTT clients: one frame per call
+    /// would feed the engine a packet at a time), touching the socket only when it has none.
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        if let Some(r) = self.deferred.take() {
+            return Poll::Ready(r);
+        }
+        let mut filled = 0;
         loop {
             if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.len());
-                buf[..n].copy_from_slice(&self.pending[..n]);
+                let n = self.pending.len().min(buf.len() - filled);
+                buf[filled..filled + n].copy_from_slice(&self.pending[..n]);
                 bytes::Buf::advance(&mut self.pending, n);
-                return Poll::Ready(Ok(n));
+                filled += n;
+                if filled == buf.len() {
+                    return Poll::Ready(Ok(filled));
+                }
+                continue;
             }
-            match self.ws.read() {
-                Ok(Message::Binary(data)) => self.pending = data,
+            let end = match self.ws.read() {
+                Ok(Message::Binary(data)) => {
+                    self.pending = data;
+                    continue;
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if filled > 0 {
+                        return Poll::Ready(Ok(filled));
+                    }
+                    match poll_fill(&mut self.inner, self.ws.get_mut(), cx) {
+                        Poll::Ready(Ok(0)) => Ok(0),
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Ready(Err(e)) => Err(e),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                // Pings are answered by tungstenite (the pong goes out with the next send).
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {
+                    let _ = self.ws.flush();
+                    match poll_send(&mut self.inner, &self.output, cx) {
+                        Poll::Ready(Err(e)) => Err(e),
+                        _ => continue,
+                    }
+                }
                 Ok(Message::Text(_)) => {
                     self.close_with(CloseCode::Unsupported, "MQTT needs binary frames");
                     let _ = poll_send(&mut self.inner, &self.output, cx);
-                    return Poll::Ready(Err(io::Error::new(
+                    Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "text frame on an MQTT WebSocket",
-                    )));
+                    ))
                 }
                 Ok(Message::Close(_)) => {
                     let _ = self.ws.flush();
                     let _ = poll_send(&mut self.inner, &self.output, cx);
-                    return Poll::Ready(Ok(0));
+                    Ok(0)
                 }
-                // Pings are answered by tungstenite (the pong goes out with the next send).
-                Ok(_) => {
-                    let _ = self.ws.flush();
-                    if let Poll::Ready(Err(e)) = poll_send(&mut self.inner, &self.output, cx) {
-                        return Poll::Ready(Err(e));
-                    }
-                }
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match poll_fill(&mut self.inner, self.ws.get_mut(), cx) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
-                        Poll::Ready(Ok(_)) => {}
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => {
-                    return Poll::Ready(Ok(0))
-                }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Ok(0),
                 Err(e) => {
                     if matches!(e, WsError::Capacity(_)) {
                         self.close_with(CloseCode::Size, "frame too large");
@@ -296,9 +315,15 @@ impl<S: Transport> Transport for Ws<S> {
                         self.close_with(CloseCode::Protocol, "bad WebSocket frame");
                     }
                     let _ = poll_send(&mut self.inner, &self.output, cx);
-                    return Poll::Ready(Err(ws_error(e)));
+                    Err(ws_error(e))
                 }
+            };
+            // The end of the stream: what came before it goes first.
+            if filled > 0 {
+                self.deferred = Some(end);
+                return Poll::Ready(Ok(filled));
             }
+            return Poll::Ready(end);
         }
     }
 
