@@ -3,9 +3,9 @@
 //! over the transport it is being compared on.
 //!
 //! Everything is polled from glommio tasks: TLS runs rustls over the socket through an adapter
-//! that turns a pending poll into `WouldBlock`; the WebSocket client runs tungstenite over an
-//! in-memory byte queue in each direction ([`Queues`]), moved to and from the stream below by
-//! [`Ws`]. Each MQTT write becomes one binary frame.
+//! that turns a pending poll into `WouldBlock`; the WebSocket upgrade runs tungstenite over an
+//! in-memory byte queue in each direction ([`Queues`]), and [`Ws`] then frames the traffic
+//! with tungstenite's header codec. Each MQTT write becomes one binary frame.
 
 use bytes::{Buf, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -24,8 +24,9 @@ use std::task::{Context, Poll};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::ClientHandshake;
 use tungstenite::handshake::HandshakeError;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::{Message, WebSocket};
 
 /// `--transport`.
 #[derive(
@@ -108,7 +109,7 @@ impl ClientTransport {
 }
 
 /// A stream the load generator reads and writes.
-trait Io {
+pub(crate) trait Io {
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
     /// Sends what the stream holds of earlier writes.
@@ -266,72 +267,151 @@ impl Queues {
     }
 }
 
-/// MQTT over WebSocket over `S`.
+/// MQTT over WebSocket over `S`, after the upgrade. tungstenite does the upgrade; the frames
+/// are then read and written here with its header codec (`FrameHeader`), which keeps the
+/// load generator's cost per message small: it shares the machine with the broker it
+/// measures, and a dearer client would slow a multi-core broker down more than a
+/// single-threaded one.
 pub struct Ws<S> {
     inner: S,
-    ws: WebSocket<Queues>,
-    queues: Queues,
-    /// A received binary frame's payload not yet handed out.
-    frame: BytesMut,
+    /// Bytes from the broker not yet taken apart.
+    arrived: BytesMut,
+    /// Payload bytes of the current data frame not yet handed out.
+    remaining: u64,
+    /// Frames to send (header, masked payload) the stream below has not taken.
+    to_send: BytesMut,
+    /// State of the masking-key generator (xorshift32; client frames must be masked).
+    mask_state: u32,
+}
+
+impl<S: Io> Ws<S> {
+    fn next_mask(&mut self) -> [u8; 4] {
+        let mut x = self.mask_state;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.mask_state = x;
+        x.to_ne_bytes()
+    }
+
+    /// Appends one masked frame.
+    fn queue_frame(&mut self, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+        let mask = self.next_mask();
+        let header = FrameHeader {
+            opcode,
+            mask: Some(mask),
+            ..FrameHeader::default()
+        };
+        let mut head = Vec::with_capacity(14);
+        header
+            .format(payload.len() as u64, &mut head)
+            .map_err(io::Error::other)?;
+        self.to_send.extend_from_slice(&head);
+        self.to_send
+            .extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        Ok(())
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.to_send.is_empty() {
+            match self.inner.poll_write(cx, &self.to_send) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.to_send.advance(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.inner.poll_flush(cx)
+    }
+
+    /// Takes the next frame header off `arrived` (a control frame only once its payload is
+    /// there too, and then handles it). `Ok(false)`: more bytes are needed; an `Err` of kind
+    /// `ConnectionAborted`: the broker closed the WebSocket.
+    fn next_frame(&mut self) -> io::Result<bool> {
+        let mut cursor = std::io::Cursor::new(&self.arrived[..]);
+        let Some((header, len)) = FrameHeader::parse(&mut cursor).map_err(io::Error::other)? else {
+            return Ok(false);
+        };
+        let head = cursor.position() as usize;
+        match header.opcode {
+            OpCode::Data(Data::Binary | Data::Continue) => {
+                self.arrived.advance(head);
+                self.remaining = len;
+            }
+            OpCode::Control(control) => {
+                let total = head + len as usize;
+                if self.arrived.len() < total {
+                    return Ok(false);
+                }
+                let payload = self.arrived.split_to(total).split_off(head);
+                match control {
+                    Control::Close => return Err(io::ErrorKind::ConnectionAborted.into()),
+                    Control::Ping => self.queue_frame(OpCode::Control(Control::Pong), &payload)?,
+                    _ => {}
+                }
+            }
+            other => return Err(io::Error::other(format!("unexpected frame {other}"))),
+        }
+        Ok(true)
+    }
 }
 
 impl<S: Io> Io for Ws<S> {
-    /// Hands out as many frames' payloads as `buf` holds and tungstenite has already read,
-    /// reading the stream below only when it has none.
+    /// Hands out as much payload as `buf` holds and has arrived, reading the stream below
+    /// only when nothing has.
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let mut filled = 0;
         loop {
-            if !self.frame.is_empty() {
-                let n = self.frame.len().min(buf.len() - filled);
-                self.frame.copy_to_slice(&mut buf[filled..filled + n]);
+            if self.remaining > 0 && !self.arrived.is_empty() {
+                let n = (self.remaining.min(self.arrived.len() as u64) as usize)
+                    .min(buf.len() - filled);
+                self.arrived.copy_to_slice(&mut buf[filled..filled + n]);
+                self.remaining -= n as u64;
                 filled += n;
                 if filled == buf.len() {
                     return Poll::Ready(Ok(filled));
                 }
+                continue;
             }
-            let read = self.ws.read();
-            // Data gathered goes out before anything that needs the stream below, or ends it
-            // (a close is sticky: the next call sees the end).
-            if filled > 0 && matches!(read, Ok(Message::Close(_)) | Err(_)) {
+            if self.remaining == 0 {
+                match self.next_frame() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(_) if filled > 0 => return Poll::Ready(Ok(filled)),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                        return Poll::Ready(Ok(0))
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            if filled > 0 {
                 return Poll::Ready(Ok(filled));
             }
-            match read {
-                Ok(Message::Binary(b)) => self.frame.extend_from_slice(&b),
-                Ok(Message::Close(_)) => return Poll::Ready(Ok(0)),
-                Ok(_) => {
-                    // A ping's pong is queued: send it.
-                    let _ = self.ws.flush();
-                    if let Poll::Ready(Err(e)) = self.queues.poll_send(&mut self.inner, cx) {
-                        return Poll::Ready(Err(e));
-                    }
+            if !self.to_send.is_empty() {
+                // A pong to send.
+                if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                    return Poll::Ready(Err(e));
                 }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self.queues.poll_receive(&mut self.inner, cx) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
-                        Poll::Ready(Ok(_)) => {}
-                        other => return other,
-                    }
-                }
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return Poll::Ready(Ok(0))
-                }
-                Err(e) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+            let mut chunk = [0u8; 16 << 10];
+            match self.inner.poll_read(cx, &mut chunk) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => self.arrived.extend_from_slice(&chunk[..n]),
+                other => return other,
             }
         }
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(Err(e)) = self.queues.poll_send(&mut self.inner, cx) {
+        if let Poll::Ready(Err(e)) = self.poll_send(cx) {
             return Poll::Ready(Err(e));
         }
-        self.ws
-            .send(Message::Binary(buf.to_vec().into()))
-            .map_err(io::Error::other)?;
+        self.queue_frame(OpCode::Data(Data::Binary), buf)?;
         Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.queues.poll_send(&mut self.inner, cx)
+        self.poll_send(cx)
     }
 }
 
@@ -445,13 +525,20 @@ async fn websocket<S: Io>(mut inner: S, t: &ClientTransport) -> io::Result<Ws<S>
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         match mid.handshake() {
-            Ok((ws, _response)) => {
+            // The broker sends nothing before the client's CONNECT, so tungstenite holds no
+            // frame bytes past its response.
+            Ok((_ws, _response)) => {
+                let seed = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.subsec_nanos())
+                    | 1;
                 return Ok(Ws {
                     inner,
-                    ws,
-                    queues,
-                    frame: BytesMut::new(),
-                })
+                    arrived: BytesMut::new(),
+                    remaining: 0,
+                    to_send: BytesMut::new(),
+                    mask_state: seed,
+                });
             }
             Err(HandshakeError::Interrupted(m)) => mid = m,
             Err(HandshakeError::Failure(e)) => return Err(io::Error::other(e)),

@@ -247,7 +247,13 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .ws
         .iter()
         .filter(|(_, l)| l.enable)
-        .map(|(name, l)| (format!("ws.{name}"), l.socket(), Setup::Ws(ws_settings(l, cfg.mqtt.max_packet_size))));
+        .map(|(name, l)| {
+            (
+                format!("ws.{name}"),
+                l.socket(),
+                Setup::Ws(ws_settings(l, cfg.mqtt.max_packet_size)),
+            )
+        });
     let mut tls = Vec::new();
     // TLS listeners start once a certificate is configured; reading it is part of the start.
     for (name, l) in cfg.listener.ssl.iter().filter(|(_, l)| l.enable) {
