@@ -86,6 +86,10 @@ wait "$WATCHER" || true
 check "mosquitto no will after DISCONNECT" "" "$(seen "$out" | grep -v -i 'timed out' || true)"
 rm -f "$out"
 
+# $SYS: retained, so a new subscriber gets the version at once.
+check "mosquitto \$SYS/broker/version" "ShardMQ" \
+  "$(mosquitto_sub "${H[@]}" -t '$SYS/broker/version' -C 1 -W 10 | cut -d' ' -f1)"
+
 # Over TLS: mosquitto_pub/sub check the broker's certificate against the test CA (as
 # localhost, a name the certificate carries); TLS to TCP and back at QoS 1.
 [ -n "$BROKER_TLS_PORT" ] || { echo "FAIL the TLS listener did not start"; fail=1; }

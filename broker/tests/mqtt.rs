@@ -316,14 +316,15 @@ fn connect_timeout_closes_silent_connections() {
 }
 
 #[test]
-fn sys_topics_not_matched_by_first_level_wildcards() {
+fn dollar_topics_not_matched_by_first_level_wildcards() {
+    // Any `$` topic ([MQTT-4.7.2-1]); clients may not publish into `$SYS/` itself (tests/sys.rs).
     let b = Broker::with_shards(2);
     let mut all = Raw::ok(b.addr, "all");
     all.subscribe(&[("#", QoS::AtMostOnce), ("+/status", QoS::AtMostOnce)]);
     let mut sys = Raw::ok(b.addr, "sys");
-    sys.subscribe(&[("$SYS/#", QoS::AtMostOnce)]);
+    sys.subscribe(&[("$app/#", QoS::AtMostOnce)]);
     let mut p = Raw::ok(b.addr, "p");
-    p.publish("$SYS/status", b"s", QoS::AtMostOnce, false, 0);
+    p.publish("$app/status", b"s", QoS::AtMostOnce, false, 0);
     p.publish("plain/status", b"p", QoS::AtMostOnce, false, 0);
     assert_eq!(&sys.next_publish().payload[..], b"s");
     assert_eq!(

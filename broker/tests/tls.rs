@@ -115,24 +115,16 @@ fn connects(addr: SocketAddr, config: Arc<ClientConfig>, client_id: &str) -> boo
     matches!(r.recv(), Some(Packet::Connack(a)) if a.code == mqtt::ConnectReturnCode::Accepted)
 }
 
-/// A client id that shard `shard` of `shards` owns.
-fn owned_by(prefix: &str, shard: usize, shards: usize) -> String {
-    (0..)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|id| shardmq::core::route::owner_shard(id.as_bytes(), shards) == shard)
-        .unwrap()
-}
-
 #[test]
 fn qos1_round_trips_between_tls_and_tcp_clients_on_either_shard() {
     let b = Broker::start(tls_config(2));
     let tls = client_config("ca.crt", None);
     for round in 0..2 {
-        let id = owned_by(&format!("tls-{round}"), round, 2);
+        let id = id_owned_by(&format!("tls-{round}"), round, 2);
         let mut s = Raw::open_tls(ssl_addr(&b), tls.clone());
         s.handshake(&id, true, 30);
         s.subscribe(&[(&format!("to/tls/{round}"), QoS::AtLeastOnce)]);
-        let mut t = Raw::ok(b.addr, &owned_by(&format!("tcp-{round}"), 1 - round, 2));
+        let mut t = Raw::ok(b.addr, &id_owned_by(&format!("tcp-{round}"), 1 - round, 2));
         t.subscribe(&[(&format!("to/tcp/{round}"), QoS::AtLeastOnce)]);
 
         t.publish(
@@ -251,7 +243,7 @@ fn mqtt_over_wss_round_trips_with_a_tcp_client_on_either_shard() {
                     other => panic!("expected a binary frame, got {other:?}"),
                 }
             };
-        let id = owned_by(&format!("wss-{round}"), round, 2);
+        let id = id_owned_by(&format!("wss-{round}"), round, 2);
         let c = connect_packet(&id, true, ProtocolLevel::V311, 30, None);
         send(&mut ws, &Packet::Connect(Box::new(c)));
         assert!(matches!(recv(&mut ws), Packet::Connack(_)));

@@ -88,6 +88,10 @@ metrics! {
     retries,
     /// Wills published.
     wills_published,
+    /// Messages the broker published itself (`$SYS/…`).
+    sys_published,
+    /// Client PUBLISH packets into `$SYS/`, acknowledged and dropped.
+    sys_publish_denied,
     /// Retained messages stored or replaced.
     retained_stored,
     /// Retained messages not stored (partition full or payload too large).

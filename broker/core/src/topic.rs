@@ -42,6 +42,11 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether `topic` is in the broker's `$SYS/` tree, where clients may not publish.
+pub fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +104,14 @@ mod tests {
         assert!(is_shared("$queue/a"));
         assert!(!is_shared("$SYS/a"));
         assert!(!is_shared("share/a"));
+    }
+
+    #[test]
+    fn the_sys_tree_is_sys_and_its_neighbours_are_not() {
+        assert!(is_sys("$SYS"));
+        assert!(is_sys("$SYS/broker/version"));
+        assert!(!is_sys("$SYSTEM/x"));
+        assert!(!is_sys("$sys/x"));
+        assert!(!is_sys("a/$SYS/x"));
     }
 }

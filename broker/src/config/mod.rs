@@ -37,6 +37,25 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// `retainer.*`: retained messages.
     pub retainer: RetainerConfig,
+    /// `sys.*`: the broker's `$SYS/` topics.
+    pub sys: SysConfig,
+}
+
+/// `sys.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SysConfig {
+    /// How often the `$SYS/broker/…` tree is published (retained); "0s" = never. EMQX:
+    /// `broker.sys_interval`; Mosquitto: `sys_interval`.
+    pub interval: Duration,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig {
+            interval: Duration::secs(60),
+        }
+    }
 }
 
 /// `node.*`

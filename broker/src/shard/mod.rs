@@ -3,8 +3,9 @@
 //! One executor per configured CPU ([`runtime`]), each owning an [`crate::core::engine::Engine`]
 //! behind an `Rc<RefCell<_>>` that only its own tasks touch: the accept loops ([`listener`]),
 //! one driver task per connection ([`connection`]), the cross-shard receive and flush tasks
-//! ([`mesh`]), a timer task and a stats task. Nothing is shared between shards except the
-//! channels, the shutdown flag and the stats snapshots.
+//! ([`mesh`]), a timer task and a stats task; the first MQTT shard also publishes the `$SYS/`
+//! tree ([`sys`]). Nothing is shared between shards except the channels, the shutdown flag and
+//! the stats snapshots.
 
 pub mod clock;
 pub mod connection;
@@ -12,5 +13,6 @@ pub mod listener;
 pub mod mesh;
 pub mod park;
 pub mod runtime;
+pub mod sys;
 
 pub use runtime::{start, BrokerHandle, ShardStats, StartError};

@@ -151,6 +151,8 @@ struct ShardCtx {
     shards: usize,
     cfg: Config,
     mqtt: bool,
+    /// This shard publishes the `$SYS/` tree (the first MQTT shard).
+    sys: bool,
     listeners: Vec<ListenerSpec>,
     ends: MeshEnds,
     shutdown: Arc<AtomicBool>,
@@ -315,6 +317,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             shards,
             cfg: cfg.clone(),
             mqtt: mqtt_shards.contains(&shard),
+            sys: mqtt_shards.first() == Some(&shard),
             listeners: listeners.clone(),
             ends,
             shutdown: shutdown.clone(),
@@ -542,6 +545,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         shards,
         cfg,
         mqtt,
+        sys,
         listeners,
         ends,
         shutdown,
@@ -581,6 +585,14 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     }
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
     let timer_task = spawn_local(run_timers(engine.clone()));
+    let sys_task = cfg.sys.interval.enabled().filter(|_| sys).map(|every| {
+        spawn_local(super::sys::run(
+            engine.clone(),
+            stats.clone(),
+            every,
+            cfg.node.name.clone(),
+        ))
+    });
     let fault_task = debug_panic_after(shard).map(|after| {
         spawn_local(async move {
             sleep(after).await;
@@ -668,6 +680,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     }
     publish_stats();
     drop(stats_task);
+    drop(sys_task);
     drop(timer_task);
     drop(fault_task);
     drop(mesh_tasks);

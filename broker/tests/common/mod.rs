@@ -387,6 +387,14 @@ impl Raw {
     }
 }
 
+/// A client id that shard `shard` of `shards` owns.
+pub fn id_owned_by(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| shardmq::core::route::owner_shard(id.as_bytes(), shards) == shard)
+        .unwrap()
+}
+
 pub fn connect_packet(
     client_id: &str,
     clean: bool,

@@ -593,6 +593,17 @@ impl Engine {
 
     pub(super) fn on_session_packet(&mut self, id: ConnId, key: usize, packet: Packet) {
         match packet {
+            // `$SYS/` is the broker's: a client's message there is acknowledged as usual (3.1.1
+            // has no refusal for it) and dropped.
+            Packet::Publish(p) if crate::topic::is_sys(&p.topic) => {
+                self.metrics.sys_publish_denied += 1;
+                debug!(topic = &*p.topic, "PUBLISH into $SYS/ dropped");
+                match p.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => self.reply(id, &Packet::Puback(p.packet_id)),
+                    QoS::ExactlyOnce => self.reply(id, &Packet::Pubrec(p.packet_id)),
+                }
+            }
             Packet::Publish(p) => self.on_publish(id, key, p),
             Packet::Puback(pid) => self.on_ack(id, key, pid, AckKind::Puback),
             Packet::Pubrec(pid) => self.on_ack(id, key, pid, AckKind::Pubrec),

@@ -193,6 +193,18 @@ impl Engine {
         }
     }
 
+    /// Publishes a message of the broker's own (`$SYS/…`) at QoS 0, routed and retained like
+    /// any other; dropped, like any QoS 0 message, where the cross-shard queues have no room.
+    pub fn publish_system(&mut self, topic: &str, payload: Bytes, retain: bool, now: Timestamp) {
+        self.now = now;
+        self.metrics.sys_published += 1;
+        let msg = self.new_message(topic.into(), payload, QoS::AtMostOnce, retain);
+        let remote = self.remote_routes(&msg.topic);
+        let retain_owner = self.remote_retain_owner(msg.retain, &msg.topic);
+        self.accept_message(msg, None, remote, retain_owner);
+        self.drain_inbox();
+    }
+
     pub(super) fn publish_will(&mut self, will: LastWill) {
         self.metrics.wills_published += 1;
         let msg = self.new_message(will.topic, will.payload, will.qos, will.retain);

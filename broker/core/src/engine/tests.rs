@@ -571,10 +571,19 @@ fn sys_topics_are_not_matched_by_wildcards() {
     cl.subscribe(all, &[("#", QoS::AtMostOnce), ("+/x", QoS::AtMostOnce)]);
     let sys = cl.connect(1, "sys", true);
     cl.subscribe(sys, &[("$SYS/#", QoS::AtMostOnce)]);
+    // The broker's own messages, from either shard, reach `$SYS/#` and not the wildcards.
+    for shard in 0..2 {
+        let now = cl.now;
+        cl.engines[shard].publish_system("$SYS/x", Bytes::from_static(b"s"), false, now);
+        cl.settle();
+        assert!(publishes(&cl.recv(all)).is_empty());
+        assert_eq!(publishes(&cl.recv(sys)).len(), 1, "from shard {shard}");
+    }
+    // A client's PUBLISH into `$SYS/` is dropped and counted.
     let p = cl.connect(1, "p", true);
-    cl.publish(p, "$SYS/x", "s", QoS::AtMostOnce, false, 0);
-    assert!(publishes(&cl.recv(all)).is_empty());
-    assert_eq!(publishes(&cl.recv(sys)).len(), 1);
+    cl.publish(p, "$SYS/x", "forged", QoS::AtMostOnce, false, 0);
+    assert!(publishes(&cl.recv(sys)).is_empty());
+    assert_eq!(cl.engines[1].metrics.sys_publish_denied, 1);
 }
 
 #[test]

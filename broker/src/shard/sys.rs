@@ -1,0 +1,195 @@
+//! The broker's `$SYS/broker/…` topics, published (retained, QoS 0) by the first MQTT shard
+//! every `sys.interval`, from the snapshots every shard publishes (`ShardStats`, at most
+//! 100 ms old): who the broker is, its counts (with their peaks since start), its counters,
+//! and each shard's own figures under `$SYS/broker/shards/<n>/`.
+//!
+//! Clients subscribe to them like any topic (`$SYS/#`; a filter starting with a wildcard does
+//! not match `$` topics, as MQTT requires); the engine drops what clients publish into `$SYS/`.
+
+use super::runtime::ShardStats;
+use crate::core::engine::Engine;
+use crate::core::time::Timestamp;
+use crate::shard::clock;
+use bytes::Bytes;
+use glommio::timer::sleep;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the tree remembers between publications: when the broker started and the peaks of
+/// its counts.
+pub struct SysTree {
+    started: Timestamp,
+    node: String,
+    peaks: BTreeMap<&'static str, u64>,
+}
+
+impl SysTree {
+    /// A tree for the broker `node`, started at `started`.
+    pub fn new(node: &str, started: Timestamp) -> SysTree {
+        SysTree {
+            started,
+            node: node.to_string(),
+            peaks: BTreeMap::new(),
+        }
+    }
+
+    /// The `(topic, payload)` pairs for the shards' snapshots `stats` at `now`.
+    pub fn topics(&mut self, stats: &[ShardStats], now: Timestamp) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut put = |topic: String, value: String| out.push((topic, value));
+        let b = "$SYS/broker";
+        put(
+            format!("{b}/version"),
+            format!("ShardMQ {}", env!("CARGO_PKG_VERSION")),
+        );
+        put(
+            format!("{b}/sysdescr"),
+            format!(
+                "ShardMQ MQTT broker, node {}, {} shards",
+                self.node,
+                stats.len()
+            ),
+        );
+        put(
+            format!("{b}/uptime"),
+            format!("{} seconds", now.since(self.started).as_secs()),
+        );
+        let wall = std::time::UNIX_EPOCH + Duration::from_millis(now.0);
+        put(
+            format!("{b}/datetime"),
+            humantime::format_rfc3339_seconds(wall).to_string(),
+        );
+
+        let sum = |f: &dyn Fn(&ShardStats) -> u64| stats.iter().map(f).sum::<u64>();
+        let counts: [(&'static str, u64); 5] = [
+            ("connections", sum(&|s| s.connections as u64)),
+            ("sessions", sum(&|s| s.sessions as u64)),
+            ("retained", sum(&|s| s.retained)),
+            ("parked", sum(&|s| s.parked as u64)),
+            ("filters", sum(&|s| s.local_filters as u64)),
+        ];
+        for (name, count) in counts {
+            let peak = self.peaks.entry(name).or_insert(0);
+            *peak = (*peak).max(count);
+            put(format!("{b}/stats/{name}/count"), count.to_string());
+            put(format!("{b}/stats/{name}/max"), peak.to_string());
+        }
+
+        let mut m = crate::core::metrics::Metrics::default();
+        for s in stats {
+            m.merge(&s.metrics);
+        }
+        let dropped = m.dropped_queue_full
+            + m.dropped_qos0_offline
+            + m.dropped_slow_consumer
+            + m.dropped_shard_write_buffer_full
+            + m.dropped_overload
+            + m.dropped_duplicates
+            + m.dropped_stale_forwards
+            + m.sys_publish_denied;
+        for (name, value) in [
+            ("bytes/received", m.bytes_received),
+            ("bytes/sent", m.bytes_sent),
+            ("packets/received", m.packets_received),
+            ("messages/received", m.messages_received),
+            ("messages/sent", m.messages_sent),
+            ("messages/dropped", dropped),
+            ("messages/no_subscribers", m.messages_no_subscribers),
+            ("messages/retained", m.retained_stored),
+            ("messages/wills", m.wills_published),
+        ] {
+            put(format!("{b}/metrics/{name}"), value.to_string());
+        }
+        // Every counter by its own name too (docs/operations.md lists them).
+        for (name, value) in m.pairs() {
+            put(format!("{b}/metrics/counters/{name}"), value.to_string());
+        }
+
+        for (n, s) in stats.iter().enumerate() {
+            for (name, value) in [
+                ("connections", s.connections as u64),
+                ("parked", s.parked as u64),
+                ("sessions", s.sessions as u64),
+                ("filters", s.local_filters as u64),
+                ("retained", s.retained),
+                ("messages/received", s.metrics.messages_received),
+                ("messages/sent", s.metrics.messages_sent),
+                ("bytes/received", s.metrics.bytes_received),
+                ("bytes/sent", s.metrics.bytes_sent),
+            ] {
+                put(format!("{b}/shards/{n}/{name}"), value.to_string());
+            }
+        }
+        out
+    }
+}
+
+/// Publishes the tree through `engine` every `interval`, the first time as soon as every shard
+/// has published a snapshot.
+pub async fn run(
+    engine: Rc<RefCell<Engine>>,
+    stats: Arc<Vec<Mutex<ShardStats>>>,
+    interval: Duration,
+    node: String,
+) {
+    let mut tree = SysTree::new(&node, clock::now());
+    // The shards publish their first snapshot 100 ms after they start.
+    sleep(Duration::from_millis(250)).await;
+    loop {
+        let snapshots: Vec<ShardStats> = stats
+            .iter()
+            .map(|m| m.lock().map(|s| s.clone()).unwrap_or_default())
+            .collect();
+        let now = clock::now();
+        let topics = tree.topics(&snapshots, now);
+        {
+            let mut e = engine.borrow_mut();
+            for (topic, value) in topics {
+                e.publish_system(&topic, Bytes::from(value), true, now);
+            }
+        }
+        sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tree_sums_the_shards_and_keeps_the_peaks() {
+        let mut tree = SysTree::new("n@h", Timestamp(1_000_000));
+        let mut a = ShardStats {
+            connections: 3,
+            ..ShardStats::default()
+        };
+        a.metrics.messages_received = 5;
+        a.metrics.dropped_queue_full = 1;
+        a.metrics.sys_publish_denied = 2;
+        let b = ShardStats {
+            connections: 4,
+            ..ShardStats::default()
+        };
+        let get = |t: &[(String, String)], k: &str| {
+            t.iter()
+                .find(|(topic, _)| topic == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no {k}"))
+        };
+        let t = tree.topics(&[a.clone(), b.clone()], Timestamp(1_061_500));
+        assert_eq!(get(&t, "$SYS/broker/uptime"), "61 seconds");
+        assert_eq!(get(&t, "$SYS/broker/datetime"), "1970-01-01T00:17:41Z");
+        assert_eq!(get(&t, "$SYS/broker/stats/connections/count"), "7");
+        assert_eq!(get(&t, "$SYS/broker/metrics/messages/received"), "5");
+        assert_eq!(get(&t, "$SYS/broker/metrics/messages/dropped"), "3");
+        assert_eq!(get(&t, "$SYS/broker/shards/1/connections"), "4");
+        a.connections = 0;
+        let t = tree.topics(&[a, b], Timestamp(1_062_000));
+        assert_eq!(get(&t, "$SYS/broker/stats/connections/count"), "4");
+        assert_eq!(get(&t, "$SYS/broker/stats/connections/max"), "7");
+        assert!(t.iter().all(|(topic, _)| topic.starts_with("$SYS/broker/")));
+    }
+}

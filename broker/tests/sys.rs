@@ -1,0 +1,115 @@
+//! The `$SYS/broker/…` topics against a real broker: published retained every `sys.interval`,
+//! their counts rising with traffic, out of reach of `#`, and closed to clients' publishes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use shardmq::protocol::mqtt::{Packet, QoS};
+use std::time::{Duration, Instant};
+
+fn sys_broker() -> Broker {
+    let mut cfg = config(2);
+    cfg.sys.interval = shardmq::config::Duration::millis(200);
+    Broker::start(cfg)
+}
+
+/// The next value published on `topic` (subscribed already) as a number.
+fn next_value(c: &mut Raw, topic: &str) -> u64 {
+    let p = c.next_publish();
+    assert_eq!(&*p.topic, topic);
+    std::str::from_utf8(&p.payload).unwrap().parse().unwrap()
+}
+
+#[test]
+fn message_counts_rise_with_traffic() {
+    let b = sys_broker();
+    let topic = "$SYS/broker/metrics/messages/received";
+    let mut watcher = Raw::ok(b.addr, "sys-watcher");
+    watcher.subscribe(&[(topic, QoS::AtMostOnce)]);
+    let before = next_value(&mut watcher, topic);
+    // Publishers on both shards' client ids.
+    for i in 0..3 {
+        let mut p = Raw::ok(b.addr, &id_owned_by(&format!("sys-pub{i}"), i % 2, 2));
+        for n in 0..10u16 {
+            p.publish("sys/traffic", b"x", QoS::AtLeastOnce, false, n + 1);
+            assert_eq!(p.recv(), Some(Packet::Puback(n + 1)), "publisher {i}");
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = next_value(&mut watcher, topic);
+        if now >= before + 30 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} stayed at {now} (was {before})"
+        );
+    }
+}
+
+#[test]
+fn the_tree_is_retained_and_wildcards_at_the_root_do_not_reach_it() {
+    let b = sys_broker();
+    // Retained: a late subscriber gets the version at once.
+    std::thread::sleep(Duration::from_millis(400));
+    let mut late = Raw::ok(b.addr, "sys-late");
+    late.subscribe(&[("$SYS/broker/version", QoS::AtMostOnce)]);
+    let p = late.next_publish();
+    assert!(p.retain);
+    assert!(std::str::from_utf8(&p.payload)
+        .unwrap()
+        .starts_with("ShardMQ "));
+    // `#` matches no `$` topic.
+    let mut all = Raw::ok(b.addr, "sys-all");
+    all.subscribe(&[("#", QoS::AtMostOnce)]);
+    all.expect_silence(Duration::from_millis(600));
+    // `$SYS/#` does, per shard too.
+    let mut sys = Raw::ok(b.addr, "sys-sys");
+    sys.subscribe(&[("$SYS/broker/shards/+/connections", QoS::AtMostOnce)]);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        seen.insert(sys.next_publish().topic.to_string());
+    }
+    assert!(seen.contains("$SYS/broker/shards/0/connections"));
+    assert!(seen.contains("$SYS/broker/shards/1/connections"));
+}
+
+#[test]
+fn clients_may_not_publish_into_sys() {
+    let mut cfg = config(2);
+    cfg.sys.interval = shardmq::config::Duration::secs(0);
+    let b = Broker::start(cfg);
+    let mut watcher = Raw::ok(b.addr, "sys-watch");
+    watcher.subscribe(&[("$SYS/#", QoS::AtMostOnce)]);
+    // From client ids owned by either shard, at every QoS: acknowledged, then dropped.
+    for (i, qos) in [
+        QoS::AtMostOnce,
+        QoS::AtLeastOnce,
+        QoS::ExactlyOnce,
+        QoS::AtLeastOnce,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = Raw::ok(b.addr, &id_owned_by(&format!("forger{i}"), i % 2, 2));
+        f.publish("$SYS/broker/version", b"forged", qos, true, 7);
+        match qos {
+            QoS::AtMostOnce => f.ping(),
+            QoS::AtLeastOnce => assert_eq!(f.recv(), Some(Packet::Puback(7))),
+            QoS::ExactlyOnce => {
+                assert_eq!(f.recv(), Some(Packet::Pubrec(7)));
+                f.send(&Packet::Pubrel(7));
+                assert_eq!(f.recv(), Some(Packet::Pubcomp(7)));
+            }
+        }
+    }
+    watcher.expect_silence(Duration::from_millis(500));
+    b.wait_metrics("the forgeries counted", |m| m.sys_publish_denied == 4);
+    // Nothing was retained either.
+    let mut late = Raw::ok(b.addr, "sys-late-reader");
+    late.subscribe(&[("$SYS/#", QoS::AtMostOnce)]);
+    late.expect_silence(Duration::from_millis(300));
+}
