@@ -81,6 +81,7 @@ fn the_tree_is_retained_and_wildcards_at_the_root_do_not_reach_it() {
 fn clients_may_not_publish_into_sys() {
     let mut cfg = config(2);
     cfg.sys.interval = shardmq::config::Duration::secs(0);
+    cfg.sys.client_events = false;
     let b = Broker::start(cfg);
     let mut watcher = Raw::ok(b.addr, "sys-watch");
     watcher.subscribe(&[("$SYS/#", QoS::AtMostOnce)]);
@@ -112,4 +113,44 @@ fn clients_may_not_publish_into_sys() {
     let mut late = Raw::ok(b.addr, "sys-late-reader");
     late.subscribe(&[("$SYS/#", QoS::AtMostOnce)]);
     late.expect_silence(Duration::from_millis(300));
+}
+
+#[test]
+fn clients_coming_and_going_are_announced() {
+    let b = Broker::with_shards(2);
+    let mut watcher = Raw::ok(b.addr, "presence-watcher");
+    watcher.subscribe(&[("$SYS/broker/clients/#", QoS::AtMostOnce)]);
+    for owner in 0..2 {
+        let id = id_owned_by(&format!("presence{owner}"), owner, 2);
+        let mut c = connect_packet(
+            &id,
+            true,
+            shardmq::protocol::mqtt::ProtocolLevel::V311,
+            42,
+            None,
+        );
+        c.username = Some("alice".into());
+        let (client, ack) = Raw::connect_full(b.addr, c);
+        assert_eq!(
+            ack.code,
+            shardmq::protocol::mqtt::ConnectReturnCode::Accepted
+        );
+        let p = watcher.next_publish();
+        assert_eq!(&*p.topic, format!("$SYS/broker/clients/{id}/connected"));
+        assert!(!p.retain);
+        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(v["clientid"], id.as_str());
+        assert_eq!(v["username"], "alice");
+        assert_eq!(v["ipaddress"], "127.0.0.1");
+        assert_eq!(v["keepalive"], 42);
+        assert_eq!(v["proto_ver"], 4);
+        assert!(v["shard"].as_u64().unwrap() < 2);
+        assert!(v["ts"].as_u64().unwrap() > 1_700_000_000_000);
+        // Gone without DISCONNECT.
+        drop(client);
+        let p = watcher.next_publish();
+        assert_eq!(&*p.topic, format!("$SYS/broker/clients/{id}/disconnected"));
+        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(v["reason"], "closed");
+    }
 }

@@ -54,6 +54,7 @@ use std::time::Duration;
 use tracing::debug;
 
 mod connections;
+mod events;
 mod handover;
 mod mesh;
 mod publish;
@@ -117,7 +118,11 @@ pub struct EngineConfig {
     pub batch_size: usize,
     /// `shards.park_idle_after`: a connected client idle this long is parked; `None` = never.
     pub park_after: Option<Duration>,
+    /// `sys.client_events`: publish `$SYS/broker/clients/<id>/connected` and `/disconnected`.
+    pub client_events: bool,
 }
+
+pub use events::EndReason;
 
 /// A connection of this shard (its slot in the connection slab).
 pub type ConnId = SlotId;

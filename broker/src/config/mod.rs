@@ -48,12 +48,16 @@ pub struct SysConfig {
     /// How often the `$SYS/broker/…` tree is published (retained); "0s" = never. EMQX:
     /// `broker.sys_interval`; Mosquitto: `sys_interval`.
     pub interval: Duration,
+    /// Publish `$SYS/broker/clients/<clientid>/connected` and `/disconnected` (JSON, not
+    /// retained) as clients come and go.
+    pub client_events: bool,
 }
 
 impl Default for SysConfig {
     fn default() -> Self {
         SysConfig {
             interval: Duration::secs(60),
+            client_events: true,
         }
     }
 }
@@ -1048,6 +1052,7 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         shard_write_buffer: cfg.shards.max_write_buffer.as_usize(),
         batch_size: cfg.shards.batch_size,
         park_after: cfg.shards.park_idle_after.enabled(),
+        client_events: cfg.sys.client_events,
     }
 }
 

@@ -474,7 +474,7 @@ impl Engine {
         }
         self.metrics.malformed_packets += 1;
         debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), error = %err, "malformed packet, closing");
-        self.end_connection(id, true);
+        self.end_connection(id, true, EndReason::MalformedPacket);
         self.drain_inbox();
     }
 
@@ -521,7 +521,7 @@ impl Engine {
             self.metrics.keepalive_timeouts += 1;
             debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "keepalive timeout, closing");
         }
-        self.end_connection(id, true);
+        self.end_connection(id, true, EndReason::KeepaliveTimeout);
         self.drain_inbox();
     }
 
@@ -532,7 +532,7 @@ impl Engine {
         if conn_mut(&mut self.conns, id).is_none() {
             return;
         }
-        self.detach_conn(id, true);
+        self.detach_conn(id, true, EndReason::Closed);
         let c = self.conns.remove(id.idx as usize);
         self.listener_conns[usize::from(c.listener)] -= 1;
         if c.parked {
@@ -555,7 +555,7 @@ impl Engine {
             })
             .collect();
         for id in ids {
-            self.end_connection(id, false);
+            self.end_connection(id, false, EndReason::Shutdown);
         }
         self.drain_inbox();
     }
@@ -565,18 +565,19 @@ impl Engine {
         if let Some(c) = conn_mut(&mut self.conns, id) {
             debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "protocol error: {what}; closing");
         }
-        self.end_connection(id, true);
+        self.end_connection(id, true, EndReason::ProtocolError);
     }
 
     /// Marks the connection closing (its close deadline armed); detaches its session
     /// (publishing the will when `will_allowed` and the client did not DISCONNECT).
-    pub(super) fn end_connection(&mut self, id: ConnId, will_allowed: bool) {
-        self.detach_conn(id, will_allowed);
+    pub(super) fn end_connection(&mut self, id: ConnId, will_allowed: bool, reason: EndReason) {
+        self.detach_conn(id, will_allowed, reason);
         self.arm_conn(id);
     }
 
     /// [`Engine::end_connection`] without arming the close deadline (the connection is gone).
-    pub(super) fn detach_conn(&mut self, id: ConnId, will_allowed: bool) {
+    pub(super) fn detach_conn(&mut self, id: ConnId, will_allowed: bool, reason: EndReason) {
+        self.client_event(id, Some(reason));
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
@@ -624,7 +625,7 @@ impl Engine {
                 if let Some(c) = conn_mut(&mut self.conns, id) {
                     c.take_will();
                 }
-                self.end_connection(id, false);
+                self.end_connection(id, false, EndReason::Normal);
             }
             p @ (Packet::Connack(_)
             | Packet::Suback(_)

@@ -207,6 +207,7 @@ impl Engine {
         };
         if let Some(old) = a.conn.take() {
             self.metrics.takeovers += 1;
+            self.client_event(old, Some(EndReason::Takeover));
             if let Some(c) = conn_mut(&mut self.conns, old) {
                 debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), "taken over by a new connection");
                 c.start_close(self.now);

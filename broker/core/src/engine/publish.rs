@@ -197,12 +197,17 @@ impl Engine {
     /// any other; dropped, like any QoS 0 message, where the cross-shard queues have no room.
     pub fn publish_system(&mut self, topic: &str, payload: Bytes, retain: bool, now: Timestamp) {
         self.now = now;
+        self.route_system(topic, payload, retain);
+        self.drain_inbox();
+    }
+
+    /// [`Engine::publish_system`] from within the engine (the caller drains the inbox).
+    pub(super) fn route_system(&mut self, topic: &str, payload: Bytes, retain: bool) {
         self.metrics.sys_published += 1;
         let msg = self.new_message(topic.into(), payload, QoS::AtMostOnce, retain);
         let remote = self.remote_routes(&msg.topic);
         let retain_owner = self.remote_retain_owner(msg.retain, &msg.topic);
         self.accept_message(msg, None, remote, retain_owner);
-        self.drain_inbox();
     }
 
     pub(super) fn publish_will(&mut self, will: LastWill) {

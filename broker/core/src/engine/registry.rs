@@ -255,6 +255,7 @@ impl Engine {
         c.wake();
         self.metrics.messages_sent += sent as u64;
         self.metrics.connects_accepted += 1;
+        self.client_event(id, None);
         self.arm(key);
         self.arm_conn(id);
     }

@@ -65,6 +65,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         shard_write_buffer: 256 << 20,
         batch_size: 256,
         park_after: Some(Duration::from_secs(2)),
+        client_events: false,
     }
 }
 
@@ -1826,5 +1827,78 @@ fn a_username_from_the_transport_wins_over_the_connects() {
         w.send(plain, Packet::Connect(Box::new(connect)));
         assert!(matches!(w.recv(plain).first(), Some(Packet::Connack(_))));
         assert_eq!(w.engines[0].conn_username(plain.id), Some("someone-else"));
+    }
+}
+
+/// `$SYS/broker/clients/<id>/connected|disconnected`: published by the connection's shard,
+/// whichever shard owns the client id, with the reason the connection ended.
+#[test]
+fn client_events_tell_who_came_and_why_they_left() {
+    let mut cl = Cluster::with(2, |c| c.client_events = true);
+    let watcher = cl.connect(1, "watcher", true);
+    cl.subscribe(watcher, &[("$SYS/broker/clients/+/+", QoS::AtMostOnce)]);
+    let _ = cl.recv(watcher);
+    let event = |cl: &mut Cluster| -> (String, serde_json::Value) {
+        let got = publishes(&cl.recv(watcher));
+        assert_eq!(got.len(), 1, "{got:?}");
+        let (topic, body, _, retain) = got.into_iter().next().unwrap();
+        assert!(!retain);
+        (topic, serde_json::from_str(&body).unwrap())
+    };
+    for owner in 0..2 {
+        let id = id_owned_by(&format!("ev{owner}"), owner, 2);
+        // Connected, then a clean DISCONNECT.
+        let c = cl.connect(0, &id, true);
+        let (topic, v) = event(&mut cl);
+        assert_eq!(topic, format!("$SYS/broker/clients/{id}/connected"));
+        assert_eq!(v["clientid"], id.as_str());
+        assert_eq!(v["proto_name"], "MQTT");
+        assert_eq!(v["proto_ver"], 4);
+        assert_eq!(v["keepalive"], 10);
+        assert_eq!(v["clean_session"], true);
+        assert_eq!(v["shard"], 0);
+        assert_eq!(v["ts"], cl.now.0);
+        assert!(v.get("reason").is_none());
+        cl.send(c, Packet::Disconnect);
+        let (topic, v) = event(&mut cl);
+        assert_eq!(topic, format!("$SYS/broker/clients/{id}/disconnected"));
+        assert_eq!(v["reason"], "normal");
+
+        // Taken over from the other shard: the old connection's shard tells.
+        let old = cl.connect(0, &id, false);
+        let _ = event(&mut cl);
+        let new = cl.connect(1, &id, false);
+        let got: Vec<(String, serde_json::Value)> = publishes(&cl.recv(watcher))
+            .into_iter()
+            .map(|(t, b, _, _)| (t, serde_json::from_str(&b).unwrap()))
+            .collect();
+        let gone = got
+            .iter()
+            .find(|(t, _)| t.ends_with("/disconnected"))
+            .expect("a disconnected event");
+        assert_eq!(
+            (gone.1["reason"].as_str(), gone.1["shard"].as_u64()),
+            (Some("takeover"), Some(0))
+        );
+        let came = got
+            .iter()
+            .find(|(t, _)| t.ends_with("/connected"))
+            .expect("a connected event");
+        assert_eq!(came.1["shard"], 1);
+        assert!(cl.closing(old));
+
+        // Silent past the keepalive allowance (10 s × 1.5); the watcher pings meanwhile.
+        cl.send(watcher, Packet::Pingreq);
+        cl.advance(Duration::from_secs(8));
+        cl.send(watcher, Packet::Pingreq);
+        cl.advance(Duration::from_secs(8));
+        let got = publishes(&cl.recv(watcher));
+        assert!(
+            got.iter()
+                .any(|(t, b, _, _)| t.ends_with("/disconnected")
+                    && b.contains("\"keepalive_timeout\"")),
+            "{got:?}"
+        );
+        let _ = new;
     }
 }
