@@ -391,3 +391,32 @@ fn an_unreadable_certificate_is_a_start_error_naming_the_key_and_the_file() {
         .to_string();
     assert!(err.contains("listener.wss.external.keyfile"), "{err}");
 }
+
+#[test]
+fn handshakes_in_progress_count_against_max_connections() {
+    let mut cfg = tls_config(1);
+    cfg.listener
+        .ssl
+        .get_mut("external")
+        .unwrap()
+        .max_connections = 2;
+    let b = Broker::start(cfg);
+    let addr = ssl_addr(&b);
+    // Two silent clients hold the listener's two places while their handshakes wait.
+    let silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut buf = [0u8; 16];
+    let mut third = TcpStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(WAIT)).unwrap();
+    let started = std::time::Instant::now();
+    // Closed at once, not after the 15 s handshake timeout.
+    assert_eq!(third.read(&mut buf).unwrap_or(0), 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    b.wait_metrics("the refusal counted", |m| m.connections_refused == 1);
+    // A place frees when a silent client goes.
+    drop(silent);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !connects(addr, client_config("ca.crt", None), "after-the-flood") {
+        assert!(std::time::Instant::now() < deadline, "no place freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -36,6 +36,22 @@ pub enum Setup {
     Wss(TlsSettings, WsSettings),
 }
 
+/// One handshake in progress on a listener of this shard, counted while it lives.
+struct Pending(Rc<std::cell::Cell<usize>>);
+
+impl Pending {
+    fn new(count: &Rc<std::cell::Cell<usize>>) -> Pending {
+        count.set(count.get() + 1);
+        Pending(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// `fut`, unless `deadline` comes first.
 async fn before<T>(
     deadline: Instant,
@@ -61,7 +77,10 @@ async fn handshake(
     peer: SocketAddr,
     number: u16,
     setup: Rc<Setup>,
+    pending: Pending,
 ) {
+    // Counted until the handshake ends, whichever way (the engine counts it from then on).
+    let _pending = pending;
     let failed = |ctx: &ConnCtx, tls: bool, error: io::Error| {
         let mut e = ctx.engine.borrow_mut();
         if tls {
@@ -191,12 +210,15 @@ pub fn spawn_accept(
 ) -> Task<()> {
     spawn_local(async move {
         let mut backoff = Duration::from_millis(10);
+        // Connections of this listener still in their handshake: they count against
+        // `max_connections` like open ones, so a flood of silent handshakes is bounded too.
+        let handshaking = Rc::new(std::cell::Cell::new(0usize));
         loop {
             match listener.accept().await {
                 Ok(stream) => {
                     backoff = Duration::from_millis(10);
                     let mut e = ctx.engine.borrow_mut();
-                    if e.listener_connections(number) >= cfg.max_connections {
+                    if e.listener_connections(number) + handshaking.get() >= cfg.max_connections {
                         e.metrics.connections_refused += 1;
                         drop(stream);
                         continue;
@@ -213,8 +235,16 @@ pub fn spawn_accept(
                         continue;
                     }
                     drop(e);
-                    spawn_local(handshake(ctx.clone(), stream, peer, number, setup.clone()))
-                        .detach();
+                    let pending = Pending::new(&handshaking);
+                    spawn_local(handshake(
+                        ctx.clone(),
+                        stream,
+                        peer,
+                        number,
+                        setup.clone(),
+                        pending,
+                    ))
+                    .detach();
                 }
                 Err(err) => {
                     // EMFILE, ENFILE, ENOBUFS…: back off instead of spinning.
