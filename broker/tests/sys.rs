@@ -154,3 +154,48 @@ fn clients_coming_and_going_are_announced() {
         assert_eq!(v["reason"], "closed");
     }
 }
+
+#[test]
+fn packets_are_counted_by_type_both_ways() {
+    let b = Broker::with_shards(2);
+    let mut s = Raw::ok(b.addr, &id_owned_by("typed-sub", 1, 2));
+    s.subscribe(&[("typed/#", QoS::ExactlyOnce)]);
+    let mut p = Raw::ok(b.addr, &id_owned_by("typed-pub", 0, 2));
+    p.publish("typed/1", b"a", QoS::AtLeastOnce, false, 1);
+    assert_eq!(p.recv(), Some(Packet::Puback(1)));
+    p.publish("typed/2", b"b", QoS::ExactlyOnce, false, 2);
+    assert_eq!(p.recv(), Some(Packet::Pubrec(2)));
+    p.send(&Packet::Pubrel(2));
+    assert_eq!(p.recv(), Some(Packet::Pubcomp(2)));
+    p.ping();
+    // The subscriber gets them at QoS 1 and 2 and completes both flows (next_publish sends
+    // the PUBACK and the PUBREC).
+    let first = s.next_publish();
+    assert_eq!(first.qos, QoS::AtLeastOnce);
+    let second = s.next_publish();
+    assert_eq!(second.qos, QoS::ExactlyOnce);
+    assert_eq!(s.recv(), Some(Packet::Pubrel(second.packet_id)));
+    s.send(&Packet::Pubcomp(second.packet_id));
+    s.ping();
+    b.wait_metrics("every type counted", |m| {
+        m.packets_connect_received == 2
+            && m.packets_connack_sent == 2
+            && m.packets_subscribe_received == 1
+            && m.packets_suback_sent == 1
+            && m.packets_publish_received == 2
+            && m.packets_puback_sent == 1
+            && m.packets_pubrec_sent == 1
+            && m.packets_pubrel_received == 1
+            && m.packets_pubcomp_sent == 1
+            && m.packets_puback_received == 1
+            && m.packets_pubrec_received == 1
+            && m.packets_pubrel_sent == 1
+            && m.packets_pubcomp_received == 1
+            && m.packets_pingreq_received == 2
+            && m.packets_pingresp_sent == 2
+            && m.messages_qos1_received == 1
+            && m.messages_qos2_received == 1
+            && m.messages_sent == 2
+            && m.packets_sent() == 2 + 1 + 1 + 1 + 1 + 1 + 2 + 2
+    });
+}

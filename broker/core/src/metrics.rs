@@ -1,6 +1,7 @@
 //! Per-shard counters: plain integers owned by the shard, summed on request.
 
 use serde::Serialize;
+use shardmq_protocol::mqtt::{Packet, QoS};
 
 macro_rules! metrics {
     ($($(#[$doc:meta])* $name:ident,)*) => {
@@ -54,12 +55,54 @@ metrics! {
     protocol_errors,
     /// Packets received.
     packets_received,
+    /// CONNECT packets received.
+    packets_connect_received,
+    /// PUBLISH packets received.
+    packets_publish_received,
+    /// PUBACK packets received.
+    packets_puback_received,
+    /// PUBREC packets received.
+    packets_pubrec_received,
+    /// PUBREL packets received.
+    packets_pubrel_received,
+    /// PUBCOMP packets received.
+    packets_pubcomp_received,
+    /// SUBSCRIBE packets received.
+    packets_subscribe_received,
+    /// UNSUBSCRIBE packets received.
+    packets_unsubscribe_received,
+    /// PINGREQ packets received.
+    packets_pingreq_received,
+    /// DISCONNECT packets received.
+    packets_disconnect_received,
+    /// CONNACK packets sent.
+    packets_connack_sent,
+    /// PUBACK packets sent.
+    packets_puback_sent,
+    /// PUBREC packets sent.
+    packets_pubrec_sent,
+    /// PUBREL packets sent (first sends; resends count in `retries`).
+    packets_pubrel_sent,
+    /// PUBCOMP packets sent.
+    packets_pubcomp_sent,
+    /// SUBACK packets sent.
+    packets_suback_sent,
+    /// UNSUBACK packets sent.
+    packets_unsuback_sent,
+    /// PINGRESP packets sent.
+    packets_pingresp_sent,
     /// Bytes received.
     bytes_received,
     /// Bytes sent.
     bytes_sent,
     /// PUBLISH packets received from clients (and wills published).
     messages_received,
+    /// Of those, at QoS 0.
+    messages_qos0_received,
+    /// Of those, at QoS 1.
+    messages_qos1_received,
+    /// Of those, at QoS 2.
+    messages_qos2_received,
     /// PUBLISH packets written to clients.
     messages_sent,
     /// Messages that matched no subscriber anywhere.
@@ -111,4 +154,66 @@ metrics! {
     /// Connections closed for bad input below MQTT: a WebSocket text frame, a frame that is
     /// too large or malformed, or a TLS record that does not decrypt.
     transport_violations,
+}
+
+impl Metrics {
+    /// Counts a packet received, by type.
+    #[inline]
+    pub fn count_received(&mut self, p: &Packet) {
+        self.packets_received += 1;
+        match p {
+            Packet::Connect(_) => self.packets_connect_received += 1,
+            Packet::Publish(_) => self.packets_publish_received += 1,
+            Packet::Puback(_) => self.packets_puback_received += 1,
+            Packet::Pubrec(_) => self.packets_pubrec_received += 1,
+            Packet::Pubrel(_) => self.packets_pubrel_received += 1,
+            Packet::Pubcomp(_) => self.packets_pubcomp_received += 1,
+            Packet::Subscribe(_) => self.packets_subscribe_received += 1,
+            Packet::Unsubscribe(_) => self.packets_unsubscribe_received += 1,
+            Packet::Pingreq => self.packets_pingreq_received += 1,
+            Packet::Disconnect => self.packets_disconnect_received += 1,
+            // Packets only a server sends: a protocol error, counted in total only.
+            _ => {}
+        }
+    }
+
+    /// Counts a control packet sent, by type (PUBLISH is `messages_sent`).
+    #[inline]
+    pub fn count_sent(&mut self, p: &Packet) {
+        match p {
+            Packet::Connack(_) => self.packets_connack_sent += 1,
+            Packet::Puback(_) => self.packets_puback_sent += 1,
+            Packet::Pubrec(_) => self.packets_pubrec_sent += 1,
+            Packet::Pubrel(_) => self.packets_pubrel_sent += 1,
+            Packet::Pubcomp(_) => self.packets_pubcomp_sent += 1,
+            Packet::Suback(_) => self.packets_suback_sent += 1,
+            Packet::Unsuback(_) => self.packets_unsuback_sent += 1,
+            Packet::Pingresp => self.packets_pingresp_sent += 1,
+            _ => {}
+        }
+    }
+
+    /// Counts a message accepted from a client (or a will), by QoS.
+    #[inline]
+    pub fn count_message_in(&mut self, qos: QoS) {
+        self.messages_received += 1;
+        match qos {
+            QoS::AtMostOnce => self.messages_qos0_received += 1,
+            QoS::AtLeastOnce => self.messages_qos1_received += 1,
+            QoS::ExactlyOnce => self.messages_qos2_received += 1,
+        }
+    }
+
+    /// Control packets and PUBLISH packets sent, all types.
+    pub fn packets_sent(&self) -> u64 {
+        self.messages_sent
+            + self.packets_connack_sent
+            + self.packets_puback_sent
+            + self.packets_pubrec_sent
+            + self.packets_pubrel_sent
+            + self.packets_pubcomp_sent
+            + self.packets_suback_sent
+            + self.packets_unsuback_sent
+            + self.packets_pingresp_sent
+    }
 }

@@ -407,7 +407,7 @@ impl Engine {
             return;
         }
         c.last_rx = now;
-        self.metrics.packets_received += 1;
+        self.metrics.count_received(&packet);
         if c.paused {
             // The driver reads no more while a packet is held back; should it, this one
             // waits behind it, so the connection's packets keep their order.
@@ -464,6 +464,7 @@ impl Engine {
         {
             self.metrics.connects_refused += 1;
             debug!(peer = %c.peer, error = %err, "refusing CONNECT");
+            self.metrics.packets_connack_sent += 1;
             self.outbox_bytes += c.outbox.put(&Packet::Connack(Connack {
                 session_present: false,
                 code: ConnectReturnCode::UnacceptableProtocolVersion,
@@ -640,6 +641,7 @@ impl Engine {
     /// Writes `p` to the connection's outbox (a reply to the client's own packet: always).
     pub(super) fn reply(&mut self, id: ConnId, p: &Packet) {
         if let Some(c) = conn_mut(&mut self.conns, id) {
+            self.metrics.count_sent(p);
             self.outbox_bytes += c.outbox.put(p);
             c.wake();
         }

@@ -108,6 +108,7 @@ impl Engine {
             } => {
                 if let Some(c) = conn_mut(&mut self.conns, conn) {
                     if !c.close {
+                        self.metrics.packets_suback_sent += 1;
                         self.outbox_bytes += c.outbox.put(&Packet::Suback(suback));
                         c.wake();
                     }

@@ -93,12 +93,14 @@ impl Engine {
             match &mut c.held {
                 Some(h) => h.acks.push(ack),
                 None => {
+                    self.metrics.count_sent(&ack);
                     self.outbox_bytes += c.outbox.put(&ack);
                     c.wake();
                 }
             }
         }
         if route {
+            self.metrics.count_message_in(p.qos);
             let msg = self.new_message(p.topic, p.payload, p.qos, p.retain);
             let ack = remote_retain.then_some(Ticket::new(self.cfg.shard, id));
             self.accept_message(msg, ack, remote, retain_owner);
@@ -119,6 +121,7 @@ impl Engine {
         if h.waiting == 0 {
             if let Some(h) = c.held.take() {
                 for ack in &h.acks {
+                    self.metrics.count_sent(ack);
                     self.outbox_bytes += c.outbox.put(ack);
                 }
                 c.wake();
@@ -154,7 +157,6 @@ impl Engine {
         remote: ShardSet,
         retain_owner: Option<usize>,
     ) {
-        self.metrics.messages_received += 1;
         if msg.retain && self.cfg.retainer_enabled {
             match retain_owner {
                 None => self.store_retained(msg.clone()),
@@ -178,7 +180,8 @@ impl Engine {
             self.send(shard, ShardMsg::Deliver(msg.clone()));
         }
         let local = self.deliver_local(&msg);
-        if remote.is_empty() && local == 0 {
+        // The broker's own `$SYS/` messages are not clients' messages lost.
+        if remote.is_empty() && local == 0 && !crate::topic::is_sys(&msg.topic) {
             self.metrics.messages_no_subscribers += 1;
         }
     }
@@ -228,6 +231,7 @@ impl Engine {
             self.stalled_wills.push_front(msg);
             return;
         }
+        self.metrics.count_message_in(msg.qos);
         self.accept_message(msg, None, remote, retain_owner);
     }
 
@@ -333,6 +337,9 @@ impl Engine {
         }
         match result {
             Ok(sent) => {
+                if matches!(kind, AckKind::Pubrec) {
+                    self.metrics.packets_pubrel_sent += 1;
+                }
                 self.metrics.messages_sent += sent as u64;
                 if sent > 0 {
                     self.arm_new(key, self.retry_due(now));

@@ -9,6 +9,7 @@ impl Engine {
         self.metrics.connects_refused += 1;
         if let Some(c) = conn_mut(&mut self.conns, id) {
             debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), ?code, "refusing CONNECT");
+            self.metrics.packets_connack_sent += 1;
             self.outbox_bytes += c.outbox.put(&Packet::Connack(Connack {
                 session_present: false,
                 code,
@@ -237,6 +238,7 @@ impl Engine {
         a.expires_at = Timestamp::NEVER;
         c.phase = ConnPhase::Connected(key as u32);
         let before = c.outbox.len();
+        self.metrics.packets_connack_sent += 1;
         c.outbox.put(&Packet::Connack(Connack {
             session_present: present && c.level == ProtocolLevel::V311,
             code: ConnectReturnCode::Accepted,
