@@ -10,12 +10,17 @@ listener_port() {
 }
 
 start_broker() {
-  local bin=$1
+  local bin=$1 level=info arg
   shift
+  # The listening lines are read at info level from the runtime; a level the caller gives
+  # (benchmarks run at warn: no line per client) applies to everything else.
+  for arg in "$@"; do
+    case "$arg" in SHARDMQ_LOG__LEVEL=*) level="${arg#SHARDMQ_LOG__LEVEL=},shardmq::shard::runtime=info" ;; esac
+  done
   BROKER_LOG=$(mktemp)
   env "$@" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:0 \
     SHARDMQ_LISTENER__WS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LISTENER__SSL__EXTERNAL__BIND=127.0.0.1:0 \
-    SHARDMQ_LISTENER__WSS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LOG__LEVEL=info \
+    SHARDMQ_LISTENER__WSS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_LOG__LEVEL="$level" \
     "$bin" >"$BROKER_LOG" 2>&1 &
   BROKER_PID=$!
   for _ in $(seq 1 200); do

@@ -312,3 +312,39 @@ fn a_panic_on_a_shard_stops_the_broker_with_a_line_naming_it() {
     assert!(lines[0].contains("SHARDMQTEST_PANIC_SHARD"), "{rest}");
     assert!(c.expect_closed().is_empty(), "the clients' connections end");
 }
+
+#[test]
+fn clients_coming_and_going_are_logged_at_info() {
+    let mut child = spawn_broker("127.0.0.1:0");
+    let (addr, mut log) = listen_addr(&mut child);
+    let mut c = common::Raw::ok(addr, "logged-client");
+    c.send(&shardmq::protocol::mqtt::Packet::Disconnect);
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("client disconnected"))
+    {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "log ended: {seen:?}");
+        if line.contains("logged-client") {
+            seen.push(line.clone());
+        }
+    }
+    let connected = seen
+        .iter()
+        .find(|l| l.contains("client connected"))
+        .expect("connect line");
+    assert!(
+        connected.contains("INFO") && connected.contains("shard="),
+        "{connected}"
+    );
+    let gone = seen.last().unwrap();
+    assert!(
+        gone.contains("INFO") && gone.contains("reason=\"normal\""),
+        "{gone}"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}

@@ -9,7 +9,8 @@
 use super::*;
 use serde::Serialize;
 
-/// Why a connected client's connection ended (the `reason` of its `disconnected` event).
+/// Why a connected client's connection ended (the `reason` of its `disconnected` event and
+/// of its log line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReason {
@@ -27,6 +28,21 @@ pub enum EndReason {
     Takeover,
     /// The broker is stopping.
     Shutdown,
+}
+
+impl EndReason {
+    /// The reason as the event and the log write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Normal => "normal",
+            EndReason::Closed => "closed",
+            EndReason::KeepaliveTimeout => "keepalive_timeout",
+            EndReason::ProtocolError => "protocol_error",
+            EndReason::MalformedPacket => "malformed_packet",
+            EndReason::Takeover => "takeover",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -66,10 +82,8 @@ fn topic_level(client_id: &str) -> std::borrow::Cow<'_, str> {
 impl Engine {
     /// Publishes the `connected` event of connection `id` (`reason: None`) or its
     /// `disconnected` one, if it is a connected client and events are on.
+    /// The end is also logged, at info level, whether events are on or not.
     pub(super) fn client_event(&mut self, id: ConnId, reason: Option<EndReason>) {
-        if !self.cfg.client_events {
-            return;
-        }
         let Some(c) = self.conns.get(id.idx as usize).filter(|c| c.gen == id.gen) else {
             return;
         };
@@ -77,6 +91,12 @@ impl Engine {
             return;
         }
         let client_id = client_of(&self.sessions, c);
+        if let Some(reason) = reason {
+            tracing::info!(client_id, peer = %c.peer, shard = self.cfg.shard, reason = reason.as_str(), "client disconnected");
+        }
+        if !self.cfg.client_events {
+            return;
+        }
         let (proto_name, proto_ver) = match c.level {
             ProtocolLevel::V31 => ("MQIsdp", 3),
             ProtocolLevel::V311 => ("MQTT", 4),

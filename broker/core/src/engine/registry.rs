@@ -253,7 +253,7 @@ impl Engine {
         if a.session.wants_room(lim) {
             starve(c, id, len, &self.cfg, &mut self.starved);
         }
-        debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), session_present = present, "connected");
+        tracing::info!(client_id = client_of(&self.sessions, c), peer = %c.peer, shard = self.cfg.shard, session_present = present, "client connected");
         c.wake();
         self.metrics.messages_sent += sent as u64;
         self.metrics.connects_accepted += 1;
