@@ -155,6 +155,18 @@ pub fn probe(addr: SocketAddr) -> io::Result<SocketAddr> {
     probe.local_addr()
 }
 
+/// A socket bound to `addr` with SO_REUSEPORT and not listening: it keeps the port out of
+/// other processes' hands (their probe's bind fails, and the kernel gives no port in use for
+/// port 0) until the shards have bound it, without taking any connection.
+pub fn hold(addr: SocketAddr) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_port(true)?;
+    sock.set_reuse_address(true)?;
+    sock.set_cloexec(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
 /// Binds one shard's socket for a listener. Returns it with a second descriptor of the same
 /// socket, for [`stop_listening`] at shutdown.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<(TcpListener, OwnedFd)> {

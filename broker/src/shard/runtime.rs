@@ -238,6 +238,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
     }
     let mut listeners: Vec<ListenerSpec> = Vec::new();
+    let mut holders = Vec::new();
     let plain = cfg
         .listener
         .tcp
@@ -292,6 +293,11 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
                 }
             }
         })?;
+        // Held (bound with SO_REUSEPORT, not listening) until the shards have bound it: no
+        // other process probing for a free port can be given this one in the meantime.
+        if let Ok(h) = listener::hold(addr) {
+            holders.push(h);
+        }
         listeners.push((name, addr, l, ws));
     }
     if listeners.is_empty() {
@@ -369,6 +375,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
+    drop(holders);
     let names = listeners
         .iter()
         .map(|(n, a, _, _)| (n.clone(), *a))
