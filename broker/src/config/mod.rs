@@ -232,11 +232,13 @@ impl Default for TlsOptions {
     }
 }
 
-/// Declares a listener's configuration struct: its own keys, then the TLS keys of
-/// [`TlsOptions`] (serde cannot flatten them in while refusing unknown keys), with `tls()` to
-/// read them back and `with_tls()` to build the defaults.
+/// Declares a listener's configuration struct: its own keys with their defaults, then the TLS
+/// keys of [`TlsOptions`] (serde cannot flatten them in while refusing unknown keys), with
+/// `Default` and `tls()` to read the TLS keys back.
 macro_rules! tls_listener {
-    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $($(#[$fmeta:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+    }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(deny_unknown_fields, default)]
@@ -265,6 +267,23 @@ macro_rules! tls_listener {
             pub peer_cert_as_username: Option<PeerCertAsUsername>,
         }
 
+        impl Default for $name {
+            fn default() -> Self {
+                let tls = TlsOptions::default();
+                $name {
+                    $($field: $default,)*
+                    certfile: tls.certfile,
+                    keyfile: tls.keyfile,
+                    cacertfile: tls.cacertfile,
+                    verify: tls.verify,
+                    fail_if_no_peer_cert: tls.fail_if_no_peer_cert,
+                    versions: tls.versions,
+                    handshake_timeout: tls.handshake_timeout,
+                    peer_cert_as_username: tls.peer_cert_as_username,
+                }
+            }
+        }
+
         impl $name {
             /// Its TLS keys.
             pub fn tls(&self) -> TlsOptions {
@@ -287,44 +306,20 @@ tls_listener! {
     /// `listener.ssl.<name>.*`: MQTT over TLS.
     pub struct SslListenerConfig {
         /// Whether the listener is started (once `certfile` is set).
-        pub enable: bool,
+        pub enable: bool = true,
         /// Address to listen on. EMQX: `listener.ssl.external`.
-        pub bind: SocketAddr,
+        pub bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8883)),
         /// Listen backlog. EMQX: `listener.ssl.external.backlog`.
-        pub backlog: u32,
+        pub backlog: u32 = 1024,
         /// Connections this listener accepts per shard; further ones are closed and counted.
         /// EMQX: `listener.ssl.external.max_connections` (per node there).
-        pub max_connections: usize,
+        pub max_connections: usize = 1_000_000,
         /// TCP_NODELAY on accepted sockets. EMQX: `listener.ssl.external.nodelay`.
-        pub nodelay: bool,
+        pub nodelay: bool = true,
         /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
-        pub sndbuf: ByteSize,
+        pub sndbuf: ByteSize = ByteSize(0),
         /// SO_RCVBUF of accepted sockets; "0" leaves the kernel's autotuning.
-        pub recbuf: ByteSize,
-    }
-}
-
-impl Default for SslListenerConfig {
-    fn default() -> Self {
-        let tcp = TcpListenerConfig::default();
-        let tls = TlsOptions::default();
-        SslListenerConfig {
-            enable: true,
-            bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
-            backlog: tcp.backlog,
-            max_connections: tcp.max_connections,
-            nodelay: tcp.nodelay,
-            sndbuf: tcp.sndbuf,
-            recbuf: tcp.recbuf,
-            certfile: tls.certfile,
-            keyfile: tls.keyfile,
-            cacertfile: tls.cacertfile,
-            verify: tls.verify,
-            fail_if_no_peer_cert: tls.fail_if_no_peer_cert,
-            versions: tls.versions,
-            handshake_timeout: tls.handshake_timeout,
-            peer_cert_as_username: tls.peer_cert_as_username,
-        }
+        pub recbuf: ByteSize = ByteSize(0),
     }
 }
 
@@ -347,58 +342,30 @@ tls_listener! {
     /// `listener.wss.<name>.*`: MQTT over WebSocket over TLS.
     pub struct WssListenerConfig {
         /// Whether the listener is started (once `certfile` is set).
-        pub enable: bool,
+        pub enable: bool = true,
         /// Address to listen on. EMQX: `listener.wss.external`.
-        pub bind: SocketAddr,
+        pub bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8084)),
         /// The HTTP path that upgrades to MQTT; other paths get 404. EMQX:
         /// `listener.wss.external.mqtt_path`.
-        pub path: String,
+        pub path: String = "/mqtt".into(),
         /// Largest WebSocket frame (and message) accepted. EMQX:
         /// `listener.wss.external.max_frame_size`.
-        pub max_frame_size: ByteSize,
+        pub max_frame_size: ByteSize = ByteSize(1 << 20),
         /// `Sec-WebSocket-Protocol` values accepted, in order. EMQX:
         /// `listener.wss.external.supported_subprotocols`.
-        pub subprotocols: Vec<String>,
+        pub subprotocols: Vec<String> = vec!["mqtt".into(), "mqttv3.1".into(), "mqttv3.1.1".into()],
         /// Refuse (HTTP 400) a client that offers none of `subprotocols`.
-        pub fail_if_no_subprotocol: bool,
+        pub fail_if_no_subprotocol: bool = false,
         /// Listen backlog.
-        pub backlog: u32,
+        pub backlog: u32 = 1024,
         /// Connections this listener accepts per shard.
-        pub max_connections: usize,
+        pub max_connections: usize = 1_000_000,
         /// TCP_NODELAY on accepted sockets.
-        pub nodelay: bool,
+        pub nodelay: bool = true,
         /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
-        pub sndbuf: ByteSize,
+        pub sndbuf: ByteSize = ByteSize(0),
         /// SO_RCVBUF of accepted sockets; "0" leaves the kernel's autotuning.
-        pub recbuf: ByteSize,
-    }
-}
-
-impl Default for WssListenerConfig {
-    fn default() -> Self {
-        let ws = WsListenerConfig::default();
-        let tls = TlsOptions::default();
-        WssListenerConfig {
-            enable: true,
-            bind: SocketAddr::from(([0, 0, 0, 0], 8084)),
-            path: ws.path,
-            max_frame_size: ws.max_frame_size,
-            subprotocols: ws.subprotocols,
-            fail_if_no_subprotocol: ws.fail_if_no_subprotocol,
-            backlog: ws.backlog,
-            max_connections: ws.max_connections,
-            nodelay: ws.nodelay,
-            sndbuf: ws.sndbuf,
-            recbuf: ws.recbuf,
-            certfile: tls.certfile,
-            keyfile: tls.keyfile,
-            cacertfile: tls.cacertfile,
-            verify: tls.verify,
-            fail_if_no_peer_cert: tls.fail_if_no_peer_cert,
-            versions: tls.versions,
-            handshake_timeout: tls.handshake_timeout,
-            peer_cert_as_username: tls.peer_cert_as_username,
-        }
+        pub recbuf: ByteSize = ByteSize(0),
     }
 }
 
