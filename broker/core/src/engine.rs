@@ -53,6 +53,7 @@ use std::task::Waker;
 use std::time::Duration;
 use tracing::debug;
 
+pub mod admin;
 mod connections;
 mod events;
 mod handover;
@@ -367,6 +368,10 @@ pub struct Engine {
     reg_waiting: AHashMap<ByteStr, VecDeque<(Ticket, bool)>>,
     next_epoch: u64,
     local: TopicTrie<Vec<(usize, QoS)>>,
+    /// Subscriptions in `local` (session, filter pairs).
+    subscriptions: usize,
+    /// Filters in `local` that `routes` does not hold (no other shard subscribes to them).
+    local_only_filters: usize,
     routes: RouteTable,
     route_adds: Vec<ByteStr>,
     route_removes: Vec<ByteStr>,
@@ -474,6 +479,8 @@ impl Engine {
             reg_waiting: AHashMap::new(),
             next_epoch: 0,
             local: TopicTrie::new(),
+            subscriptions: 0,
+            local_only_filters: 0,
             routes: RouteTable::new(),
             route_adds: Vec::new(),
             route_removes: Vec::new(),
@@ -529,6 +536,16 @@ impl Engine {
     /// Distinct filters with local subscribers.
     pub fn local_filter_count(&self) -> usize {
         self.local.len()
+    }
+
+    /// Subscriptions of the sessions held here.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions
+    }
+
+    /// Distinct filters subscribed to anywhere, as this shard's route replica knows them.
+    pub fn topic_count(&self) -> usize {
+        self.routes.len() + self.local_only_filters
     }
 
     /// Retained messages in this shard's partition.

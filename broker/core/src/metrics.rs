@@ -131,6 +131,10 @@ metrics! {
     retries,
     /// Wills published.
     wills_published,
+    /// Messages published through the admin API.
+    admin_published,
+    /// Clients kicked out through the admin API.
+    clients_kicked,
     /// Messages the broker published itself (`$SYS/…`).
     sys_published,
     /// Client PUBLISH packets into `$SYS/`, acknowledged and dropped.

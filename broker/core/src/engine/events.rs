@@ -28,6 +28,8 @@ pub enum EndReason {
     Takeover,
     /// The broker is stopping.
     Shutdown,
+    /// An operator kicked the client out (admin API, `shardmq ctl clients kick`).
+    Kicked,
 }
 
 impl EndReason {
@@ -41,6 +43,7 @@ impl EndReason {
             EndReason::MalformedPacket => "malformed_packet",
             EndReason::Takeover => "takeover",
             EndReason::Shutdown => "shutdown",
+            EndReason::Kicked => "kicked",
         }
     }
 }
@@ -101,9 +104,7 @@ impl Engine {
             ProtocolLevel::V31 => ("MQIsdp", 3),
             ProtocolLevel::V311 => ("MQTT", 4),
         };
-        // The allowance is keepalive × multiplier, in milliseconds.
-        let keepalive =
-            (f64::from(c.keepalive_ms) / (self.cfg.keepalive_multiplier * 1000.0)).round() as u32;
+        let keepalive = self.keepalive_secs(c);
         let event = Event {
             clientid: client_id,
             username: c.about.as_deref().and_then(|a| a.username.as_deref()),

@@ -184,16 +184,20 @@ impl Engine {
         match msg {
             Control::Route { seq, add, remove } => {
                 for f in add {
-                    self.routes
-                        .entry_or_insert_with(&f, ShardSet::default)
-                        .0
-                        .insert(from);
+                    let (set, new) = self.routes.entry_or_insert_with(&f, ShardSet::default);
+                    set.insert(from);
+                    if new && self.local.get(&f).is_some() {
+                        self.local_only_filters -= 1;
+                    }
                 }
                 for f in remove {
                     if let Some(set) = self.routes.get_mut(&f) {
                         set.remove(from);
                         if set.is_empty() {
                             self.routes.remove(&f);
+                            if self.local.get(&f).is_some() {
+                                self.local_only_filters += 1;
+                            }
                         }
                     }
                 }

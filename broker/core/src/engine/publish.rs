@@ -216,6 +216,12 @@ impl Engine {
     pub(super) fn publish_will(&mut self, will: LastWill) {
         self.metrics.wills_published += 1;
         let msg = self.new_message(will.topic, will.payload, will.qos, will.retain);
+        self.publish_broker_message(msg);
+    }
+
+    /// Publishes a message no client sent (a will, an operator's), counted as received: QoS 1
+    /// and 2 ones wait, in order, for room in the cross-shard queues.
+    pub(super) fn publish_broker_message(&mut self, msg: SharedMessage) {
         if self.stalled_wills.is_empty() {
             self.accept_will(msg);
         } else {

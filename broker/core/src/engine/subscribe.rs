@@ -138,9 +138,15 @@ impl Engine {
         let (subs, new_filter) = self.local.entry_or_insert_with(filter, Vec::new);
         match subs.iter_mut().find(|(k, _)| *k == key) {
             Some(e) => e.1 = qos,
-            None => subs.push((key, qos)),
+            None => {
+                subs.push((key, qos));
+                self.subscriptions += 1;
+            }
         }
         if new_filter {
+            if self.routes.get(filter).is_none() {
+                self.local_only_filters += 1;
+            }
             push_pending(&mut self.route_adds, &mut self.route_removes, filter);
         }
     }
@@ -149,9 +155,14 @@ impl Engine {
         let Some(subs) = self.local.get_mut(filter) else {
             return;
         };
+        let before = subs.len();
         subs.retain(|(k, _)| *k != key);
+        self.subscriptions -= before - subs.len();
         if subs.is_empty() {
             self.local.remove(filter);
+            if self.routes.get(filter).is_none() {
+                self.local_only_filters -= 1;
+            }
             push_pending(&mut self.route_removes, &mut self.route_adds, filter);
         }
     }

@@ -122,9 +122,21 @@ impl Cluster {
         true
     }
 
-    /// Checks what must hold between steps: each engine's count of outbox bytes is right.
+    /// Checks what must hold between steps: each engine's count of outbox bytes is right,
+    /// and so are its counts of subscriptions and distinct filters.
     fn check(&self) {
         for e in &self.engines {
+            let mut subs = 0;
+            let mut filters = AHashSet::new();
+            e.local.for_each(|f, s| {
+                subs += s.len();
+                filters.insert(f.to_string());
+            });
+            e.routes.for_each(|f, _| {
+                filters.insert(f.to_string());
+            });
+            assert_eq!(e.subscription_count(), subs, "shard {}", e.cfg.shard);
+            assert_eq!(e.topic_count(), filters.len(), "shard {}", e.cfg.shard);
             let sum: usize = e.conns.iter().map(|(_, c)| c.outbox.len()).sum();
             assert_eq!(
                 sum, e.outbox_bytes,
@@ -1672,7 +1684,7 @@ fn connection_and_session_slots_stay_small() {
 }
 
 /// A client id whose owner is `shard` of `shards`.
-fn id_owned_by(prefix: &str, shard: usize, shards: usize) -> String {
+pub(super) fn id_owned_by(prefix: &str, shard: usize, shards: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
         .find(|id| owner_shard(id.as_bytes(), shards) == shard)
@@ -1902,3 +1914,5 @@ fn client_events_tell_who_came_and_why_they_left() {
         let _ = new;
     }
 }
+
+mod admin;
