@@ -11,6 +11,7 @@ fn broker() -> (shardmq::shard::BrokerHandle, std::net::SocketAddr) {
     let mut c = Config::default();
     c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.admin.enable = false;
     c.listener.ws.get_mut("external").unwrap().enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
@@ -130,6 +131,7 @@ fn every_transport_delivers_exactly_once() {
     let mut c = Config::default();
     c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.admin.enable = false;
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     let ssl = c.listener.ssl.get_mut("external").unwrap();
     ssl.bind = "127.0.0.1:0".parse().unwrap();

@@ -19,7 +19,9 @@
 //!    connection drivers, cross-shard channels; [`transport`] is what a connection's bytes
 //!    travel over (plain TCP; TLS and WebSocket next), behind one seam.
 
+pub mod admin;
 pub mod config;
+pub mod ctl;
 pub mod shard;
 pub mod transport;
 

@@ -1,4 +1,5 @@
-//! `shardmq`: runs the broker (default), or prints the effective configuration.
+//! `shardmq`: runs the broker (default), prints the effective configuration, or talks to a
+//! running broker (`shardmq ctl …`).
 
 use clap::Parser;
 use shardmq::config::{self, LoadOptions};
@@ -25,6 +26,39 @@ struct Cli {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// What to do instead of running the broker.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Talks to a running broker through its admin API (status, clients, subscriptions,
+    /// routes, metrics, publish).
+    Ctl(shardmq::ctl::CtlArgs),
+}
+
+/// `shardmq ctl`: the configuration gives the API's address and credentials; with `--url`, a
+/// configuration that does not load is no obstacle.
+fn ctl(args: &shardmq::ctl::CtlArgs, cfg: Result<config::Config, config::ConfigError>) -> ExitCode {
+    let cfg = match cfg {
+        Ok(c) => Some(c),
+        Err(_) if args.url.is_some() => None,
+        Err(e) => {
+            eprintln!("shardmq ctl: configuration error: {e} (or give --url)");
+            return ExitCode::from(2);
+        }
+    };
+    match shardmq::ctl::run(args, cfg.as_ref()) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardmq ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Turns transparent huge pages off for this process (unless `MIMALLOC_ALLOW_THP=1` asks to
@@ -43,12 +77,16 @@ fn disable_transparent_huge_pages() {
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
     let cli = Cli::parse();
-    let cfg = match config::load(&LoadOptions {
+    let loaded = config::load(&LoadOptions {
         config_file: cli.config,
         profile: cli.profile,
         profiles_dir: cli.profiles_dir,
         use_env: true,
-    }) {
+    });
+    if let Some(Command::Ctl(args)) = &cli.command {
+        return ctl(args, loaded);
+    }
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("shardmq: configuration error: {e}");

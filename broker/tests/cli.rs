@@ -187,6 +187,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
         ))
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
         .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_ADMIN__BIND", "127.0.0.1:0")
         .env("SHARDMQ_SHARDS__CPUS", "[0]")
         .env("SHARDMQ_LOG__LEVEL", "info")
         .stdout(Stdio::null())
@@ -347,4 +348,98 @@ fn clients_coming_and_going_are_logged_at_info() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+}
+
+/// Reads the log until the admin API's line and returns its address.
+fn admin_addr(log: &mut BufReader<std::process::ChildStderr>) -> std::net::SocketAddr {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "no admin API line");
+        if line.contains("admin API listening") {
+            let addr = line.split("addr=").nth(1).unwrap();
+            return addr.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    }
+}
+
+/// `shardmq ctl` against a running broker: status, the client list and one client, its
+/// subscriptions, routes, metrics, publish and kick, tables and JSON; then, with the broker
+/// gone, one line and a non-zero exit.
+#[test]
+fn ctl_talks_to_a_running_broker() {
+    let mut child = spawn_broker("127.0.0.1:0");
+    let (addr, mut log) = listen_addr(&mut child);
+    let admin = admin_addr(&mut log);
+    let url = format!("http://{admin}");
+    let ctl = |args: &[&str]| -> std::process::Output {
+        bin().arg("ctl").arg("--url").arg(&url).args(args).output().unwrap()
+    };
+    let ok = |args: &[&str]| -> String {
+        let out = ctl(args);
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let status = ok(&["status"]);
+    assert!(status.contains("is running") && status.contains("shards"), "{status}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "status"])).unwrap();
+    assert_eq!(v["status"], "running");
+
+    let mut sub = common::Raw::ok(addr, "ctl-sub");
+    sub.subscribe(&[("ctl/+", shardmq::protocol::mqtt::QoS::AtLeastOnce)]);
+    let list = ok(&["clients", "list"]);
+    assert!(list.starts_with("CLIENTID"), "{list}");
+    assert!(list.contains("ctl-sub") && list.contains("1 of 1 clients"), "{list}");
+    let show = ok(&["clients", "show", "ctl-sub"]);
+    assert!(show.contains("ctl/+"), "{show}");
+    let subs = ok(&["subscriptions", "list", "--client", "ctl-sub"]);
+    assert!(subs.contains("ctl/+") && subs.contains("1 of 1"), "{subs}");
+    let routes = ok(&["routes", "list"]);
+    assert!(routes.contains("ctl/+"), "{routes}");
+    let metrics = ok(&["metrics"]);
+    assert!(metrics.contains("connections_accepted"), "{metrics}");
+    let stats = ok(&["stats"]);
+    assert!(stats.contains("connections.count"), "{stats}");
+
+    ok(&["publish", "ctl/x", "from ctl", "--qos", "1"]);
+    let p = sub.next_publish();
+    assert_eq!((&*p.topic, &p.payload[..]), ("ctl/x", &b"from ctl"[..]));
+    sub.send(&shardmq::protocol::mqtt::Packet::Puback(p.packet_id));
+
+    let missing = ctl(&["clients", "show", "nobody"]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8(missing.stderr).unwrap();
+    assert!(err.contains("no client") && err.contains("404"), "{err}");
+
+    assert!(ok(&["clients", "kick", "ctl-sub"]).contains("kicked"));
+    sub.expect_closed();
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+    let down = ctl(&["status"]);
+    assert_eq!(down.status.code(), Some(1));
+    let err = String::from_utf8(down.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("is the broker running"), "{err}");
+}
+
+#[test]
+fn an_admin_port_in_use_fails_the_start_naming_the_key() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = bin()
+        .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
+        .env("SHARDMQ_ADMIN__BIND", holder.local_addr().unwrap().to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("admin.bind"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -4,12 +4,15 @@ use serde::Serialize;
 use shardmq_protocol::mqtt::{Packet, QoS};
 
 macro_rules! metrics {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         /// Counters of one shard (or the sum over shards).
         #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
         pub struct Metrics {
-            $($(#[$doc])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
         }
+
+        /// (name, description) of every counter, in declaration order.
+        pub const DESCRIPTIONS: &[(&str, &str)] = &[$((stringify!($name), concat!($($doc),*)),)*];
 
         impl Metrics {
             /// Adds `other` into `self`.

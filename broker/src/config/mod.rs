@@ -39,6 +39,104 @@ pub struct Config {
     pub retainer: RetainerConfig,
     /// `sys.*`: the broker's `$SYS/` topics.
     pub sys: SysConfig,
+    /// `admin.*`: the HTTP API (REST, Prometheus) that `shardmq ctl` talks to.
+    pub admin: AdminConfig,
+}
+
+/// `admin.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Whether the admin API is started.
+    pub enable: bool,
+    /// Address of the admin API (REST under `/api/v1`, Prometheus at `/metrics`). A bind that
+    /// is not a loopback address needs `username` and `password`, or `api_key`. EMQX:
+    /// `dashboard.listeners.http.bind` (18083).
+    pub bind: SocketAddr,
+    /// Basic-auth user name; requests must carry it when `password` is set.
+    pub username: Option<String>,
+    /// Basic-auth password (at least 8 characters; no default).
+    pub password: Option<String>,
+    /// An API key, accepted as `Authorization: Bearer KEY` (at least 16 characters).
+    pub api_key: Option<String>,
+    /// How long a request waits for a shard's answer before failing with 503.
+    pub request_timeout: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enable: true,
+            bind: SocketAddr::from(([127, 0, 0, 1], 18083)),
+            username: None,
+            password: None,
+            api_key: None,
+            request_timeout: Duration::secs(5),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Whether requests must authenticate: always on a non-loopback bind, and wherever
+    /// credentials are configured.
+    pub fn needs_credentials(&self) -> bool {
+        !self.bind.ip().is_loopback() || self.password.is_some() || self.api_key.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.username.is_some() != self.password.is_some() {
+            let missing = if self.username.is_some() {
+                "admin.password"
+            } else {
+                "admin.username"
+            };
+            return Err(invalid(
+                missing,
+                "admin.username and admin.password go together",
+            ));
+        }
+        if self
+            .username
+            .as_deref()
+            .is_some_and(|u| u.is_empty() || u.contains(':'))
+        {
+            return Err(invalid(
+                "admin.username",
+                "must be non-empty and hold no ':'",
+            ));
+        }
+        if self
+            .password
+            .as_deref()
+            .is_some_and(|p| p.chars().count() < 8)
+        {
+            return Err(invalid("admin.password", "must be at least 8 characters"));
+        }
+        if self
+            .api_key
+            .as_deref()
+            .is_some_and(|k| k.chars().count() < 16)
+        {
+            return Err(invalid("admin.api_key", "must be at least 16 characters"));
+        }
+        if self.enable
+            && !self.bind.ip().is_loopback()
+            && self.password.is_none()
+            && self.api_key.is_none()
+        {
+            return Err(invalid(
+                "admin.bind",
+                format!(
+                    "{} is not a loopback address: set admin.username and admin.password, or admin.api_key (there is no default password)",
+                    self.bind
+                ),
+            ));
+        }
+        if self.request_timeout.enabled().is_none() {
+            return Err(invalid("admin.request_timeout", "must be more than 0s"));
+        }
+        Ok(())
+    }
 }
 
 /// `sys.*`
@@ -959,7 +1057,7 @@ impl Config {
         if m.close_timeout.enabled().is_none() {
             return Err(invalid("mqtt.close_timeout", "must be more than 0s"));
         }
-        Ok(())
+        self.admin.validate()
     }
 
     /// Checks what depends on this machine: every CPU in `shards.cpus` must be available.

@@ -7,9 +7,12 @@
 //! shutdown flag is raised; it closes its listeners and connections and exits.
 
 use super::connection::ConnCtx;
+use super::control::{self, Job, Mailbox};
 use super::listener;
 use super::mesh::{self, MeshEnds};
 use super::park::ParkingLot;
+use super::stats::{Board, ShardStats};
+use crate::admin::AdminServer;
 use crate::config::{ByteSize, Config, TcpListenerConfig};
 use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
@@ -20,15 +23,14 @@ use crate::transport::tls::TlsSettings;
 use crate::transport::ws::WsSettings;
 use glommio::timer::sleep;
 use glommio::{spawn_local, ExecutorJoinHandle, LocalExecutorBuilder, Placement};
-use serde::Serialize;
 use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Once};
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, Arc, Once};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, info, warn};
 
 /// Why the broker did not start.
@@ -65,6 +67,14 @@ pub enum StartError {
     /// A TLS listener's certificate, key or CA file cannot be used.
     #[error("{0}")]
     Tls(String),
+    /// The admin API cannot listen.
+    #[error("admin.bind: cannot listen on {addr}: {error}")]
+    Admin {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        error: std::io::Error,
+    },
     /// No MQTT listener is enabled.
     #[error("no listener is enabled (listener.tcp.*.enable)")]
     NoListener,
@@ -80,23 +90,6 @@ pub enum StartError {
     },
 }
 
-/// A snapshot of one shard's counters and sizes.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ShardStats {
-    /// Counters.
-    pub metrics: Metrics,
-    /// Open connections.
-    pub connections: usize,
-    /// Sessions held.
-    pub sessions: usize,
-    /// Filters in the local index.
-    pub local_filters: usize,
-    /// Retained messages in this shard's partition.
-    pub retained: u64,
-    /// Connections parked (idle, no driver task).
-    pub parked: usize,
-}
-
 /// (shard, CPU, executor thread) of a running shard.
 type ShardThread = (usize, usize, ExecutorJoinHandle<Result<(), String>>);
 
@@ -105,7 +98,66 @@ pub struct BrokerHandle {
     listeners: Vec<(String, SocketAddr)>,
     shutdown: Arc<AtomicBool>,
     joins: Vec<ShardThread>,
-    stats: Arc<Vec<Mutex<ShardStats>>>,
+    shards: Shards,
+    admin: Option<AdminServer>,
+}
+
+/// What threads outside the shards use to reach them: each shard's mailbox, the stats board,
+/// and who the broker is. Cheap to clone.
+#[derive(Clone)]
+pub struct Shards {
+    mailboxes: Arc<Vec<Arc<Mailbox>>>,
+    board: Arc<Board>,
+    mqtt: Arc<Vec<usize>>,
+    node: Arc<str>,
+    started: SystemTime,
+}
+
+impl Shards {
+    /// Number of shards.
+    pub fn len(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    /// Whether there is no shard (never, for a started broker).
+    pub fn is_empty(&self) -> bool {
+        self.mailboxes.is_empty()
+    }
+
+    /// The shards that serve MQTT listeners.
+    pub fn mqtt(&self) -> &[usize] {
+        &self.mqtt
+    }
+
+    /// The node name (`node.name`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// When the broker started.
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// The stats board.
+    pub fn board(&self) -> &Board {
+        &self.board
+    }
+
+    /// Runs `f` on shard `shard` with its engine and returns its result; `None` when the
+    /// shard has stopped (or does not exist).
+    pub async fn ask<R: Send + 'static>(
+        &self,
+        shard: usize,
+        f: impl FnOnce(&mut Engine, Timestamp) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |e, now| {
+            let _ = tx.send(f(e, now));
+        });
+        self.mailboxes.get(shard)?.post(job).ok()?;
+        rx.await.ok()
+    }
 }
 
 /// How often each shard publishes its [`ShardStats`].
@@ -157,7 +209,8 @@ struct ShardCtx {
     ends: MeshEnds,
     shutdown: Arc<AtomicBool>,
     report: mpsc::Sender<Result<(), String>>,
-    stats: Arc<Vec<Mutex<ShardStats>>>,
+    board: Arc<Board>,
+    mailbox: Arc<Mailbox>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -303,12 +356,21 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     if listeners.is_empty() {
         return Err(StartError::NoListener);
     }
+    // Bound before any shard starts, so a port in use fails the start at once.
+    let admin_listener = if cfg.admin.enable {
+        Some(
+            std::net::TcpListener::bind(cfg.admin.bind).map_err(|error| StartError::Admin {
+                addr: cfg.admin.bind,
+                error,
+            })?,
+        )
+    } else {
+        None
+    };
     let shutdown = Arc::new(AtomicBool::new(false));
-    let stats = Arc::new(
-        (0..shards)
-            .map(|_| Mutex::new(ShardStats::default()))
-            .collect::<Vec<_>>(),
-    );
+    let board = Arc::new(Board::new(shards));
+    let mailboxes: Arc<Vec<Arc<Mailbox>>> =
+        Arc::new((0..shards).map(|_| Arc::new(Mailbox::default())).collect());
     let mut joins = Vec::new();
     let mut reports = Vec::new();
     let mut failure = None;
@@ -328,7 +390,8 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             ends,
             shutdown: shutdown.clone(),
             report: tx,
-            stats: stats.clone(),
+            board: board.clone(),
+            mailbox: mailboxes[shard].clone(),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -380,12 +443,37 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .iter()
         .map(|(n, a, _, _)| (n.clone(), *a))
         .collect();
-    let handle = BrokerHandle {
+    let mut handle = BrokerHandle {
         listeners: names,
         shutdown,
         joins,
-        stats,
+        shards: Shards {
+            mailboxes,
+            board,
+            mqtt: Arc::new(mqtt_shards.clone()),
+            node: cfg.node.name.as_str().into(),
+            started: SystemTime::now(),
+        },
+        admin: None,
     };
+    if failure.is_none() {
+        if let Some(l) = admin_listener {
+            match AdminServer::start(
+                l,
+                &cfg.admin,
+                cfg.mqtt.max_packet_size.as_usize(),
+                handle.shards.clone(),
+            ) {
+                Ok(a) => handle.admin = Some(a),
+                Err(error) => {
+                    failure = Some(StartError::Admin {
+                        addr: cfg.admin.bind,
+                        error,
+                    })
+                }
+            }
+        }
+    }
     if let Some(mut err) = failure {
         let results = handle.stop_collect();
         if let StartError::Shard { shard, error, .. } = &mut err {
@@ -415,6 +503,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
+    if let Some(a) = &handle.admin {
+        info!(addr = %a.addr(), "admin API listening (REST under /api/v1, Prometheus at /metrics)");
+    }
     info!(shards, cpus = ?cpus, node = %cfg.node.name, "broker started");
     Ok(handle)
 }
@@ -440,19 +531,22 @@ impl BrokerHandle {
 
     /// The latest snapshot of every shard (at most 100 ms old).
     pub fn stats(&self) -> Vec<ShardStats> {
-        self.stats
-            .iter()
-            .map(|m| m.lock().map(|s| s.clone()).unwrap_or_default())
-            .collect()
+        self.shards.board.shards()
     }
 
     /// Counters summed over shards.
     pub fn metrics(&self) -> Metrics {
-        let mut total = Metrics::default();
-        for s in self.stats() {
-            total.merge(&s.metrics);
-        }
-        total
+        self.shards.board.snapshot().metrics()
+    }
+
+    /// What reaches the shards from other threads.
+    pub fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    /// The address the admin API listens on, if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr())
     }
 
     /// Stops the broker and waits for every shard; errors name the shards that failed.
@@ -478,7 +572,11 @@ impl BrokerHandle {
         self.stop()
     }
 
-    fn stop_collect(self) -> Vec<(usize, String)> {
+    fn stop_collect(mut self) -> Vec<(usize, String)> {
+        // The API first: no request waits on a shard that is stopping.
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
         self.shutdown.store(true, Ordering::Release);
         let mut errors = Vec::new();
         for (shard, _, j) in self.joins {
@@ -557,8 +655,17 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         ends,
         shutdown,
         report,
-        stats,
+        board,
+        mailbox,
     } = ctx;
+    // Whatever way this function ends, the mailbox stops taking requests.
+    struct CloseOnDrop(Arc<Mailbox>);
+    impl Drop for CloseOnDrop {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _mailbox_guard = CloseOnDrop(mailbox.clone());
     let connected = futures_lite::future::or(async { Some(mesh::connect(ends).await) }, async {
         wait_for_shutdown(&shutdown).await;
         None
@@ -592,10 +699,11 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     }
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
     let timer_task = spawn_local(run_timers(engine.clone()));
+    let control_task = spawn_local(control::serve(mailbox, engine.clone()));
     let sys_task = cfg.sys.interval.enabled().filter(|_| sys).map(|every| {
         spawn_local(super::sys::run(
             engine.clone(),
-            stats.clone(),
+            board.clone(),
             every,
             cfg.node.name.clone(),
         ))
@@ -608,18 +716,26 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     });
     let publish_stats = {
         let engine = engine.clone();
-        let stats = stats.clone();
+        let board = board.clone();
         move || {
             let e = engine.borrow();
-            if let Ok(mut s) = stats[shard].lock() {
-                *s = ShardStats {
+            board.publish(
+                shard,
+                ShardStats {
                     metrics: e.metrics.clone(),
                     connections: e.connection_count(),
                     sessions: e.session_count(),
+                    subscriptions: e.subscription_count(),
                     local_filters: e.local_filter_count(),
+                    topics: e.topic_count(),
                     retained: e.retained_count(),
                     parked: e.parked_count(),
-                };
+                },
+            );
+            drop(e);
+            // One shard keeps the peaks of the broker-wide counts up to date.
+            if sys {
+                board.snapshot();
             }
         }
     };
@@ -687,6 +803,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     }
     publish_stats();
     drop(stats_task);
+    drop(control_task);
     drop(sys_task);
     drop(timer_task);
     drop(fault_task);

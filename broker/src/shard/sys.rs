@@ -6,24 +6,21 @@
 //! Clients subscribe to them like any topic (`$SYS/#`; a filter starting with a wildcard does
 //! not match `$` topics, as MQTT requires); the engine drops what clients publish into `$SYS/`.
 
-use super::runtime::ShardStats;
+use super::stats::{Board, Snapshot};
 use crate::core::engine::Engine;
 use crate::core::time::Timestamp;
 use crate::shard::clock;
 use bytes::Bytes;
 use glommio::timer::sleep;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// What the tree remembers between publications: when the broker started and the peaks of
-/// its counts.
+/// What the tree remembers between publications: when the broker started.
 pub struct SysTree {
     started: Timestamp,
     node: String,
-    peaks: BTreeMap<&'static str, u64>,
 }
 
 impl SysTree {
@@ -32,12 +29,12 @@ impl SysTree {
         SysTree {
             started,
             node: node.to_string(),
-            peaks: BTreeMap::new(),
         }
     }
 
-    /// The `(topic, payload)` pairs for the shards' snapshots `stats` at `now`.
-    pub fn topics(&mut self, stats: &[ShardStats], now: Timestamp) -> Vec<(String, String)> {
+    /// The `(topic, payload)` pairs for the board's snapshot `snap` at `now`.
+    pub fn topics(&self, snap: &Snapshot, now: Timestamp) -> Vec<(String, String)> {
+        let stats = &snap.shards;
         let mut out = Vec::new();
         let mut put = |topic: String, value: String| out.push((topic, value));
         let b = "$SYS/broker";
@@ -63,25 +60,12 @@ impl SysTree {
             humantime::format_rfc3339_seconds(wall).to_string(),
         );
 
-        let sum = |f: &dyn Fn(&ShardStats) -> u64| stats.iter().map(f).sum::<u64>();
-        let counts: [(&'static str, u64); 5] = [
-            ("connections", sum(&|s| s.connections as u64)),
-            ("sessions", sum(&|s| s.sessions as u64)),
-            ("retained", sum(&|s| s.retained)),
-            ("parked", sum(&|s| s.parked as u64)),
-            ("filters", sum(&|s| s.local_filters as u64)),
-        ];
-        for (name, count) in counts {
-            let peak = self.peaks.entry(name).or_insert(0);
-            *peak = (*peak).max(count);
+        for ((name, count), (_, peak)) in snap.counts.pairs().into_iter().zip(snap.peaks.pairs()) {
             put(format!("{b}/stats/{name}/count"), count.to_string());
             put(format!("{b}/stats/{name}/max"), peak.to_string());
         }
 
-        let mut m = crate::core::metrics::Metrics::default();
-        for s in stats {
-            m.merge(&s.metrics);
-        }
+        let m = snap.metrics();
         let dropped = m.dropped_queue_full
             + m.dropped_qos0_offline
             + m.dropped_slow_consumer
@@ -139,7 +123,8 @@ impl SysTree {
                 ("connections", s.connections as u64),
                 ("parked", s.parked as u64),
                 ("sessions", s.sessions as u64),
-                ("filters", s.local_filters as u64),
+                ("subscriptions", s.subscriptions as u64),
+                ("routes", s.local_filters as u64),
                 ("retained", s.retained),
                 ("messages/received", s.metrics.messages_received),
                 ("messages/sent", s.metrics.messages_sent),
@@ -155,22 +140,13 @@ impl SysTree {
 
 /// Publishes the tree through `engine` every `interval`, the first time as soon as every shard
 /// has published a snapshot.
-pub async fn run(
-    engine: Rc<RefCell<Engine>>,
-    stats: Arc<Vec<Mutex<ShardStats>>>,
-    interval: Duration,
-    node: String,
-) {
-    let mut tree = SysTree::new(&node, clock::now());
+pub async fn run(engine: Rc<RefCell<Engine>>, board: Arc<Board>, interval: Duration, node: String) {
+    let tree = SysTree::new(&node, clock::now());
     // The shards publish their first snapshot 100 ms after they start.
     sleep(Duration::from_millis(250)).await;
     loop {
-        let snapshots: Vec<ShardStats> = stats
-            .iter()
-            .map(|m| m.lock().map(|s| s.clone()).unwrap_or_default())
-            .collect();
         let now = clock::now();
-        let topics = tree.topics(&snapshots, now);
+        let topics = tree.topics(&board.snapshot(), now);
         {
             let mut e = engine.borrow_mut();
             for (topic, value) in topics {
@@ -185,9 +161,17 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    use crate::shard::stats::ShardStats;
+
     #[test]
     fn the_tree_sums_the_shards_and_keeps_the_peaks() {
-        let mut tree = SysTree::new("n@h", Timestamp(1_000_000));
+        let tree = SysTree::new("n@h", Timestamp(1_000_000));
+        let board = Board::new(2);
+        let mut topics = |a: &ShardStats, b: &ShardStats, now| {
+            board.publish(0, a.clone());
+            board.publish(1, b.clone());
+            tree.topics(&board.snapshot(), now)
+        };
         let mut a = ShardStats {
             connections: 3,
             ..ShardStats::default()
@@ -205,7 +189,7 @@ mod tests {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_else(|| panic!("no {k}"))
         };
-        let t = tree.topics(&[a.clone(), b.clone()], Timestamp(1_061_500));
+        let t = topics(&a, &b, Timestamp(1_061_500));
         assert_eq!(get(&t, "$SYS/broker/uptime"), "61 seconds");
         assert_eq!(get(&t, "$SYS/broker/datetime"), "1970-01-01T00:17:41Z");
         assert_eq!(get(&t, "$SYS/broker/stats/connections/count"), "7");
@@ -213,7 +197,7 @@ mod tests {
         assert_eq!(get(&t, "$SYS/broker/metrics/messages/dropped"), "3");
         assert_eq!(get(&t, "$SYS/broker/shards/1/connections"), "4");
         a.connections = 0;
-        let t = tree.topics(&[a, b], Timestamp(1_062_000));
+        let t = topics(&a, &b, Timestamp(1_062_000));
         assert_eq!(get(&t, "$SYS/broker/stats/connections/count"), "4");
         assert_eq!(get(&t, "$SYS/broker/stats/connections/max"), "7");
         assert!(t.iter().all(|(topic, _)| topic.starts_with("$SYS/broker/")));

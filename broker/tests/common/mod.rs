@@ -32,8 +32,106 @@ pub fn config(shards: usize) -> Config {
     );
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.admin.bind = "127.0.0.1:0".parse().unwrap();
     c.log.level = "warn".into();
     c
+}
+
+/// An HTTP response: status, headers (names lower-cased) and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).unwrap()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), read to its end: enough
+/// of a client to check the admin API from outside, in the bytes a client sends.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpReply {
+    let mut s = TcpStream::connect(addr).expect("admin API reachable");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete header");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = unchunk(&body);
+    }
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn unchunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
 }
 
 /// A broker running in this process.
@@ -428,7 +526,8 @@ pub mod process {
     use std::process::{Child, ChildStderr, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    /// The broker binary, with no `SHARDMQ_*` or `RUST_LOG` from the test's environment.
+    /// The broker binary, with no `SHARDMQ_*` or `RUST_LOG` from the test's environment, and
+    /// its admin API on a free port (tests run in parallel).
     pub fn bin() -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_shardmq"));
         c.env_remove("RUST_LOG");
@@ -437,6 +536,7 @@ pub mod process {
                 c.env_remove(k);
             }
         }
+        c.env("SHARDMQ_ADMIN__BIND", "127.0.0.1:0");
         c
     }
 
