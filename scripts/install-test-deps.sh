@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: the third-party MQTT clients
 # used by scripts/interop.sh (mosquitto_pub/mosquitto_sub from Debian, paho-mqtt from PyPI),
-# openssl for the throwaway test certificates (scripts/gen-test-certs.sh),
+# openssl for the throwaway test certificates (scripts/gen-test-certs.sh), curl and jq for the
+# admin API's checks,
 # and for scripts/browser-test.sh a real browser (Debian's chromium) and Node.js with npm
 # (whose packages, MQTT.js and playwright-core, that script installs under target/).
 set -euo pipefail
@@ -10,6 +11,11 @@ SUDO=
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients >/dev/null
+fi
+if ! command -v curl >/dev/null || ! command -v jq >/dev/null; then
+  # scripts/interop.sh checks the admin API with curl (and reads its JSON with jq).
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl jq >/dev/null
 fi
 if ! command -v openssl >/dev/null; then
   # scripts/gen-test-certs.sh makes the TLS tests' certificates with it.

@@ -2,14 +2,15 @@
 # Interoperability with independent, third-party MQTT clients from the registries:
 # mosquitto_pub/mosquitto_sub (Debian package mosquitto-clients) and paho-mqtt (PyPI).
 # QoS 0/1/2 round trips, retained messages, wills, protocol levels 3 (3.1) and 4 (3.1.1), and
-# mosquitto_pub/sub over TLS (--cafile, with certificates from scripts/gen-test-certs.sh).
+# mosquitto_pub/sub over TLS (--cafile, with certificates from scripts/gen-test-certs.sh); the
+# admin API with curl, as docs/operations.md shows it, beside mosquitto clients.
 #
 # Usage: scripts/interop.sh [path/to/shardmq]   (default: target/debug/shardmq, built if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/debug/shardmq}
 [ -x "$bin" ] || cargo build -q -p shardmq
-for tool in mosquitto_pub mosquitto_sub python3; do
+for tool in mosquitto_pub mosquitto_sub python3 curl jq; do
   command -v "$tool" >/dev/null || { echo "interop: $tool missing (run scripts/install-test-deps.sh)" >&2; exit 1; }
 done
 python3 -c 'import paho.mqtt' 2>/dev/null || { echo "interop: paho-mqtt missing (run scripts/install-test-deps.sh)" >&2; exit 1; }
@@ -110,6 +111,35 @@ if mosquitto_pub -h localhost -p "$BROKER_TLS_PORT" --cafile "$certs/other-ca.cr
 else
   check "mosquitto refuses a broker signed by another CA" "refused" "refused"
 fi
+
+# The admin API with curl: status, a mosquitto_sub client seen and shown, a publish through
+# the API reaching it, the Prometheus text, and a kick.
+A="http://127.0.0.1:$BROKER_ADMIN_PORT"
+check "curl status" "running" "$(curl -sf "$A/api/v1/status" | jq -r .status)"
+out=$(mktemp)
+watch "$out" "${H[@]}" -i interop-admin -q 1 -t interop/admin -C 1 -W 10 -F '%q %t %p'
+check "curl clients/{id}" "true 1" \
+  "$(curl -sf "$A/api/v1/clients/interop-admin" | jq -r '"\(.connected) \(.subscriptions | length)"')"
+check "curl clients?clientid_prefix" "interop-admin" \
+  "$(curl -sf "$A/api/v1/clients?clientid_prefix=interop-adm" | jq -r '.data[].clientid')"
+curl -sf -X POST "$A/api/v1/publish" -d '{"topic":"interop/admin","payload":"from-curl","qos":1}' >/dev/null
+wait "$WATCHER" || true
+check "curl publish -> mosquitto_sub" "1 interop/admin from-curl" "$(seen "$out")"
+rm -f "$out"
+check "curl unknown client" "404" \
+  "$(curl -s -o /dev/null -w '%{http_code}' "$A/api/v1/clients/nobody-here")"
+check "curl /metrics" "1" \
+  "$(curl -sf "$A/metrics" | grep -c '^# TYPE shardmq_messages_received_total counter$')"
+stdbuf -oL mosquitto_sub "${H[@]}" -i interop-kicked -c -q 1 -t interop/k >/dev/null 2>&1 &
+kicked=$!
+for _ in $(seq 1 100); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "$A/api/v1/clients/interop-kicked")" = 200 ] && break
+  sleep 0.05
+done
+check "curl kick" "204" \
+  "$(curl -s -o /dev/null -w '%{http_code}' -X DELETE "$A/api/v1/clients/interop-kicked")"
+kill "$kicked" 2>/dev/null || true
+wait "$kicked" 2>/dev/null || true
 
 python3 scripts/interop_paho.py 127.0.0.1 "$BROKER_PORT" ${BROKER_WS_PORT:+"$BROKER_WS_PORT"} || fail=1
 

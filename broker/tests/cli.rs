@@ -373,7 +373,13 @@ fn ctl_talks_to_a_running_broker() {
     let admin = admin_addr(&mut log);
     let url = format!("http://{admin}");
     let ctl = |args: &[&str]| -> std::process::Output {
-        bin().arg("ctl").arg("--url").arg(&url).args(args).output().unwrap()
+        bin()
+            .arg("ctl")
+            .arg("--url")
+            .arg(&url)
+            .args(args)
+            .output()
+            .unwrap()
     };
     let ok = |args: &[&str]| -> String {
         let out = ctl(args);
@@ -386,7 +392,10 @@ fn ctl_talks_to_a_running_broker() {
     };
 
     let status = ok(&["status"]);
-    assert!(status.contains("is running") && status.contains("shards"), "{status}");
+    assert!(
+        status.contains("is running") && status.contains("shards"),
+        "{status}"
+    );
     let v: serde_json::Value = serde_json::from_str(&ok(&["--json", "status"])).unwrap();
     assert_eq!(v["status"], "running");
 
@@ -394,7 +403,10 @@ fn ctl_talks_to_a_running_broker() {
     sub.subscribe(&[("ctl/+", shardmq::protocol::mqtt::QoS::AtLeastOnce)]);
     let list = ok(&["clients", "list"]);
     assert!(list.starts_with("CLIENTID"), "{list}");
-    assert!(list.contains("ctl-sub") && list.contains("1 of 1 clients"), "{list}");
+    assert!(
+        list.contains("ctl-sub") && list.contains("1 of 1 clients"),
+        "{list}"
+    );
     let show = ok(&["clients", "show", "ctl-sub"]);
     assert!(show.contains("ctl/+"), "{show}");
     let subs = ok(&["subscriptions", "list", "--client", "ctl-sub"]);
@@ -435,7 +447,10 @@ fn an_admin_port_in_use_fails_the_start_naming_the_key() {
     let out = bin()
         .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", "127.0.0.1:0")
         .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
-        .env("SHARDMQ_ADMIN__BIND", holder.local_addr().unwrap().to_string())
+        .env(
+            "SHARDMQ_ADMIN__BIND",
+            holder.local_addr().unwrap().to_string(),
+        )
         .output()
         .unwrap();
     assert!(!out.status.success());

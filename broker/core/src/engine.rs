@@ -32,7 +32,7 @@ use super::metrics::Metrics;
 use super::msgs::{Control, ShardMsg, SlotId, Ticket};
 use super::retained::{RetainedLimits, RetainedStore, SetOutcome};
 use super::route::{owner_shard, RouteTable, ShardSet};
-use super::session::{Delivery, Outbox, Session, SessionLimits};
+use super::session::{Delivery, Outbox, Session, SessionLimits, Written};
 use super::sink::{Sink, SinkWrite};
 use super::time::Timestamp;
 use super::topic;

@@ -106,8 +106,17 @@ metrics! {
     messages_qos1_received,
     /// Of those, at QoS 2.
     messages_qos2_received,
-    /// PUBLISH packets written to clients.
+    /// PUBLISH packets written to clients (deliveries, and resends of unacknowledged ones to
+    /// a client that came back).
     messages_sent,
+    /// Of those, at QoS 0.
+    messages_qos0_sent,
+    /// Of those, at QoS 1.
+    messages_qos1_sent,
+    /// Of those, at QoS 2.
+    messages_qos2_sent,
+    /// QoS 1 and 2 deliveries the client acknowledged (PUBACK, PUBCOMP).
+    messages_acked,
     /// Messages that matched no subscriber anywhere.
     messages_no_subscribers,
     /// Deliveries dropped because a session queue was full (oldest dropped).
@@ -209,6 +218,27 @@ impl Metrics {
             QoS::AtLeastOnce => self.messages_qos1_received += 1,
             QoS::ExactlyOnce => self.messages_qos2_received += 1,
         }
+    }
+
+    /// Counts one PUBLISH written to a client at `qos`.
+    #[inline]
+    pub fn count_message_out(&mut self, qos: QoS) {
+        self.messages_sent += 1;
+        match qos {
+            QoS::AtMostOnce => self.messages_qos0_sent += 1,
+            QoS::AtLeastOnce => self.messages_qos1_sent += 1,
+            QoS::ExactlyOnce => self.messages_qos2_sent += 1,
+        }
+    }
+
+    /// Counts PUBLISH packets written to clients.
+    #[inline]
+    pub fn count_messages_out(&mut self, w: crate::session::Written) {
+        let [q0, q1, q2] = w.0;
+        self.messages_sent += u64::from(q0) + u64::from(q1) + u64::from(q2);
+        self.messages_qos0_sent += u64::from(q0);
+        self.messages_qos1_sent += u64::from(q1);
+        self.messages_qos2_sent += u64::from(q2);
     }
 
     /// Control packets and PUBLISH packets sent, all types.

@@ -137,6 +137,34 @@ pub struct UnknownPacketId(pub u16);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AwaitingRelFull;
 
+/// PUBLISH packets written to a client, by QoS (resends after a reconnect included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written(pub [u32; 3]);
+
+impl Written {
+    /// One more at `qos`.
+    #[inline]
+    pub fn add(&mut self, qos: QoS) {
+        self.0[qos as usize] += 1;
+    }
+
+    /// All QoS together.
+    pub fn total(self) -> usize {
+        self.0.iter().map(|&n| n as usize).sum()
+    }
+
+    /// Whether none was written.
+    pub fn is_empty(self) -> bool {
+        self.0 == [0; 3]
+    }
+
+    fn merge(&mut self, o: Written) {
+        for (a, b) in self.0.iter_mut().zip(o.0) {
+            *a += b;
+        }
+    }
+}
+
 /// An MQTT session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -306,28 +334,27 @@ impl Session {
     }
 
     /// Writes what waits for room while the outbox has it: the rest of the window's resends,
-    /// then queued deliveries while the window has room. Returns how many PUBLISH packets were
-    /// written.
+    /// then queued deliveries while the window has room. Returns the PUBLISH packets written.
     pub fn refill<W: SinkWrite>(
         &mut self,
         now: Timestamp,
         lim: &SessionLimits,
         mut out: Outbox<'_, W>,
-    ) -> usize {
+    ) -> Written {
         match self.flows.as_deref_mut() {
             Some(f) => f.refill(&mut self.last_packet_id, now, lim, &mut out),
-            None => 0,
+            None => Written::default(),
         }
     }
 
     /// A connection attached: resend the window (DUP / PUBREL), then drain the queue, as far
-    /// as the outbox has room. Returns the number of PUBLISH packets written.
+    /// as the outbox has room. Returns the PUBLISH packets written.
     pub fn resume<W: SinkWrite>(
         &mut self,
         now: Timestamp,
         lim: &SessionLimits,
         out: Outbox<'_, W>,
-    ) -> usize {
+    ) -> Written {
         if let Some(f) = self.flows.as_deref_mut() {
             f.unsent = f.inflight.len();
         }
@@ -341,7 +368,7 @@ impl Session {
         now: Timestamp,
         lim: &SessionLimits,
         out: Outbox<'_, W>,
-    ) -> Result<usize, UnknownPacketId> {
+    ) -> Result<Written, UnknownPacketId> {
         self.complete(id, |e| e.qos == QoS::AtLeastOnce, now, lim, out)
     }
 
@@ -373,7 +400,7 @@ impl Session {
         now: Timestamp,
         lim: &SessionLimits,
         out: Outbox<'_, W>,
-    ) -> Result<usize, UnknownPacketId> {
+    ) -> Result<Written, UnknownPacketId> {
         self.complete(id, |e| e.phase == Phase::Released, now, lim, out)
     }
 
@@ -385,7 +412,7 @@ impl Session {
         now: Timestamp,
         lim: &SessionLimits,
         mut out: Outbox<'_, W>,
-    ) -> Result<usize, UnknownPacketId> {
+    ) -> Result<Written, UnknownPacketId> {
         let f = self.flows.as_deref_mut().ok_or(UnknownPacketId(id))?;
         let pos = f
             .inflight
@@ -539,19 +566,22 @@ impl Flows {
         now: Timestamp,
         lim: &SessionLimits,
         out: &mut Outbox<'_, W>,
-    ) -> usize {
-        let mut sent = 0;
+    ) -> Written {
+        let mut sent = Written::default();
         while self.unsent > 0 && out.has_room() {
             let i = self.inflight.len() - self.unsent;
             let e = &mut self.inflight[i];
             Flows::resend(e, now, out.sink);
-            sent += (e.phase == Phase::Published) as usize;
+            if e.phase == Phase::Published {
+                sent.add(e.qos);
+            }
             self.unsent -= 1;
         }
         if self.unsent > 0 {
             return sent;
         }
-        sent + self.drain(last, now, lim, out)
+        sent.merge(self.drain(last, now, lim, out));
+        sent
     }
 
     fn drain<W: SinkWrite>(
@@ -560,8 +590,8 @@ impl Flows {
         now: Timestamp,
         lim: &SessionLimits,
         out: &mut Outbox<'_, W>,
-    ) -> usize {
-        let mut sent = 0;
+    ) -> Written {
+        let mut sent = Written::default();
         while let Some(front) = self.queue.front() {
             if !out.has_room()
                 || (front.qos != QoS::AtMostOnce && self.inflight.len() >= lim.max_inflight)
@@ -576,7 +606,7 @@ impl Flows {
             } else {
                 self.send_new(last, q.msg, q.qos, q.retain, now, out.sink);
             }
-            sent += 1;
+            sent.add(q.qos);
         }
         sent
     }

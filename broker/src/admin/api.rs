@@ -33,6 +33,37 @@ const DEFAULT_LIMIT: usize = 100;
 /// The largest `limit`.
 const MAX_LIMIT: usize = 10_000;
 
+/// A request that fails: its status, code, message and, for 405, the methods allowed.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    allow: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            allow: None,
+        }
+    }
+
+    fn into_reply(self) -> Reply {
+        let mut r = error(self.status, self.code, &self.message);
+        if let Some(allow) = self.allow {
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(allow),
+            );
+        }
+        r
+    }
+}
+
 /// Answers one request.
 pub async fn route(ctx: &Ctx, method: &Method, path: &str, query: &str, body: Bytes) -> Reply {
     let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
@@ -42,7 +73,7 @@ pub async fn route(ctx: &Ctx, method: &Method, path: &str, query: &str, body: By
     for raw in path.trim_end_matches('/').split('/').skip(1) {
         match percent_encoding::percent_decode_str(raw).decode_utf8() {
             Ok(s) => segs.push(s.into_owned()),
-            Err(_) => return bad_request("the path is not UTF-8 once decoded"),
+            Err(_) => return bad_request("the path is not UTF-8 once decoded").into_reply(),
         }
     }
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
@@ -62,11 +93,11 @@ pub async fn route(ctx: &Ctx, method: &Method, path: &str, query: &str, body: By
         (&Method::POST, ["api", "v1", "publish"]) => publish(ctx, &body).await,
         (_, p) => Err(not_routed(method, p)),
     };
-    result.unwrap_or_else(|r| r)
+    result.unwrap_or_else(ApiError::into_reply)
 }
 
 /// 404 for a path that does not exist, 405 for a method a path does not take.
-fn not_routed(method: &Method, path: &[&str]) -> Reply {
+fn not_routed(method: &Method, path: &[&str]) -> ApiError {
     let allowed: Option<&'static str> = match path {
         ["metrics"] | ["api", "v1", "status" | "stats" | "metrics" | "clients"] => Some("GET"),
         ["api", "v1", "subscriptions" | "routes"] => Some("GET"),
@@ -76,35 +107,31 @@ fn not_routed(method: &Method, path: &[&str]) -> Reply {
         _ => None,
     };
     match allowed {
-        Some(allow) => {
-            let mut r = error(
+        Some(allow) => ApiError {
+            allow: Some(allow),
+            ..ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
-                &format!("{method} is not allowed here (allowed: {allow})"),
-            );
-            r.headers_mut().insert(
-                hyper::header::ALLOW,
-                hyper::header::HeaderValue::from_static(allow),
-            );
-            r
-        }
-        None => error(
+                format!("{method} is not allowed here (allowed: {allow})"),
+            )
+        },
+        None => ApiError::new(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
-            &format!("no such endpoint: /{}", path.join("/")),
+            format!("no such endpoint: /{}", path.join("/")),
         ),
     }
 }
 
-fn bad_request(message: &str) -> Reply {
-    error(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+fn bad_request(message: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
 }
 
-fn unavailable(shard: usize) -> Reply {
-    error(
+fn unavailable(shard: usize) -> ApiError {
+    ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "SHARD_UNAVAILABLE",
-        &format!("shard {shard} did not answer in time"),
+        format!("shard {shard} did not answer in time"),
     )
 }
 
@@ -113,7 +140,7 @@ async fn ask<R: Send + 'static>(
     ctx: &Ctx,
     shard: usize,
     f: impl FnOnce(&mut Engine, crate::core::time::Timestamp) -> R + Send + 'static,
-) -> Result<R, Reply> {
+) -> Result<R, ApiError> {
     let wait = ctx.cfg.request_timeout.0;
     match tokio::time::timeout(wait, ctx.shards.ask(shard, f)).await {
         Ok(Some(r)) => Ok(r),
@@ -181,7 +208,7 @@ fn stats(ctx: &Ctx) -> Reply {
     json(StatusCode::OK, &out)
 }
 
-fn metrics(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, Reply> {
+fn metrics(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, ApiError> {
     let snap = ctx.shards.board().snapshot();
     match params.get("shard") {
         None => Ok(json(StatusCode::OK, &snap.metrics())),
@@ -190,10 +217,10 @@ fn metrics(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, Reply> 
                 .parse()
                 .map_err(|_| bad_request("shard must be a shard number"))?;
             let shard = snap.shards.get(n).ok_or_else(|| {
-                error(
+                ApiError::new(
                     StatusCode::NOT_FOUND,
                     "NOT_FOUND",
-                    &format!("no shard {n} ({} shards)", snap.shards.len()),
+                    format!("no shard {n} ({} shards)", snap.shards.len()),
                 )
             })?;
             Ok(json(StatusCode::OK, &shard.metrics))
@@ -202,8 +229,8 @@ fn metrics(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, Reply> 
 }
 
 /// `page` (from 1) and `limit` of a listing.
-fn paging(params: &HashMap<String, String>) -> Result<(usize, usize), Reply> {
-    let num = |key: &str, default: usize| -> Result<usize, Reply> {
+fn paging(params: &HashMap<String, String>) -> Result<(usize, usize), ApiError> {
+    let num = |key: &str, default: usize| -> Result<usize, ApiError> {
         match params.get(key) {
             None => Ok(default),
             Some(v) => v
@@ -239,7 +266,11 @@ struct Listing<T> {
 
 /// One page of a listing over every shard: shard after shard, each passing over what the
 /// earlier ones had beyond the page's start.
-async fn paged<T, F>(ctx: &Ctx, params: &HashMap<String, String>, part: F) -> Result<Reply, Reply>
+async fn paged<T, F>(
+    ctx: &Ctx,
+    params: &HashMap<String, String>,
+    part: F,
+) -> Result<Reply, ApiError>
 where
     T: Serialize + Send + 'static,
     F: Fn(&Engine, Window) -> Page<T> + Clone + Send + 'static,
@@ -268,7 +299,7 @@ where
     ))
 }
 
-async fn clients(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, Reply> {
+async fn clients(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, ApiError> {
     let connected = match params.get("connected").map(String::as_str) {
         None => None,
         Some("true") => Some(true),
@@ -283,15 +314,15 @@ async fn clients(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, R
     paged(ctx, params, move |e: &Engine, w| e.list_clients(&filter, w)).await
 }
 
-fn client_not_found(id: &str) -> Reply {
-    error(
+fn client_not_found(id: &str) -> ApiError {
+    ApiError::new(
         StatusCode::NOT_FOUND,
         "CLIENT_NOT_FOUND",
-        &format!("no client {id:?}"),
+        format!("no client {id:?}"),
     )
 }
 
-async fn client(ctx: &Ctx, id: &str) -> Result<Reply, Reply> {
+async fn client(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     for shard in 0..ctx.shards.len() {
         let wanted = id.to_string();
         if let Some(d) = ask(ctx, shard, move |e, _| e.client_detail(&wanted)).await? {
@@ -301,7 +332,7 @@ async fn client(ctx: &Ctx, id: &str) -> Result<Reply, Reply> {
     Err(client_not_found(id))
 }
 
-async fn client_subscriptions(ctx: &Ctx, id: &str) -> Result<Reply, Reply> {
+async fn client_subscriptions(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     for shard in 0..ctx.shards.len() {
         let wanted = id.to_string();
         if let Some(d) = ask(ctx, shard, move |e, _| e.client_detail(&wanted)).await? {
@@ -311,7 +342,7 @@ async fn client_subscriptions(ctx: &Ctx, id: &str) -> Result<Reply, Reply> {
     Err(client_not_found(id))
 }
 
-async fn kick(ctx: &Ctx, id: &str) -> Result<Reply, Reply> {
+async fn kick(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     let mut found = false;
     for shard in 0..ctx.shards.len() {
         let wanted = id.to_string();
@@ -327,7 +358,7 @@ async fn kick(ctx: &Ctx, id: &str) -> Result<Reply, Reply> {
     }
 }
 
-async fn subscriptions(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, Reply> {
+async fn subscriptions(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, ApiError> {
     let filter = SubscriptionFilter {
         clientid: params.get("clientid").cloned(),
         topic: params.get("topic").cloned(),
@@ -338,7 +369,7 @@ async fn subscriptions(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Re
     .await
 }
 
-async fn routes(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, Reply> {
+async fn routes(ctx: &Ctx, params: &HashMap<String, String>) -> Result<Reply, ApiError> {
     let topic = params.get("topic").cloned();
     paged(ctx, params, move |e: &Engine, w| {
         e.list_routes(topic.as_deref(), w)
@@ -366,7 +397,7 @@ fn plain() -> String {
     "plain".into()
 }
 
-async fn publish(ctx: &Ctx, body: &[u8]) -> Result<Reply, Reply> {
+async fn publish(ctx: &Ctx, body: &[u8]) -> Result<Reply, ApiError> {
     let b: PublishBody = serde_json::from_slice(body)
         .map_err(|e| bad_request(&format!("the body is not a publish request: {e}")))?;
     let qos = match b.qos {
@@ -400,10 +431,10 @@ async fn publish(ctx: &Ctx, body: &[u8]) -> Result<Reply, Reply> {
             StatusCode::OK,
             &serde_json::json!({ "topic": b.topic, "qos": b.qos, "retain": b.retain }),
         )),
-        Err(e @ PublishError::TooLarge(_)) => Err(error(
+        Err(e @ PublishError::TooLarge(_)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
-            &e.to_string(),
+            e.to_string(),
         )),
         Err(e) => Err(bad_request(&e.to_string())),
     }

@@ -193,3 +193,48 @@ fn print_config_round_trips() {
     let back = from_toml_str(&c.to_toml()).unwrap();
     assert_eq!(back, c);
 }
+
+#[test]
+fn the_admin_api_needs_credentials_off_loopback_and_good_ones() {
+    let with = |toml: &str| from_toml_str(toml).and_then(|c| c.validate().map(|_| c));
+    assert!(with("[admin]\nbind = \"127.0.0.1:18083\"\n").is_ok());
+    assert!(with("[admin]\nbind = \"[::1]:18083\"\n").is_ok());
+    let e = with("[admin]\nbind = \"0.0.0.0:18083\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("admin.bind") && e.contains("no default password"),
+        "{e}"
+    );
+    // Off: no credentials needed wherever it would bind.
+    assert!(with("[admin]\nenable = false\nbind = \"0.0.0.0:18083\"\n").is_ok());
+    let ok =
+        with("[admin]\nbind = \"0.0.0.0:18083\"\nusername = \"ops\"\npassword = \"12345678\"\n")
+            .unwrap();
+    assert!(ok.admin.needs_credentials());
+    assert!(with("[admin]\nbind = \"0.0.0.0:1\"\napi_key = \"0123456789abcdef\"\n").is_ok());
+    for (toml, key) in [
+        ("[admin]\nusername = \"ops\"\n", "admin.password"),
+        ("[admin]\npassword = \"12345678\"\n", "admin.username"),
+        (
+            "[admin]\nusername = \"o:ps\"\npassword = \"12345678\"\n",
+            "admin.username",
+        ),
+        (
+            "[admin]\nusername = \"ops\"\npassword = \"short\"\n",
+            "admin.password",
+        ),
+        ("[admin]\napi_key = \"short\"\n", "admin.api_key"),
+        (
+            "[admin]\nrequest_timeout = \"0s\"\n",
+            "admin.request_timeout",
+        ),
+    ] {
+        let e = with(toml).unwrap_err().to_string();
+        assert!(e.contains(key), "{toml}: {e}");
+    }
+    // Loopback with credentials set: they are required there too.
+    let c = with("[admin]\napi_key = \"0123456789abcdef\"\n").unwrap();
+    assert!(c.admin.needs_credentials());
+    assert!(!Config::default().admin.needs_credentials());
+}

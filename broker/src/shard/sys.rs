@@ -106,6 +106,10 @@ impl SysTree {
             ("messages/qos1/received", m.messages_qos1_received),
             ("messages/qos2/received", m.messages_qos2_received),
             ("messages/sent", m.messages_sent),
+            ("messages/qos0/sent", m.messages_qos0_sent),
+            ("messages/qos1/sent", m.messages_qos1_sent),
+            ("messages/qos2/sent", m.messages_qos2_sent),
+            ("messages/acked", m.messages_acked),
             ("messages/dropped", dropped),
             ("messages/no_subscribers", m.messages_no_subscribers),
             ("messages/retained", m.retained_stored),
@@ -167,7 +171,7 @@ mod tests {
     fn the_tree_sums_the_shards_and_keeps_the_peaks() {
         let tree = SysTree::new("n@h", Timestamp(1_000_000));
         let board = Board::new(2);
-        let mut topics = |a: &ShardStats, b: &ShardStats, now| {
+        let topics = |a: &ShardStats, b: &ShardStats, now| {
             board.publish(0, a.clone());
             board.publish(1, b.clone());
             tree.topics(&board.snapshot(), now)

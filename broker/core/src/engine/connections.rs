@@ -338,8 +338,8 @@ impl Engine {
         if a.session.wants_room(&self.cfg.limits) {
             starve(c, id, before + wrote, &self.cfg, &mut self.starved);
         }
-        self.metrics.messages_sent += sent as u64;
-        if sent > 0 {
+        self.metrics.count_messages_out(sent);
+        if !sent.is_empty() {
             self.arm_new(key, self.retry_due(now));
         }
         wrote > 0

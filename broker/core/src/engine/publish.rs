@@ -330,7 +330,10 @@ impl Engine {
         let out = Outbox::new(&mut c.outbox, limit);
         let result = match kind {
             AckKind::Puback => a.session.on_puback(pid, now, lim, out),
-            AckKind::Pubrec => a.session.on_pubrec(pid, now, out.sink).map(|_| 0),
+            AckKind::Pubrec => a
+                .session
+                .on_pubrec(pid, now, out.sink)
+                .map(|_| Written::default()),
             AckKind::Pubcomp => a.session.on_pubcomp(pid, now, lim, out),
         };
         let wrote = c.outbox.len() - before;
@@ -345,9 +348,11 @@ impl Engine {
             Ok(sent) => {
                 if matches!(kind, AckKind::Pubrec) {
                     self.metrics.packets_pubrel_sent += 1;
+                } else {
+                    self.metrics.messages_acked += 1;
                 }
-                self.metrics.messages_sent += sent as u64;
-                if sent > 0 {
+                self.metrics.count_messages_out(sent);
+                if !sent.is_empty() {
                     self.arm_new(key, self.retry_due(now));
                 }
             }
@@ -422,7 +427,7 @@ impl Deliverer<'_> {
         match delivery {
             Delivery::Sent => {
                 *self.outbox_bytes += after - before;
-                self.metrics.messages_sent += 1;
+                self.metrics.count_message_out(qos);
                 c.wake();
                 return qos != QoS::AtMostOnce;
             }

@@ -255,7 +255,7 @@ impl Engine {
         }
         tracing::info!(client_id = client_of(&self.sessions, c), peer = %c.peer, shard = self.cfg.shard, session_present = present, "client connected");
         c.wake();
-        self.metrics.messages_sent += sent as u64;
+        self.metrics.count_messages_out(sent);
         self.metrics.connects_accepted += 1;
         self.client_event(id, None);
         self.arm(key);

@@ -81,12 +81,20 @@ fn qos1_window_queue_and_order() {
     // QoS 0 behind a non-empty queue waits its turn (per-topic order).
     deliver(&mut s, 5, QoS::AtMostOnce, now, &l, Some(&mut out));
     assert!(out.is_empty());
-    assert_eq!(s.on_puback(1, now, &l, Outbox::unlimited(&mut out)), Ok(1));
+    assert_eq!(
+        s.on_puback(1, now, &l, Outbox::unlimited(&mut out))
+            .map(Written::total),
+        Ok(1)
+    );
     assert_eq!(
         packets(&mut out).iter().map(publish).collect::<Vec<_>>(),
         vec![(3, false, "3".into())]
     );
-    assert_eq!(s.on_puback(2, now, &l, Outbox::unlimited(&mut out)), Ok(2));
+    assert_eq!(
+        s.on_puback(2, now, &l, Outbox::unlimited(&mut out)),
+        Ok(Written([1, 1, 0])),
+        "4 at QoS 1, 5 at QoS 0"
+    );
     let p = packets(&mut out);
     assert_eq!(publish(&p[0]), (4, false, "4".into()));
     assert_eq!(publish(&p[1]), (0, false, "5".into()));
@@ -149,7 +157,10 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
     s.on_pubrec(1, Timestamp(1), &mut out).unwrap();
     assert_eq!(packets(&mut out), vec![Packet::Pubrel(1)]);
     // The connection drops; on reconnect: PUBREL for 1, PUBLISH DUP for 2 (retain kept).
-    assert_eq!(s.resume(Timestamp(2), &l, Outbox::unlimited(&mut out)), 1);
+    assert_eq!(
+        s.resume(Timestamp(2), &l, Outbox::unlimited(&mut out)),
+        Written([0, 0, 1])
+    );
     let p = packets(&mut out);
     assert_eq!(p[0], Packet::Pubrel(1));
     let Packet::Publish(ref p2) = p[1] else {
@@ -163,7 +174,7 @@ fn qos2_outbound_handshake_and_resume_after_reconnect() {
     );
     assert_eq!(
         s.on_pubcomp(1, Timestamp(3), &l, Outbox::unlimited(&mut out)),
-        Ok(0)
+        Ok(Written::default())
     );
     assert_eq!(s.inflight().len(), 1);
 }
@@ -375,7 +386,7 @@ fn a_full_outbox_queues_qos1_and_drops_qos0_until_refilled() {
         vec![(1, false, "1".into()), (2, false, "2".into())]
     );
     // The client read everything: the queue follows, in order.
-    assert_eq!(s.refill(t, &l, Outbox::new(&mut out, 12)), 1);
+    assert_eq!(s.refill(t, &l, Outbox::new(&mut out, 12)).total(), 1);
     assert_eq!(publish(&packets(&mut out)[0]), (3, false, "3".into()));
     assert!(!s.wants_room(&l));
     // QoS 0 to a full outbox is dropped, not queued.
@@ -409,7 +420,11 @@ fn resume_resends_the_window_as_far_as_the_outbox_allows() {
     assert_eq!((s.inflight().len(), s.queue().len()), (4, 1));
     // Reconnect with room for two resends.
     let mut out = Sink::mqtt();
-    assert_eq!(s.resume(Timestamp(1), &l, Outbox::new(&mut out, 12)), 2);
+    assert_eq!(
+        s.resume(Timestamp(1), &l, Outbox::new(&mut out, 12))
+            .total(),
+        2
+    );
     let resent: Vec<_> = packets(&mut out).iter().map(publish).collect();
     assert_eq!(resent, vec![(1, true, "1".into()), (2, true, "2".into())]);
     // A new delivery waits behind the resends still due.
@@ -425,7 +440,7 @@ fn resume_resends_the_window_as_far_as_the_outbox_allows() {
         "only the resent entry (2) has a retry"
     );
     // Room again: 3 is resent, then the queue drains in order.
-    assert_eq!(s.refill(t, &l, Outbox::unlimited(&mut out)), 3);
+    assert_eq!(s.refill(t, &l, Outbox::unlimited(&mut out)).total(), 3);
     let rest: Vec<_> = packets(&mut out).iter().map(publish).collect();
     assert_eq!(
         rest,

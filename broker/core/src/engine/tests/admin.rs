@@ -279,6 +279,18 @@ fn the_operator_publishes_like_a_client() {
             ("cmd/r".into(), "kept".into(), QoS::AtMostOnce, false)
         ]
     );
+    let m = &cl.engines[1].metrics;
+    assert_eq!(
+        (
+            m.messages_sent,
+            m.messages_qos0_sent,
+            m.messages_qos1_sent,
+            m.messages_qos2_sent
+        ),
+        (2, 1, 1, 0)
+    );
+    cl.send(sub, Packet::Puback(1));
+    assert_eq!(cl.engines[1].metrics.messages_acked, 1);
     // Retained: a later subscriber on the other shard gets it.
     let late = cl.connect(0, "late", true);
     cl.send(
