@@ -31,7 +31,7 @@ start_broker() {
       BROKER_WS_PORT=$(listener_port ws.external)
       BROKER_TLS_PORT=$(listener_port ssl.external)
       BROKER_WSS_PORT=$(listener_port wss.external)
-      BROKER_ADMIN_PORT=$(sed -n 's/.*admin API listening addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
+      BROKER_ADMIN_PORT=$(sed -n 's/.*admin API listening.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
       [ -n "$BROKER_PORT" ] && return 0
     fi
     if ! kill -0 "$BROKER_PID" 2>/dev/null; then
