@@ -328,3 +328,73 @@ fn the_operator_publishes_like_a_client() {
         Err(PublishError::TooLarge(_))
     ));
 }
+
+/// A kick that lands while another connection takes the client id over: whichever comes
+/// first, the new connection is accepted, nothing is left half-registered, and the id can be
+/// kicked and connected again.
+#[test]
+fn kick_racing_a_takeover_leaves_the_registry_sound() {
+    for owner in 0..2 {
+        for new_shard in 0..2 {
+            let mut cl = Cluster::new(2);
+            let id = id_owned_by(&format!("race{new_shard}"), owner, 2);
+            let old = cl.connect(0, &id, false);
+            cl.subscribe(old, &[("t", QoS::AtLeastOnce)]);
+            let new = cl.open(new_shard);
+            cl.input(
+                new,
+                Packet::Connect(Box::new(Connect {
+                    level: ProtocolLevel::V311,
+                    client_id: id.as_str().into(),
+                    clean_session: false,
+                    keep_alive: 10,
+                    will: None,
+                    username: None,
+                    password: None,
+                })),
+            );
+            // The takeover is on the wires; the operator kicks meanwhile.
+            let now = cl.now;
+            let kicked = cl
+                .engines
+                .iter_mut()
+                .map(|e| e.kick(&id, now))
+                .filter(|&k| k)
+                .count();
+            assert_eq!(kicked, 1, "owner {owner}, new on {new_shard}");
+            cl.settle();
+            let out = cl.recv(new);
+            assert!(cl.closing(old));
+            let holders = (0..2)
+                .filter(|&s| cl.engines[s].client_detail(&id).is_some())
+                .count();
+            if cl.closing(new) {
+                // The takeover finished first (all on one shard): the kick ended the new
+                // connection and its session.
+                assert_eq!(holders, 0, "owner {owner}, new on {new_shard}: {out:?}");
+            } else {
+                // The kick came first: the new connection starts afresh.
+                assert!(
+                    matches!(
+                        out.first(),
+                        Some(Packet::Connack(Connack {
+                            code: ConnectReturnCode::Accepted,
+                            session_present: false
+                        }))
+                    ),
+                    "owner {owner}, new on {new_shard}: {out:?}"
+                );
+                assert_eq!(holders, 1);
+                let now = cl.now;
+                let kicked: Vec<bool> = cl.engines.iter_mut().map(|e| e.kick(&id, now)).collect();
+                assert_eq!(kicked.iter().filter(|&&k| k).count(), 1);
+                cl.settle();
+            }
+            // The id works as usual afterwards.
+            cl.connect(1 - new_shard, &id, false);
+            for e in &cl.engines {
+                assert!(e.reg_waiting.is_empty());
+            }
+        }
+    }
+}
