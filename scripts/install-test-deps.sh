@@ -12,6 +12,11 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto-clients >/dev/null
 fi
+if ! command -v mosquitto_passwd >/dev/null; then
+  # The auth tests check that a file made by mosquitto_passwd works (package mosquitto).
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
 if ! command -v curl >/dev/null || ! command -v jq >/dev/null; then
   # scripts/interop.sh checks the admin API with curl (and reads its JSON with jq).
   $SUDO apt-get update -qq

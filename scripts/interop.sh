@@ -10,17 +10,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/debug/shardmq}
 [ -x "$bin" ] || cargo build -q -p shardmq
-for tool in mosquitto_pub mosquitto_sub python3 curl jq; do
+for tool in mosquitto_pub mosquitto_sub mosquitto_passwd python3 curl jq; do
   command -v "$tool" >/dev/null || { echo "interop: $tool missing (run scripts/install-test-deps.sh)" >&2; exit 1; }
 done
 python3 -c 'import paho.mqtt' 2>/dev/null || { echo "interop: paho-mqtt missing (run scripts/install-test-deps.sh)" >&2; exit 1; }
 
 certs=$(mktemp -d)
 scripts/gen-test-certs.sh "$certs" >/dev/null
+# A user made by Mosquitto's own tool; anonymous clients stay welcome on loopback (default).
+: >"$certs/passwd"
+mosquitto_passwd -b "$certs/passwd" interop-user interop-pass
 . scripts/start-broker.sh
 start_broker "$bin" \
   SHARDMQ_LISTENER__SSL__EXTERNAL__CERTFILE="$certs/server.crt" \
-  SHARDMQ_LISTENER__SSL__EXTERNAL__KEYFILE="$certs/server.key"
+  SHARDMQ_LISTENER__SSL__EXTERNAL__KEYFILE="$certs/server.key" \
+  SHARDMQ_AUTH__PASSWORD_FILE="$certs/passwd"
 trap 'kill "$BROKER_PID" 2>/dev/null || true; rm -rf "$certs"' EXIT
 H=(-h 127.0.0.1 -p "$BROKER_PORT")
 fail=0
@@ -86,6 +90,20 @@ mosquitto_pub "${H[@]}" -t interop/other -m x --will-topic interop/will/polite -
 wait "$WATCHER" || true
 check "mosquitto no will after DISCONNECT" "" "$(seen "$out" | grep -v -i 'timed out' || true)"
 rm -f "$out"
+
+# Credentials from a mosquitto_passwd file: the right password publishes, a wrong one is
+# refused (CONNACK 0x04, "bad user name or password").
+out=$(mktemp)
+watch "$out" "${H[@]}" -u interop-user -P interop-pass -q 1 -t interop/auth -C 1 -W 10 -F '%t %p'
+mosquitto_pub "${H[@]}" -u interop-user -P interop-pass -q 1 -t interop/auth -m with-password
+wait "$WATCHER" || true
+check "mosquitto with a password" "interop/auth with-password" "$(seen "$out")"
+rm -f "$out"
+refused=$(mosquitto_pub "${H[@]}" -u interop-user -P wrong -t interop/auth -m x 2>&1 || true)
+case "$refused" in
+  *"username or password"* | *"user name or password"*) check "mosquitto wrong password refused" refused refused ;;
+  *) check "mosquitto wrong password refused" refused "[$refused]" ;;
+esac
 
 # $SYS: retained, so a new subscriber gets the version at once.
 check "mosquitto \$SYS/broker/version" "ShardMQ" \

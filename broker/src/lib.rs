@@ -20,6 +20,7 @@
 //!    travel over (plain TCP; TLS and WebSocket next), behind one seam.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod ctl;
 pub mod shard;

@@ -36,6 +36,78 @@ enum Command {
     /// Talks to a running broker through its admin API (status, clients, subscriptions,
     /// routes, metrics, publish).
     Ctl(shardmq::ctl::CtlArgs),
+    /// Adds or changes a user in a password file (auth.password_file), like mosquitto_passwd.
+    /// The password is asked for twice on a terminal, read from one line of standard input
+    /// otherwise, or given with --password.
+    Passwd {
+        /// The password file (created, mode 0600, if missing).
+        file: PathBuf,
+        /// The user.
+        user: String,
+        /// The password (visible in the process list and shell history: for scripts).
+        #[arg(long, conflicts_with = "delete")]
+        password: Option<String>,
+        /// Removes the user instead.
+        #[arg(long, short = 'D')]
+        delete: bool,
+    },
+}
+
+/// Reads a password: prompted twice on a terminal, else one line of standard input.
+fn read_password(user: &str) -> Result<String, String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("Password for {user}: "))
+            .map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}
+
+/// `shardmq passwd`.
+fn passwd(file: &std::path::Path, user: &str, password: Option<&str>, delete: bool) -> ExitCode {
+    let password = match (delete, password) {
+        (true, _) => None,
+        (false, Some(p)) => Some(p.to_string()),
+        (false, None) => match read_password(user) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("shardmq passwd: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    if password.as_deref().is_some_and(str::is_empty) {
+        eprintln!("shardmq passwd: the password is empty");
+        return ExitCode::FAILURE;
+    }
+    match shardmq::auth::password::set_user(file, user, password.as_deref()) {
+        Ok(existed) => {
+            let what = match (delete, existed) {
+                (true, _) => "removed",
+                (false, true) => "changed",
+                (false, false) => "added",
+            };
+            eprintln!(
+                "{user} {what} in {} (a running broker reads it again on SIGHUP)",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shardmq passwd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `shardmq ctl`: the configuration gives the API's address and credentials; with `--url`, a
@@ -77,6 +149,15 @@ fn disable_transparent_huge_pages() {
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
     let cli = Cli::parse();
+    if let Some(Command::Passwd {
+        file,
+        user,
+        password,
+        delete,
+    }) = &cli.command
+    {
+        return passwd(file, user, password.as_deref(), *delete);
+    }
     let loaded = config::load(&LoadOptions {
         config_file: cli.config,
         profile: cli.profile,
@@ -108,6 +189,7 @@ fn main() -> ExitCode {
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -123,14 +205,25 @@ fn main() -> ExitCode {
         }
     };
     let flag = handle.shutdown_flag();
+    let shards = handle.shards().clone();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        let mut stopping = false;
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                // Re-read the password file; the broker goes on either way.
+                match shardmq::shard::runtime::reload_auth(&shards) {
+                    Ok(()) => tracing::info!("SIGHUP: authentication reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "SIGHUP: nothing reloaded"),
+                }
+                continue;
+            }
+            if stopping {
+                // A second signal ends the process at once.
+                std::process::exit(130);
+            }
             tracing::info!(signal = sig, "shutting down");
             flag.store(true, Ordering::Release);
-        }
-        // A second signal ends the process at once.
-        if signals.forever().next().is_some() {
-            std::process::exit(130);
+            stopping = true;
         }
     });
     match handle.wait() {

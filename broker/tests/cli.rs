@@ -458,3 +458,80 @@ fn an_admin_port_in_use_fails_the_start_naming_the_key() {
     assert!(err.contains("admin.bind"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `shardmq passwd`: adds a user from --password and from standard input, changes one,
+/// removes one; the broker then checks against the file.
+#[test]
+fn passwd_writes_a_file_the_broker_reads() {
+    let dir = std::env::temp_dir().join(format!("shardmq-cli-passwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("passwd");
+    let _ = std::fs::remove_file(&file);
+    let out = bin()
+        .args(["passwd"])
+        .arg(&file)
+        .args(["alice", "--password", "first-secret"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("alice added"));
+    // From standard input (scripts), then changed.
+    for (user, pass) in [("bob", "piped-secret"), ("alice", "second-secret")] {
+        let mut child = bin()
+            .arg("passwd")
+            .arg(&file)
+            .arg(user)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        writeln!(child.stdin.take().unwrap(), "{pass}").unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    let out = bin()
+        .arg("passwd")
+        .arg(&file)
+        .args(["bob", "-D"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bob removed"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.starts_with("alice:$argon2id$"), "{text}");
+    let out = bin()
+        .arg("passwd")
+        .arg(&file)
+        .args(["bob", "-D"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    let mut cfg = common::config(1);
+    cfg.auth.password_file = Some(file.clone());
+    cfg.auth.allow_anonymous = shardmq::config::AllowAnonymous::False;
+    let b = common::Broker::start(cfg);
+    let connect = |pass: &str| {
+        let c = shardmq::protocol::mqtt::Connect {
+            level: shardmq::protocol::mqtt::ProtocolLevel::V311,
+            client_id: "passwd-cli".into(),
+            clean_session: true,
+            keep_alive: 30,
+            will: None,
+            username: Some("alice".into()),
+            password: Some(bytes::Bytes::copy_from_slice(pass.as_bytes())),
+        };
+        common::Raw::connect_full(b.addr, c).1.code
+    };
+    use shardmq::protocol::mqtt::ConnectReturnCode;
+    assert_eq!(connect("second-secret"), ConnectReturnCode::Accepted);
+    assert_eq!(
+        connect("first-secret"),
+        ConnectReturnCode::BadUsernameOrPassword
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -121,6 +121,8 @@ pub struct EngineConfig {
     pub park_after: Option<Duration>,
     /// `sys.client_events`: publish `$SYS/broker/clients/<id>/connected` and `/disconnected`.
     pub client_events: bool,
+    /// `auth.*`: who may connect without a check, and whether credentials are checked.
+    pub auth: crate::auth::AuthPolicy,
 }
 
 pub use events::EndReason;
@@ -400,6 +402,11 @@ pub struct Engine {
     timer_waker: Option<Waker>,
     timer_wake_at: Timestamp,
     parked_count: usize,
+    /// CONNECTs waiting for their credentials' check: connection token → (client id, clean).
+    pending_auth: AHashMap<u64, (ByteStr, bool)>,
+    /// Checks for the runtime to run.
+    auth_requests: Vec<crate::auth::AuthRequest>,
+    auth_waker: Option<Waker>,
     msg_seq: u64,
     client_seq: u64,
     started_at: Timestamp,
@@ -501,6 +508,9 @@ impl Engine {
             timer_waker: None,
             timer_wake_at: now,
             parked_count: 0,
+            pending_auth: AHashMap::new(),
+            auth_requests: Vec::new(),
+            auth_waker: None,
             msg_seq: 0,
             client_seq: 0,
             started_at: now,

@@ -41,6 +41,11 @@ metrics! {
     connects_accepted,
     /// CONNECTs refused with a CONNACK error code.
     connects_refused,
+    /// Credentials checked and accepted.
+    auth_succeeded,
+    /// CONNECTs refused by authentication: bad credentials (0x04), or anonymous where
+    /// `auth.allow_anonymous` does not admit it (0x05).
+    auth_refused,
     /// Connections closed for sending no CONNECT in time.
     connect_timeouts,
     /// Connections closed by keepalive.

@@ -12,6 +12,7 @@
 //! | `GET /api/v1/subscriptions` | subscriptions, paged, filtered (`clientid`, `topic`) |
 //! | `GET /api/v1/routes` | (filter, shard) routes, paged, filtered (`topic`) |
 //! | `POST /api/v1/publish` | publishes `{"topic", "payload", "qos", "retain", "encoding"}` |
+//! | `POST /api/v1/auth/reload` | re-reads the password file (as SIGHUP does) |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Listings answer `{"data": [...], "meta": {"page", "limit", "count"}}`; errors answer
@@ -91,6 +92,19 @@ pub async fn route(ctx: &Ctx, method: &Method, path: &str, query: &str, body: By
         (&Method::GET, ["api", "v1", "subscriptions"]) => subscriptions(ctx, &params).await,
         (&Method::GET, ["api", "v1", "routes"]) => routes(ctx, &params).await,
         (&Method::POST, ["api", "v1", "publish"]) => publish(ctx, &body).await,
+        (&Method::POST, ["api", "v1", "auth", "reload"]) => {
+            match crate::shard::runtime::reload_auth(&ctx.shards) {
+                Ok(()) => Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "reloaded": true }),
+                )),
+                Err(e) => Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "RELOAD_FAILED",
+                    e,
+                )),
+            }
+        }
         (_, p) => Err(not_routed(method, p)),
     };
     result.unwrap_or_else(ApiError::into_reply)
@@ -103,7 +117,7 @@ fn not_routed(method: &Method, path: &[&str]) -> ApiError {
         ["api", "v1", "subscriptions" | "routes"] => Some("GET"),
         ["api", "v1", "clients", _] => Some("GET, DELETE"),
         ["api", "v1", "clients", _, "subscriptions"] => Some("GET"),
-        ["api", "v1", "publish"] => Some("POST"),
+        ["api", "v1", "publish"] | ["api", "v1", "auth", "reload"] => Some("POST"),
         _ => None,
     };
     match allowed {

@@ -41,6 +41,95 @@ pub struct Config {
     pub sys: SysConfig,
     /// `admin.*`: the HTTP API (REST, Prometheus) that `shardmq ctl` talks to.
     pub admin: AdminConfig,
+    /// `auth.*`: who may connect.
+    pub auth: AuthConfig,
+}
+
+/// `auth.allow_anonymous`: `true`, `false` or `"loopback"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllowAnonymous {
+    /// Clients without credentials are let in from anywhere.
+    True,
+    /// Never.
+    False,
+    /// Only from 127.0.0.0/8 and ::1.
+    #[default]
+    Loopback,
+}
+
+impl Serialize for AllowAnonymous {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AllowAnonymous::True => s.serialize_bool(true),
+            AllowAnonymous::False => s.serialize_bool(false),
+            AllowAnonymous::Loopback => s.serialize_str("loopback"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowAnonymous {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(AllowAnonymous::True),
+            Raw::Bool(false) => Ok(AllowAnonymous::False),
+            Raw::Text(t) => match t.as_str() {
+                "true" => Ok(AllowAnonymous::True),
+                "false" => Ok(AllowAnonymous::False),
+                "loopback" => Ok(AllowAnonymous::Loopback),
+                other => Err(serde::de::Error::custom(format!(
+                    "{other:?} is not true, false or \"loopback\""
+                ))),
+            },
+        }
+    }
+}
+
+/// `auth.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Clients without credentials (no username, no password, no verified certificate): let
+    /// in always, never, or only from a loopback address. Mosquitto: `allow_anonymous`; EMQX:
+    /// `allow_anonymous`.
+    pub allow_anonymous: AllowAnonymous,
+    /// `username:hash` lines (`shardmq passwd` writes them; Mosquitto's `$7$` lines work too).
+    /// Unset: credentials are not checked, and their clients count as anonymous. Mosquitto:
+    /// `password_file`.
+    pub password_file: Option<PathBuf>,
+    /// How long a successful check is remembered (per shard), so a client reconnecting with
+    /// the same credentials is not hashed again; "0s" = never.
+    pub cache_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: AllowAnonymous::Loopback,
+            password_file: None,
+            cache_ttl: Duration::secs(60),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The engine's policy.
+    pub fn policy(&self) -> shardmq_core::auth::AuthPolicy {
+        use shardmq_core::auth::Anonymous;
+        shardmq_core::auth::AuthPolicy {
+            anonymous: match self.allow_anonymous {
+                AllowAnonymous::True => Anonymous::Allow,
+                AllowAnonymous::False => Anonymous::Deny,
+                AllowAnonymous::Loopback => Anonymous::Loopback,
+            },
+            verify_credentials: self.password_file.is_some(),
+        }
+    }
 }
 
 /// `admin.*`
@@ -1118,6 +1207,7 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         batch_size: cfg.shards.batch_size,
         park_after: cfg.shards.park_idle_after.enabled(),
         client_events: cfg.sys.client_events,
+        auth: cfg.auth.policy(),
     }
 }
 

@@ -13,6 +13,7 @@ use super::mesh::{self, MeshEnds};
 use super::park::ParkingLot;
 use super::stats::{Board, ShardStats};
 use crate::admin::AdminServer;
+use crate::auth::AuthChain;
 use crate::config::{ByteSize, Config, TcpListenerConfig};
 use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
@@ -67,6 +68,9 @@ pub enum StartError {
     /// A TLS listener's certificate, key or CA file cannot be used.
     #[error("{0}")]
     Tls(String),
+    /// The password file (or another authentication backend) cannot be used.
+    #[error("{0}")]
+    Auth(String),
     /// The admin API cannot listen.
     #[error("admin.bind: cannot listen on {addr}: {error}")]
     Admin {
@@ -102,6 +106,15 @@ pub struct BrokerHandle {
     admin: Option<AdminServer>,
 }
 
+/// Re-reads the authentication backends' sources (the password file): on SIGHUP and through
+/// the admin API. Errors keep the data loaded before and say why.
+pub fn reload_auth(shards: &Shards) -> Result<(), String> {
+    match &shards.auth {
+        Some(chain) => chain.reload(),
+        None => Err("no authentication backend is configured (auth.password_file)".into()),
+    }
+}
+
 /// What threads outside the shards use to reach them: each shard's mailbox, the stats board,
 /// and who the broker is. Cheap to clone.
 #[derive(Clone)]
@@ -111,6 +124,7 @@ pub struct Shards {
     mqtt: Arc<Vec<usize>>,
     node: Arc<str>,
     started: SystemTime,
+    auth: Option<Arc<AuthChain>>,
 }
 
 impl Shards {
@@ -211,6 +225,7 @@ struct ShardCtx {
     report: mpsc::Sender<Result<(), String>>,
     board: Arc<Board>,
     mailbox: Arc<Mailbox>,
+    auth: Option<Arc<AuthChain>>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -367,6 +382,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     } else {
         None
     };
+    let auth = AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
     let shutdown = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board::new(shards));
     let mailboxes: Arc<Vec<Arc<Mailbox>>> =
@@ -392,6 +408,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             report: tx,
             board: board.clone(),
             mailbox: mailboxes[shard].clone(),
+            auth: auth.clone(),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -453,6 +470,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             mqtt: Arc::new(mqtt_shards.clone()),
             node: cfg.node.name.as_str().into(),
             started: SystemTime::now(),
+            auth,
         },
         admin: None,
     };
@@ -503,6 +521,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
+    log_access_policy(cfg, &listeners);
     if let Some(a) = &handle.admin {
         info!(addr = %a.addr(), "admin API listening (REST under /api/v1, Prometheus at /metrics)");
     }
@@ -510,7 +529,33 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     Ok(handle)
 }
 
+/// Says at start who may connect, and warns when anonymous clients are let in on a listener
+/// that other hosts can reach.
+fn log_access_policy(cfg: &Config, listeners: &[ListenerSpec]) {
+    use crate::config::AllowAnonymous;
+    let remote: Vec<&str> = listeners
+        .iter()
+        .filter(|(_, addr, _, _)| !addr.ip().is_loopback())
+        .map(|(name, _, _, _)| name.as_str())
+        .collect();
+    match cfg.auth.allow_anonymous {
+        AllowAnonymous::True if !remote.is_empty() => warn!(
+            listeners = ?remote,
+            "anonymous clients are let in from any address (auth.allow_anonymous = true) on listeners other hosts can reach"
+        ),
+        AllowAnonymous::Loopback if !remote.is_empty() && cfg.auth.password_file.is_none() => info!(
+            "clients without credentials are let in from this host only (auth.allow_anonymous = \"loopback\"); for other hosts set auth.password_file (shardmq passwd) or auth.allow_anonymous"
+        ),
+        _ => {}
+    }
+}
+
 impl BrokerHandle {
+    /// Re-reads the password file (SIGHUP).
+    pub fn reload_auth(&self) -> Result<(), String> {
+        reload_auth(&self.shards)
+    }
+
     /// (listener name, bound address) of every listener.
     pub fn listeners(&self) -> &[(String, SocketAddr)] {
         &self.listeners
@@ -657,6 +702,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         report,
         board,
         mailbox,
+        auth,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -700,6 +746,13 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     let mesh_tasks = mesh::spawn_tasks(connected, engine.clone());
     let timer_task = spawn_local(run_timers(engine.clone()));
     let control_task = spawn_local(control::serve(mailbox, engine.clone()));
+    let auth_task = auth.map(|chain| {
+        spawn_local(crate::auth::serve(
+            engine.clone(),
+            chain,
+            cfg.auth.cache_ttl.0,
+        ))
+    });
     let sys_task = cfg.sys.interval.enabled().filter(|_| sys).map(|every| {
         spawn_local(super::sys::run(
             engine.clone(),
@@ -804,6 +857,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     publish_stats();
     drop(stats_task);
     drop(control_task);
+    drop(auth_task);
     drop(sys_task);
     drop(timer_task);
     drop(fault_task);

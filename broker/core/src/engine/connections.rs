@@ -534,6 +534,9 @@ impl Engine {
             return;
         }
         self.detach_conn(id, true, EndReason::Closed);
+        if !self.pending_auth.is_empty() {
+            self.pending_auth.remove(&id.token());
+        }
         let c = self.conns.remove(id.idx as usize);
         self.listener_conns[usize::from(c.listener)] -= 1;
         if c.parked {

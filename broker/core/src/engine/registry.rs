@@ -3,6 +3,15 @@
 //! and discarding sessions.
 
 use super::*;
+use crate::auth::{AuthOutcome, AuthRequest, AuthStep};
+
+/// The CONNACK code of a refusal.
+fn connack_code(outcome: AuthOutcome) -> ConnectReturnCode {
+    match outcome {
+        AuthOutcome::BadCredentials => ConnectReturnCode::BadUsernameOrPassword,
+        AuthOutcome::Allow | AuthOutcome::NotAuthorized => ConnectReturnCode::NotAuthorized,
+    }
+}
 
 impl Engine {
     pub(super) fn refuse(&mut self, id: ConnId, code: ConnectReturnCode) {
@@ -28,7 +37,7 @@ impl Engine {
             keep_alive,
             will,
             username,
-            ..
+            password,
         } = connect;
         let limit = match level {
             ProtocolLevel::V31 => self.cfg.v31_max_clientid_len,
@@ -70,6 +79,21 @@ impl Engine {
         c.level = level;
         c.clean = clean_session;
         let from_transport = c.about.as_ref().is_some_and(|a| a.username_from_transport);
+        let credentials = username.is_some() || password.is_some();
+        let step = self.cfg.auth.step(c.peer.ip, from_transport, credentials);
+        if let AuthStep::Refuse(outcome) = step {
+            self.metrics.auth_refused += 1;
+            debug!(peer = %c.peer, client_id = %client_id, "anonymous client refused (auth.allow_anonymous)");
+            return self.refuse(id, connack_code(outcome));
+        }
+        let request = (step == AuthStep::Check).then(|| AuthRequest {
+            conn: id,
+            client_id: client_id.as_str().to_string(),
+            username: username.clone(),
+            password,
+            peer: c.peer.ip,
+            listener: c.listener,
+        });
         if will.is_some() || (username.is_some() && !from_transport) {
             let about = c.about_mut();
             about.will = will;
@@ -80,6 +104,22 @@ impl Engine {
         c.keepalive_ms = ka;
         c.phase = ConnPhase::Connecting;
         self.arm_conn(id);
+        if let Some(request) = request {
+            // Registered once the runtime has checked the credentials (`auth_done`).
+            self.pending_auth
+                .insert(id.token(), (client_id, clean_session));
+            self.auth_requests.push(request);
+            if let Some(w) = self.auth_waker.take() {
+                w.wake();
+            }
+            return;
+        }
+        self.register(id, client_id, clean_session);
+    }
+
+    /// Asks the owner shard of `client_id` to place the connection `id` (its CONNECT
+    /// accepted so far).
+    fn register(&mut self, id: ConnId, client_id: ByteStr, clean_session: bool) {
         let ticket = Ticket::new(self.cfg.shard, id);
         let owner = self.owner(client_id.as_bytes());
         self.send(
@@ -90,6 +130,46 @@ impl Engine {
                 clean: clean_session,
             },
         );
+    }
+
+    /// Credentials the runtime should check ([`Engine::auth_done`] answers each), oldest
+    /// first.
+    pub fn take_auth_requests(&mut self) -> Vec<AuthRequest> {
+        std::mem::take(&mut self.auth_requests)
+    }
+
+    /// Wakes `waker` when a check is requested (now, if one waits).
+    pub fn set_auth_waker(&mut self, waker: &Waker) {
+        if self.auth_requests.is_empty() {
+            self.auth_waker = Some(waker.clone());
+        } else {
+            waker.wake_by_ref();
+        }
+    }
+
+    /// The runtime's answer to an [`AuthRequest`]: the CONNECT proceeds (to the owner shard
+    /// of its client id) or is refused with CONNACK 0x04 or 0x05. A connection gone meanwhile
+    /// is forgotten.
+    pub fn auth_done(&mut self, id: ConnId, outcome: AuthOutcome, now: Timestamp) {
+        self.now = now;
+        let Some((client_id, clean)) = self.pending_auth.remove(&id.token()) else {
+            return;
+        };
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.close || c.phase != ConnPhase::Connecting {
+            return;
+        }
+        if outcome == AuthOutcome::Allow {
+            self.metrics.auth_succeeded += 1;
+            self.register(id, client_id, clean);
+        } else {
+            self.metrics.auth_refused += 1;
+            debug!(peer = %c.peer, client_id = %client_id, ?outcome, "credentials refused");
+            self.refuse(id, connack_code(outcome));
+        }
+        self.drain_inbox();
     }
 
     // ---------------------------------------------------------------- sessions

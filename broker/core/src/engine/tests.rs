@@ -66,6 +66,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         batch_size: 256,
         park_after: Some(Duration::from_secs(2)),
         client_events: false,
+        auth: crate::auth::AuthPolicy::default(),
     }
 }
 
@@ -1916,3 +1917,4 @@ fn client_events_tell_who_came_and_why_they_left() {
 }
 
 mod admin;
+mod auth;
