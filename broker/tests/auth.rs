@@ -13,12 +13,6 @@ use shardmq::config::AllowAnonymous;
 use shardmq::protocol::mqtt::{Connect, ConnectReturnCode, ProtocolLevel};
 use std::path::PathBuf;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shardmq-auth-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn with_credentials(client_id: &str, user: Option<&str>, password: Option<&str>) -> Connect {
     Connect {
         level: ProtocolLevel::V311,
@@ -54,7 +48,7 @@ fn broker_with(passwd: Option<PathBuf>, anonymous: AllowAnonymous) -> Broker {
 
 #[test]
 fn passwords_are_checked_wherever_the_client_id_is_owned() {
-    let dir = temp_dir("check");
+    let dir = temp_dir("auth-check");
     let file = dir.join("passwd");
     set_user(&file, "alice", Some("wonderland")).unwrap();
     set_user(&file, "bob", Some("builder-1")).unwrap();
@@ -131,7 +125,7 @@ fn anonymous_clients_on_loopback_by_default_and_never_when_refused() {
 /// A file written by Mosquitto's own tool works as it is.
 #[test]
 fn a_mosquitto_passwd_file_works() {
-    let dir = temp_dir("mosquitto");
+    let dir = temp_dir("auth-mosquitto");
     let file = dir.join("passwd");
     std::fs::write(&file, "").unwrap();
     let status = std::process::Command::new("mosquitto_passwd")
@@ -160,7 +154,7 @@ fn a_mosquitto_passwd_file_works() {
 /// (the cache of successes is dropped); a broken file keeps what was loaded.
 #[test]
 fn reload_reads_the_file_again() {
-    let dir = temp_dir("reload");
+    let dir = temp_dir("auth-reload");
     let file = dir.join("passwd");
     set_user(&file, "dave", Some("first-pass")).unwrap();
     let b = broker_with(Some(file.clone()), AllowAnonymous::False);
@@ -185,13 +179,7 @@ fn reload_reads_the_file_again() {
     );
     // Through the admin API, with a broken file: refused, the users stay.
     std::fs::write(&file, "dave:plaintext\n").unwrap();
-    let r = http(
-        b.handle().admin_addr().unwrap(),
-        "POST",
-        "/api/v1/auth/reload",
-        &[],
-        "",
-    );
+    let r = b.reload_over_api();
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.json()["message"].as_str().unwrap().contains("line 1"));
     assert_eq!(
@@ -218,7 +206,7 @@ fn an_unreadable_password_file_stops_the_start() {
 /// rumqttc, an independent client, with and without the right password.
 #[test]
 fn rumqttc_connects_with_credentials() {
-    let dir = temp_dir("rumqttc");
+    let dir = temp_dir("auth-rumqttc");
     let file = dir.join("passwd");
     set_user(&file, "erin", Some("rumqttc-pass")).unwrap();
     let b = broker_with(Some(file), AllowAnonymous::False);

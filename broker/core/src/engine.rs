@@ -53,6 +53,7 @@ use std::task::Waker;
 use std::time::Duration;
 use tracing::debug;
 
+mod access;
 pub mod admin;
 mod connections;
 mod events;
@@ -123,6 +124,9 @@ pub struct EngineConfig {
     pub client_events: bool,
     /// `auth.*`: who may connect without a check, and whether credentials are checked.
     pub auth: crate::auth::AuthPolicy,
+    /// `auth.acl_deny_action = "disconnect"`: a denied PUBLISH or SUBSCRIBE closes the
+    /// connection (else a PUBLISH is dropped, a subscription refused).
+    pub acl_deny_disconnect: bool,
 }
 
 pub use events::EndReason;
@@ -191,6 +195,9 @@ struct About {
     username: Option<Box<str>>,
     /// `username` came from the transport; CONNECT does not replace it.
     username_from_transport: bool,
+    /// Recent access decisions: (action, topic, allowed), valid for rules `acl_gen`.
+    acl_cache: Vec<(crate::acl::Action, Box<str>, bool)>,
+    acl_gen: u32,
 }
 
 impl Conn {
@@ -402,6 +409,9 @@ pub struct Engine {
     timer_waker: Option<Waker>,
     timer_wake_at: Timestamp,
     parked_count: usize,
+    /// The access rules (`None`: everything allowed) and their generation.
+    acl: Option<Arc<crate::acl::Acl>>,
+    acl_gen: u32,
     /// CONNECTs waiting for their credentials' check: connection token → (client id, clean).
     pending_auth: AHashMap<u64, (ByteStr, bool)>,
     /// Checks for the runtime to run.
@@ -508,6 +518,8 @@ impl Engine {
             timer_waker: None,
             timer_wake_at: now,
             parked_count: 0,
+            acl: None,
+            acl_gen: 0,
             pending_auth: AHashMap::new(),
             auth_requests: Vec::new(),
             auth_waker: None,

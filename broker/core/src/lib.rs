@@ -5,6 +5,7 @@
 //! ties them together. Nothing here performs I/O, reads a clock or imports glommio: every input
 //! carries the current time, and tests drive it on a simulated clock.
 
+pub mod acl;
 pub mod auth;
 pub mod engine;
 pub mod index;

@@ -156,6 +156,10 @@ metrics! {
     sys_published,
     /// Client PUBLISH packets into `$SYS/`, acknowledged and dropped.
     sys_publish_denied,
+    /// PUBLISH packets the access rules denied (dropped).
+    acl_denied_publish,
+    /// Subscriptions the access rules denied (SUBACK 0x80).
+    acl_denied_subscribe,
     /// Retained messages stored or replaced.
     retained_stored,
     /// Retained messages not stored (partition full or payload too large).

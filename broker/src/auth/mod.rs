@@ -12,6 +12,7 @@
 //! come through the same engine path. Later backends (HTTP, JWT) are new implementations of
 //! the trait.
 
+pub mod acl;
 pub mod password;
 
 use crate::config::AuthConfig;

@@ -105,6 +105,36 @@ pub struct AuthConfig {
     /// How long a successful check is remembered (per shard), so a client reconnecting with
     /// the same credentials is not hashed again; "0s" = never.
     pub cache_ttl: Duration,
+    /// Access rules (TOML `[[rule]]` tables, first match wins). Unset: every client may
+    /// publish and subscribe anywhere but `$SYS/`. EMQX: `acl_file`.
+    pub acl_file: Option<PathBuf>,
+    /// What holds when no rule matches. EMQX: `acl_nomatch`.
+    pub acl_nomatch: AclNomatch,
+    /// What a denied PUBLISH or SUBSCRIBE costs the client: `ignore` (the PUBLISH is dropped,
+    /// the subscription refused with 0x80) or `disconnect`. EMQX: `acl_deny_action`.
+    pub acl_deny_action: AclDenyAction,
+}
+
+/// `auth.acl_nomatch`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AclNomatch {
+    /// Allowed.
+    #[default]
+    Allow,
+    /// Denied.
+    Deny,
+}
+
+/// `auth.acl_deny_action`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AclDenyAction {
+    /// Drop the PUBLISH (acknowledged), refuse the subscription.
+    #[default]
+    Ignore,
+    /// Close the connection.
+    Disconnect,
 }
 
 impl Default for AuthConfig {
@@ -113,6 +143,9 @@ impl Default for AuthConfig {
             allow_anonymous: AllowAnonymous::Loopback,
             password_file: None,
             cache_ttl: Duration::secs(60),
+            acl_file: None,
+            acl_nomatch: AclNomatch::Allow,
+            acl_deny_action: AclDenyAction::Ignore,
         }
     }
 }
@@ -128,6 +161,14 @@ impl AuthConfig {
                 AllowAnonymous::Loopback => Anonymous::Loopback,
             },
             verify_credentials: self.password_file.is_some(),
+        }
+    }
+
+    /// `acl_nomatch` as the rules' permission.
+    pub fn nomatch(&self) -> shardmq_core::acl::Permission {
+        match self.acl_nomatch {
+            AclNomatch::Allow => shardmq_core::acl::Permission::Allow,
+            AclNomatch::Deny => shardmq_core::acl::Permission::Deny,
         }
     }
 }
@@ -1208,6 +1249,7 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         park_after: cfg.shards.park_idle_after.enabled(),
         client_events: cfg.sys.client_events,
         auth: cfg.auth.policy(),
+        acl_deny_disconnect: cfg.auth.acl_deny_action == AclDenyAction::Disconnect,
     }
 }
 

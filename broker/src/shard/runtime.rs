@@ -15,6 +15,7 @@ use super::stats::{Board, ShardStats};
 use crate::admin::AdminServer;
 use crate::auth::AuthChain;
 use crate::config::{ByteSize, Config, TcpListenerConfig};
+use crate::core::acl::{Acl, Permission};
 use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
 use crate::core::time::Timestamp;
@@ -106,13 +107,51 @@ pub struct BrokerHandle {
     admin: Option<AdminServer>,
 }
 
-/// Re-reads the authentication backends' sources (the password file): on SIGHUP and through
-/// the admin API. Errors keep the data loaded before and say why.
+/// Re-reads the password file and the ACL file: on SIGHUP and through the admin API. Every
+/// shard gets the new rules. Errors keep what was loaded before and say why.
 pub fn reload_auth(shards: &Shards) -> Result<(), String> {
-    match &shards.auth {
-        Some(chain) => chain.reload(),
-        None => Err("no authentication backend is configured (auth.password_file)".into()),
+    if shards.auth.is_none() && shards.acl_file.is_none() {
+        return Err(
+            "nothing to reload: neither auth.password_file nor auth.acl_file is set".into(),
+        );
     }
+    let mut result = Ok(());
+    if let Some(chain) = &shards.auth {
+        result = chain.reload();
+    }
+    if let Some((path, nomatch)) = &shards.acl_file {
+        match crate::auth::acl::load(path, *nomatch) {
+            Ok(acl) => {
+                info!(file = %path.display(), rules = acl.rules.len(), "access rules reloaded");
+                // Every shard has the new rules when this returns.
+                let acl = Arc::new(acl);
+                let (done, applied) = mpsc::channel();
+                let mut posted = 0;
+                for m in shards.mailboxes.iter() {
+                    let (acl, done) = (acl.clone(), done.clone());
+                    let job: Job = Box::new(move |e, _| {
+                        e.set_acl(Some(acl));
+                        let _ = done.send(());
+                    });
+                    posted += usize::from(m.post(job).is_ok());
+                }
+                let deadline = Instant::now() + Duration::from_secs(5);
+                for _ in 0..posted {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if applied.recv_timeout(left).is_err() {
+                        result =
+                            result.and(Err("a shard did not take the new rules in time".into()));
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "access rules not reloaded; keeping the previous ones");
+                result = result.and(Err(e));
+            }
+        }
+    }
+    result
 }
 
 /// What threads outside the shards use to reach them: each shard's mailbox, the stats board,
@@ -125,6 +164,8 @@ pub struct Shards {
     node: Arc<str>,
     started: SystemTime,
     auth: Option<Arc<AuthChain>>,
+    /// The ACL file and `acl_nomatch`, to read again on reload.
+    acl_file: Option<(std::path::PathBuf, Permission)>,
 }
 
 impl Shards {
@@ -226,6 +267,7 @@ struct ShardCtx {
     board: Arc<Board>,
     mailbox: Arc<Mailbox>,
     auth: Option<Arc<AuthChain>>,
+    acl: Option<Arc<Acl>>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -383,6 +425,15 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         None
     };
     let auth = AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
+    let acl = match &cfg.auth.acl_file {
+        Some(path) => {
+            let acl = crate::auth::acl::load(path, cfg.auth.nomatch())
+                .map_err(|e| StartError::Auth(format!("auth.acl_file: {e}")))?;
+            info!(file = %path.display(), rules = acl.rules.len(), "access rules loaded");
+            Some(Arc::new(acl))
+        }
+        None => None,
+    };
     let shutdown = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board::new(shards));
     let mailboxes: Arc<Vec<Arc<Mailbox>>> =
@@ -409,6 +460,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             board: board.clone(),
             mailbox: mailboxes[shard].clone(),
             auth: auth.clone(),
+            acl: acl.clone(),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -471,6 +523,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             node: cfg.node.name.as_str().into(),
             started: SystemTime::now(),
             auth,
+            acl_file: cfg.auth.acl_file.clone().map(|p| (p, cfg.auth.nomatch())),
         },
         admin: None,
     };
@@ -703,6 +756,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         board,
         mailbox,
         auth,
+        acl,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -724,6 +778,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         crate::config::engine_config(&cfg, shard, shards),
         clock::now(),
     )));
+    engine.borrow_mut().set_acl(acl);
     let ctx = Rc::new(ConnCtx {
         engine: engine.clone(),
         scratch: RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]),

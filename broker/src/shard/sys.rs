@@ -73,7 +73,8 @@ impl SysTree {
             + m.dropped_overload
             + m.dropped_duplicates
             + m.dropped_stale_forwards
-            + m.sys_publish_denied;
+            + m.sys_publish_denied
+            + m.acl_denied_publish;
         for (name, value) in [
             ("bytes/received", m.bytes_received),
             ("bytes/sent", m.bytes_sent),

@@ -37,6 +37,13 @@ pub fn config(shards: usize) -> Config {
     c
 }
 
+/// A fresh directory for test `name`'s files (this process's own).
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("shardmq-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// An HTTP response: status, headers (names lower-cased) and body.
 #[derive(Debug)]
 pub struct HttpReply {
@@ -157,6 +164,12 @@ impl Broker {
 
     pub fn handle(&self) -> &BrokerHandle {
         self.handle.as_ref().unwrap()
+    }
+
+    /// `POST /api/v1/auth/reload` on the admin API: re-reads the password and ACL files.
+    pub fn reload_over_api(&self) -> HttpReply {
+        let admin = self.handle().admin_addr().expect("the admin API runs");
+        http(admin, "POST", "/api/v1/auth/reload", &[], "")
     }
 
     /// Connections accepted so far by each shard, once the stats show `total` in all (stats

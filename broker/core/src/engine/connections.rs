@@ -603,11 +603,13 @@ impl Engine {
             Packet::Publish(p) if crate::topic::is_sys(&p.topic) => {
                 self.metrics.sys_publish_denied += 1;
                 debug!(topic = &*p.topic, "PUBLISH into $SYS/ dropped");
-                match p.qos {
-                    QoS::AtMostOnce => {}
-                    QoS::AtLeastOnce => self.reply(id, &Packet::Puback(p.packet_id)),
-                    QoS::ExactlyOnce => self.reply(id, &Packet::Pubrec(p.packet_id)),
-                }
+                self.ack_dropped(id, &p);
+            }
+            Packet::Publish(p)
+                if self.acl.is_some()
+                    && !self.acl_allows(id, key, crate::acl::Action::Publish, &p.topic) =>
+            {
+                self.deny_publish(id, &p)
             }
             Packet::Publish(p) => self.on_publish(id, key, p),
             Packet::Puback(pid) => self.on_ack(id, key, pid, AckKind::Puback),

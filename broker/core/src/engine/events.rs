@@ -30,6 +30,9 @@ pub enum EndReason {
     Shutdown,
     /// An operator kicked the client out (admin API, `shardmq ctl clients kick`).
     Kicked,
+    /// The access rules denied what it did (`auth.acl_deny_action = "disconnect"`, or a
+    /// subscription denied to an MQTT 3.1 client).
+    NotAuthorized,
 }
 
 impl EndReason {
@@ -44,6 +47,7 @@ impl EndReason {
             EndReason::Takeover => "takeover",
             EndReason::Shutdown => "shutdown",
             EndReason::Kicked => "kicked",
+            EndReason::NotAuthorized => "not_authorized",
         }
     }
 }

@@ -80,6 +80,25 @@ impl Engine {
         c.clean = clean_session;
         let from_transport = c.about.as_ref().is_some_and(|a| a.username_from_transport);
         let credentials = username.is_some() || password.is_some();
+        if let Some(w) = &will {
+            let name: Option<String> = if from_transport {
+                c.about
+                    .as_deref()
+                    .and_then(|a| a.username.as_deref())
+                    .map(str::to_string)
+            } else {
+                username.clone()
+            };
+            let peer = c.peer.ip;
+            if !self.will_allowed(client_id.as_str(), name.as_deref(), peer, &w.topic) {
+                self.metrics.acl_denied_publish += 1;
+                debug!(%peer, client_id = %client_id, topic = &*w.topic, "will topic denied by the access rules");
+                return self.refuse(id, ConnectReturnCode::NotAuthorized);
+            }
+        }
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
         let step = self.cfg.auth.step(c.peer.ip, from_transport, credentials);
         if let AuthStep::Refuse(outcome) = step {
             self.metrics.auth_refused += 1;

@@ -21,6 +21,19 @@ impl Engine {
                 codes.push(SubackCode::Failure);
                 continue;
             }
+            if self.acl.is_some()
+                && !self.acl_allows(id, key, crate::acl::Action::Subscribe, &filter)
+            {
+                self.metrics.acl_denied_subscribe += 1;
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), filter = %filter, "subscription denied by the access rules");
+                }
+                if level == ProtocolLevel::V31 || self.cfg.acl_deny_disconnect {
+                    return self.end_connection(id, true, EndReason::NotAuthorized);
+                }
+                codes.push(SubackCode::Failure);
+                continue;
+            }
             let Some(SessionSlot::Active(a)) = self.sessions.get_mut(key) else {
                 return;
             };

@@ -67,6 +67,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         park_after: Some(Duration::from_secs(2)),
         client_events: false,
         auth: crate::auth::AuthPolicy::default(),
+        acl_deny_disconnect: false,
     }
 }
 
@@ -1916,5 +1917,6 @@ fn client_events_tell_who_came_and_why_they_left() {
     }
 }
 
+mod access;
 mod admin;
 mod auth;
