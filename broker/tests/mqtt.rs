@@ -604,3 +604,43 @@ mod with_rumqttc {
         }
     }
 }
+
+/// `mqtt.max_topic_levels` and `mqtt.max_subscriptions` against a real broker, with the
+/// client id owned by either shard.
+#[test]
+fn topic_depth_and_subscription_count_are_limited() {
+    let mut cfg = config(2);
+    cfg.mqtt.max_topic_levels = 4;
+    cfg.mqtt.max_subscriptions = 2;
+    let b = Broker::start(cfg);
+    let shards = b.handle().shards().len();
+    for owner in 0..shards {
+        let mut c = Raw::ok(
+            b.addr,
+            &id_owned_by(&format!("limits-{owner}-"), owner, shards),
+        );
+        let (ack, _) = c.subscribe(&[
+            ("a/b/c/d", QoS::AtMostOnce),
+            ("a/b/c/d/e", QoS::AtMostOnce),
+            ("x/#", QoS::AtMostOnce),
+            ("y", QoS::AtMostOnce),
+        ]);
+        assert_eq!(
+            ack.codes,
+            vec![
+                SubackCode::Granted(QoS::AtMostOnce),
+                SubackCode::Failure,
+                SubackCode::Granted(QoS::AtMostOnce),
+                SubackCode::Failure,
+            ],
+            "owner {owner}"
+        );
+        c.publish("a/b/c/d", b"ok", QoS::AtLeastOnce, false, 1);
+        assert_eq!(c.recv(), Some(Packet::Puback(1)));
+        c.publish("a/b/c/d/e", b"too deep", QoS::AtLeastOnce, false, 2);
+        c.expect_closed();
+    }
+    b.wait_metrics("limits counted", |m| {
+        m.topic_levels_exceeded >= 2 && m.subscriptions_refused >= 4
+    });
+}

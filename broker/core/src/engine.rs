@@ -102,6 +102,10 @@ pub struct EngineConfig {
     pub max_clientid_len: usize,
     /// `mqtt.v31_max_clientid_len`.
     pub v31_max_clientid_len: usize,
+    /// `mqtt.max_topic_levels`; 0 = any depth.
+    pub max_topic_levels: usize,
+    /// `mqtt.max_subscriptions` per session; 0 = no limit.
+    pub max_subscriptions: usize,
     /// `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// `mqtt.keepalive_multiplier`.

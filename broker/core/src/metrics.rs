@@ -160,6 +160,11 @@ metrics! {
     acl_denied_publish,
     /// Subscriptions the access rules denied (SUBACK 0x80).
     acl_denied_subscribe,
+    /// PUBLISH topics deeper than `mqtt.max_topic_levels` (connection closed).
+    topic_levels_exceeded,
+    /// Subscriptions refused for their depth (`mqtt.max_topic_levels`) or for
+    /// `mqtt.max_subscriptions` (SUBACK 0x80).
+    subscriptions_refused,
     /// Retained messages stored or replaced.
     retained_stored,
     /// Retained messages not stored (partition full or payload too large).

@@ -13,6 +13,11 @@ pub fn split_level(rest: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// The number of levels of a topic name or filter (`a/b` has 2, `a/` has 2, `` has 1).
+pub fn levels(topic: &str) -> usize {
+    topic.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 /// Whether `filter` contains a wildcard.
 pub fn is_wildcard(filter: &str) -> bool {
     filter.bytes().any(|b| b == b'+' || b == b'#')

@@ -779,6 +779,12 @@ pub struct MqttConfig {
     pub max_clientid_len: usize,
     /// Longest client id accepted under 3.1, whose spec says 23; raise it to relax the rule.
     pub v31_max_clientid_len: usize,
+    /// Most levels in a topic name or filter: a deeper PUBLISH topic closes the connection, a
+    /// deeper filter gets SUBACK 0x80; 0 = any depth. EMQX: `mqtt.max_topic_levels`.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one session holds; a SUBSCRIBE for a new filter beyond it gets
+    /// 0x80 for that filter; 0 = no limit. EMQX: `mqtt.max_subscriptions`.
+    pub max_subscriptions: usize,
     /// A connection that sends no CONNECT within this time is closed. EMQX: `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// No packet for `keepalive_multiplier` × keepalive closes the connection.
@@ -818,6 +824,8 @@ impl Default for MqttConfig {
             max_packet_size: ByteSize(1 << 20),
             max_clientid_len: 65_535,
             v31_max_clientid_len: 23,
+            max_topic_levels: 128,
+            max_subscriptions: 0,
             idle_timeout: Duration::secs(15),
             keepalive_multiplier: 1.5,
             max_inflight: 32,
@@ -1237,6 +1245,8 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         retainer_enabled: cfg.retainer.enable,
         max_packet_size: m.max_packet_size.as_usize(),
         max_clientid_len: m.max_clientid_len,
+        max_topic_levels: m.max_topic_levels,
+        max_subscriptions: m.max_subscriptions,
         v31_max_clientid_len: m.v31_max_clientid_len,
         idle_timeout: m.idle_timeout.0,
         keepalive_multiplier: m.keepalive_multiplier,

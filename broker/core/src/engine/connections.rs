@@ -600,6 +600,20 @@ impl Engine {
         match packet {
             // `$SYS/` is the broker's: a client's message there is acknowledged as usual (3.1.1
             // has no refusal for it) and dropped.
+            // A topic of `n` bytes has at most `n + 1` levels: short topics are not counted.
+            Packet::Publish(p)
+                if self.cfg.max_topic_levels > 0
+                    && p.topic.len() >= self.cfg.max_topic_levels
+                    && crate::topic::levels(&p.topic) > self.cfg.max_topic_levels =>
+            {
+                self.metrics.topic_levels_exceeded += 1;
+                let what = format!(
+                    "topic with {} levels, more than mqtt.max_topic_levels ({})",
+                    crate::topic::levels(&p.topic),
+                    self.cfg.max_topic_levels
+                );
+                self.violation(id, &what)
+            }
             Packet::Publish(p) if crate::topic::is_sys(&p.topic) => {
                 self.metrics.sys_publish_denied += 1;
                 debug!(topic = &*p.topic, "PUBLISH into $SYS/ dropped");

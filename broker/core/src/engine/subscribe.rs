@@ -21,6 +21,26 @@ impl Engine {
                 codes.push(SubackCode::Failure);
                 continue;
             }
+            let max_levels = self.cfg.max_topic_levels;
+            let deep = max_levels > 0 && topic::levels(&filter) > max_levels;
+            let full = self.cfg.max_subscriptions > 0
+                && matches!(self.sessions.get(key), Some(SessionSlot::Active(a))
+                    if a.session.subscriptions.len() >= self.cfg.max_subscriptions
+                        && !a.session.subscriptions.contains_key(&filter));
+            if deep || full {
+                self.metrics.subscriptions_refused += 1;
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), filter = %filter, deep, full, "subscription refused (mqtt.max_topic_levels or mqtt.max_subscriptions)");
+                }
+                if level == ProtocolLevel::V31 {
+                    return self.violation(
+                        id,
+                        "subscription refused (too deep, or too many); MQTT 3.1 has no SUBACK failure code",
+                    );
+                }
+                codes.push(SubackCode::Failure);
+                continue;
+            }
             if self.acl.is_some()
                 && !self.acl_allows(id, key, crate::acl::Action::Subscribe, &filter)
             {

@@ -56,6 +56,8 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         max_packet_size: 1 << 20,
         max_clientid_len: 65_535,
         v31_max_clientid_len: 23,
+        max_topic_levels: 128,
+        max_subscriptions: 0,
         idle_timeout: Duration::from_secs(15),
         keepalive_multiplier: 1.5,
         close_timeout: Duration::from_secs(5),
@@ -1920,3 +1922,4 @@ fn client_events_tell_who_came_and_why_they_left() {
 mod access;
 mod admin;
 mod auth;
+mod limits;
