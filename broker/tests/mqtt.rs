@@ -354,9 +354,10 @@ fn shared_subscription_filters_are_refused() {
     );
 }
 
+/// `max_connections` counts every shard's connections of the listener together.
 #[test]
 fn max_connections_refuses_extra_connections() {
-    let mut cfg = config(1);
+    let mut cfg = config(2);
     cfg.listener
         .tcp
         .get_mut("external")
@@ -643,4 +644,45 @@ fn topic_depth_and_subscription_count_are_limited() {
     b.wait_metrics("limits counted", |m| {
         m.topic_levels_exceeded >= 2 && m.subscriptions_refused >= 4
     });
+}
+
+/// `max_conn_rate`: at most a second's worth of new connections at once, all shards together;
+/// the rest are closed right after accept and counted; later ones get in again.
+#[test]
+fn max_conn_rate_closes_connections_beyond_the_rate() {
+    let mut cfg = config(2);
+    cfg.listener.tcp.get_mut("external").unwrap().max_conn_rate = 5;
+    let b = Broker::start(cfg);
+    let started = Instant::now();
+    let mut accepted = 0;
+    let mut kept = Vec::new();
+    for i in 0..20 {
+        let mut r = Raw::open(b.addr);
+        r.send(&Packet::Connect(Box::new(connect_packet(
+            &format!("rate{i}"),
+            true,
+            ProtocolLevel::V311,
+            30,
+            None,
+        ))));
+        match r.recv() {
+            Some(Packet::Connack(_)) => {
+                accepted += 1;
+                kept.push(r);
+            }
+            None => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // A burst of 5, plus what the bucket refilled meanwhile (5 a second).
+    let allowance = 5 + (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        accepted >= 5 && accepted <= allowance,
+        "{accepted} accepted, allowance {allowance}"
+    );
+    b.wait_metrics("rate limit counted", |m| {
+        m.connections_rate_limited as usize == 20 - accepted
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    Raw::ok(b.addr, "rate-later").ping();
 }

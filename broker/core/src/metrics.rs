@@ -33,6 +33,8 @@ metrics! {
     connections_accepted,
     /// Connections refused by `max_connections`.
     connections_refused,
+    /// Connections closed right after accept by `max_conn_rate`.
+    connections_rate_limited,
     /// Connections ended.
     connections_closed,
     /// Times an idle connection was parked (its driver task released).

@@ -539,9 +539,14 @@ tls_listener! {
         pub bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8883)),
         /// Listen backlog. EMQX: `listener.ssl.external.backlog`.
         pub backlog: u32 = 1024,
-        /// Connections this listener accepts per shard; further ones are closed and counted.
-        /// EMQX: `listener.ssl.external.max_connections` (per node there).
+        /// Connections this listener holds open at once, all shards together (handshakes in
+        /// progress included); further ones are closed and counted. EMQX:
+        /// `listener.ssl.external.max_connections`.
         pub max_connections: usize = 1_000_000,
+        /// New connections accepted per second, all shards together (a burst of one second's
+        /// worth); further ones are closed right after accept and counted; 0 = no limit.
+        /// EMQX: `listener.ssl.external.max_conn_rate`.
+        pub max_conn_rate: u32 = 0,
         /// TCP_NODELAY on accepted sockets. EMQX: `listener.ssl.external.nodelay`.
         pub nodelay: bool = true,
         /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
@@ -559,6 +564,7 @@ impl SslListenerConfig {
             bind: self.bind,
             backlog: self.backlog,
             max_connections: self.max_connections,
+            max_conn_rate: self.max_conn_rate,
             nodelay: self.nodelay,
             sndbuf: self.sndbuf,
             recbuf: self.recbuf,
@@ -586,8 +592,11 @@ tls_listener! {
         pub fail_if_no_subprotocol: bool = false,
         /// Listen backlog.
         pub backlog: u32 = 1024,
-        /// Connections this listener accepts per shard.
+        /// Connections this listener holds open at once, all shards together (handshakes and
+        /// upgrades in progress included).
         pub max_connections: usize = 1_000_000,
+        /// New connections accepted per second, all shards together; 0 = no limit.
+        pub max_conn_rate: u32 = 0,
         /// TCP_NODELAY on accepted sockets.
         pub nodelay: bool = true,
         /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
@@ -610,6 +619,7 @@ impl WssListenerConfig {
             handshake_timeout: self.handshake_timeout,
             backlog: self.backlog,
             max_connections: self.max_connections,
+            max_conn_rate: self.max_conn_rate,
             nodelay: self.nodelay,
             sndbuf: self.sndbuf,
             recbuf: self.recbuf,
@@ -641,9 +651,13 @@ pub struct WsListenerConfig {
     pub handshake_timeout: Duration,
     /// Listen backlog. EMQX: `listener.ws.external.backlog`.
     pub backlog: u32,
-    /// Connections this listener accepts per shard (after the upgrade); further ones are
-    /// closed and counted. EMQX: `listener.ws.external.max_connections` (per node there).
+    /// Connections this listener holds open at once, all shards together (upgrades in
+    /// progress included); further ones are closed and counted. EMQX:
+    /// `listener.ws.external.max_connections`.
     pub max_connections: usize,
+    /// New connections accepted per second, all shards together; 0 = no limit. EMQX:
+    /// `listener.ws.external.max_conn_rate`.
+    pub max_conn_rate: u32,
     /// TCP_NODELAY on accepted sockets. EMQX: `listener.ws.external.nodelay`.
     pub nodelay: bool,
     /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning.
@@ -664,6 +678,7 @@ impl Default for WsListenerConfig {
             handshake_timeout: Duration::secs(15),
             backlog: 1024,
             max_connections: 1_000_000,
+            max_conn_rate: 0,
             nodelay: true,
             sndbuf: ByteSize(0),
             recbuf: ByteSize(0),
@@ -679,6 +694,7 @@ impl WsListenerConfig {
             bind: self.bind,
             backlog: self.backlog,
             max_connections: self.max_connections,
+            max_conn_rate: self.max_conn_rate,
             nodelay: self.nodelay,
             sndbuf: self.sndbuf,
             recbuf: self.recbuf,
@@ -742,9 +758,13 @@ pub struct TcpListenerConfig {
     pub bind: SocketAddr,
     /// Listen backlog. EMQX: `listener.tcp.external.backlog`.
     pub backlog: u32,
-    /// Connections this listener accepts per shard; further ones are closed at once and
-    /// counted. EMQX: `listener.tcp.external.max_connections` (per node there).
+    /// Connections this listener holds open at once, all shards together; further ones are
+    /// closed at once and counted. EMQX: `listener.tcp.external.max_connections`.
     pub max_connections: usize,
+    /// New connections accepted per second, all shards together (a burst of one second's
+    /// worth); further ones are closed right after accept and counted; 0 = no limit. EMQX:
+    /// `listener.tcp.external.max_conn_rate`.
+    pub max_conn_rate: u32,
     /// TCP_NODELAY on accepted sockets. EMQX: `listener.tcp.external.nodelay`.
     pub nodelay: bool,
     /// SO_SNDBUF of accepted sockets; "0" leaves the kernel's autotuning (`net.ipv4.tcp_wmem`).
@@ -762,6 +782,7 @@ impl Default for TcpListenerConfig {
             bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
             backlog: 1024,
             max_connections: 1_000_000,
+            max_conn_rate: 0,
             nodelay: true,
             sndbuf: ByteSize(0),
             recbuf: ByteSize(0),

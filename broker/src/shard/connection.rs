@@ -34,6 +34,8 @@ pub struct ConnCtx {
     pub scratch: RefCell<Vec<u8>>,
     /// Where idle sockets are parked (`None` when parking is off).
     pub parking: RefCell<Option<Rc<ParkingLot>>>,
+    /// What each listener admits, by listener number (shared with the other shards).
+    pub gates: Vec<std::sync::Arc<super::listener::Gate>>,
 }
 
 struct Driver<T> {
@@ -82,7 +84,10 @@ pub async fn drive<T: Transport>(ctx: Rc<ConnCtx>, transport: T, id: ConnId) {
         End::Reset => transport.reset(),
         End::Transport => {}
     }
-    ctx.engine.borrow_mut().conn_closed(id, clock::now());
+    let listener = ctx.engine.borrow_mut().conn_closed(id, clock::now());
+    if let Some(g) = listener.and_then(|l| ctx.gates.get(usize::from(l))) {
+        g.release();
+    }
 }
 
 impl<T: Transport> Driver<T> {

@@ -20,6 +20,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
@@ -36,19 +38,91 @@ pub enum Setup {
     Wss(TlsSettings, WsSettings),
 }
 
-/// One handshake in progress on a listener of this shard, counted while it lives.
-struct Pending(Rc<std::cell::Cell<usize>>);
+/// What one listener admits, all shards together: at most `max_connections` open at once
+/// (handshakes in progress included) and, with `max_conn_rate`, that many new connections a
+/// second (a token bucket holding one second's worth). Checked once per accepted connection:
+/// one atomic add, and a lock only when a rate is set.
+pub struct Gate {
+    open: AtomicUsize,
+    max: usize,
+    rate: Option<Mutex<Bucket>>,
+}
 
-impl Pending {
-    fn new(count: &Rc<std::cell::Cell<usize>>) -> Pending {
-        count.set(count.get() + 1);
-        Pending(count.clone())
+struct Bucket {
+    per_sec: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Gate {
+    /// A gate for `max` connections and `rate` new ones a second (0: no rate limit).
+    pub fn new(max: usize, rate: u32) -> Gate {
+        Gate {
+            open: AtomicUsize::new(0),
+            max,
+            rate: (rate > 0).then(|| {
+                Mutex::new(Bucket {
+                    per_sec: f64::from(rate),
+                    tokens: f64::from(rate),
+                    at: Instant::now(),
+                })
+            }),
+        }
+    }
+
+    /// Takes a token if the rate allows a new connection now.
+    fn admit_rate(&self) -> bool {
+        let Some(bucket) = &self.rate else {
+            return true;
+        };
+        let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(b.at).as_secs_f64() * b.per_sec;
+        b.tokens = (b.tokens + refill).min(b.per_sec);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Reserves a place for a new connection, if there is one.
+    fn reserve(self: &Arc<Self>) -> Option<Slot> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Some(self.clone())))
+    }
+
+    /// A connection of this listener ended (`Engine::conn_closed` named the listener).
+    pub fn release(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Connections open (or in their handshake) through this listener, all shards together.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
     }
 }
 
-impl Drop for Pending {
+/// A reserved place of a [`Gate`]: given back when dropped (a handshake that failed), unless
+/// kept by the connection opened in it, which gives it back when it closes.
+struct Slot(Option<Arc<Gate>>);
+
+impl Slot {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        if let Some(g) = self.0.take() {
+            g.release();
+        }
     }
 }
 
@@ -77,10 +151,8 @@ async fn handshake(
     peer: SocketAddr,
     number: u16,
     setup: Rc<Setup>,
-    pending: Pending,
+    slot: Slot,
 ) {
-    // Counted until the handshake ends, whichever way (the engine counts it from then on).
-    let _pending = pending;
     let failed = |ctx: &ConnCtx, tls: bool, error: io::Error| {
         let mut e = ctx.engine.borrow_mut();
         if tls {
@@ -92,11 +164,11 @@ async fn handshake(
         }
     };
     match &*setup {
-        Setup::Plain => open(ctx, Tcp::new(stream), peer, number, None),
+        Setup::Plain => open(ctx, Tcp::new(stream), peer, number, None, slot),
         Setup::Ws(ws) => {
             let deadline = Instant::now() + ws.handshake_timeout;
             match before(deadline, "WebSocket", Ws::accept(Tcp::new(stream), ws)).await {
-                Ok(t) => open(ctx, t, peer, number, None),
+                Ok(t) => open(ctx, t, peer, number, None, slot),
                 Err(error) => failed(&ctx, false, error),
             }
         }
@@ -105,7 +177,7 @@ async fn handshake(
             match before(deadline, "TLS", Tls::accept(stream, tls)).await {
                 Ok(t) => {
                     let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
-                    open(ctx, t, peer, number, user)
+                    open(ctx, t, peer, number, user, slot)
                 }
                 Err(error) => failed(&ctx, true, error),
             }
@@ -118,7 +190,7 @@ async fn handshake(
             };
             let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
             match before(deadline, "WebSocket", Ws::accept(t, ws)).await {
-                Ok(t) => open(ctx, t, peer, number, user),
+                Ok(t) => open(ctx, t, peer, number, user, slot),
                 Err(error) => failed(&ctx, false, error),
             }
         }
@@ -134,7 +206,10 @@ fn open<T: Transport>(
     peer: SocketAddr,
     number: u16,
     username: Option<String>,
+    slot: Slot,
 ) {
+    // The connection holds its place from now on; `drive` gives it back when it closes.
+    slot.keep();
     let id = {
         let mut e = ctx.engine.borrow_mut();
         let id = e.open_conn(peer, number, clock::now());
@@ -211,7 +286,8 @@ fn set_buffers(stream: &glommio::net::TcpStream, cfg: &TcpListenerConfig) {
 }
 
 /// Accepts connections until the task is dropped. `number` tells the engine which listener a
-/// connection came through (`max_connections` counts them per listener).
+/// connection came through; its [`Gate`] (`ctx.gates[number]`, shared by every shard)
+/// admits it or not.
 pub fn spawn_accept(
     name: String,
     number: u16,
@@ -222,19 +298,24 @@ pub fn spawn_accept(
 ) -> Task<()> {
     spawn_local(async move {
         let mut backoff = Duration::from_millis(10);
-        // Connections of this listener still in their handshake: they count against
-        // `max_connections` like open ones, so a flood of silent handshakes is bounded too.
-        let handshaking = Rc::new(std::cell::Cell::new(0usize));
+        let gate = ctx.gates[usize::from(number)].clone();
         loop {
             match listener.accept().await {
                 Ok(stream) => {
                     backoff = Duration::from_millis(10);
                     let mut e = ctx.engine.borrow_mut();
-                    if e.listener_connections(number) + handshaking.get() >= cfg.max_connections {
-                        e.metrics.connections_refused += 1;
+                    if !gate.admit_rate() {
+                        e.metrics.connections_rate_limited += 1;
                         drop(stream);
                         continue;
                     }
+                    // Handshakes in progress hold a place too, so a flood of silent clients
+                    // is bounded as well.
+                    let Some(slot) = gate.reserve() else {
+                        e.metrics.connections_refused += 1;
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(cfg.nodelay);
                     set_buffers(&stream, &cfg);
                     let peer = stream
@@ -243,18 +324,18 @@ pub fn spawn_accept(
                     if let Setup::Plain = *setup {
                         let id = e.open_conn(peer, number, clock::now());
                         drop(e);
+                        slot.keep();
                         spawn_local(connection::drive(ctx.clone(), Tcp::new(stream), id)).detach();
                         continue;
                     }
                     drop(e);
-                    let pending = Pending::new(&handshaking);
                     spawn_local(handshake(
                         ctx.clone(),
                         stream,
                         peer,
                         number,
                         setup.clone(),
-                        pending,
+                        slot,
                     ))
                     .detach();
                 }

@@ -8,7 +8,7 @@
 
 use super::connection::ConnCtx;
 use super::control::{self, Job, Mailbox};
-use super::listener;
+use super::listener::{self, Gate};
 use super::mesh::{self, MeshEnds};
 use super::park::ParkingLot;
 use super::stats::{Board, ShardStats};
@@ -268,6 +268,8 @@ struct ShardCtx {
     mailbox: Arc<Mailbox>,
     auth: Option<Arc<AuthChain>>,
     acl: Option<Arc<Acl>>,
+    /// What each listener admits, by listener number, shared by every shard.
+    gates: Arc<Vec<Arc<Gate>>>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -434,6 +436,12 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
         None => None,
     };
+    let gates: Arc<Vec<Arc<Gate>>> = Arc::new(
+        listeners
+            .iter()
+            .map(|(_, _, l, _)| Arc::new(Gate::new(l.max_connections, l.max_conn_rate)))
+            .collect(),
+    );
     let shutdown = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board::new(shards));
     let mailboxes: Arc<Vec<Arc<Mailbox>>> =
@@ -461,6 +469,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             mailbox: mailboxes[shard].clone(),
             auth: auth.clone(),
             acl: acl.clone(),
+            gates: gates.clone(),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -757,6 +766,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         mailbox,
         auth,
         acl,
+        gates,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -783,6 +793,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         engine: engine.clone(),
         scratch: RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]),
         parking: RefCell::new(None),
+        gates: gates.to_vec(),
     });
     let mut park_task = None;
     if cfg.shards.park_idle_after.enabled().is_some() {

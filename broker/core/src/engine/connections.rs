@@ -527,12 +527,11 @@ impl Engine {
     }
 
     /// The transport is gone (peer closed, I/O error, or the driver finished closing). Frees
-    /// the connection; a session still attached detaches and its will is published.
-    pub fn conn_closed(&mut self, id: ConnId, now: Timestamp) {
+    /// the connection; a session still attached detaches and its will is published. Returns
+    /// the number of the listener it came through (`None` if it was already gone).
+    pub fn conn_closed(&mut self, id: ConnId, now: Timestamp) -> Option<u16> {
         self.now = now;
-        if conn_mut(&mut self.conns, id).is_none() {
-            return;
-        }
+        conn_mut(&mut self.conns, id)?;
         self.detach_conn(id, true, EndReason::Closed);
         if !self.pending_auth.is_empty() {
             self.pending_auth.remove(&id.token());
@@ -545,6 +544,7 @@ impl Engine {
         self.release_outbox_bytes(c.outbox.len());
         self.metrics.connections_closed += 1;
         self.drain_inbox();
+        Some(c.listener)
     }
 
     /// Closes every connection (broker shutdown). Wills are not published.
