@@ -686,3 +686,36 @@ fn max_conn_rate_closes_connections_beyond_the_rate() {
     std::thread::sleep(Duration::from_millis(1100));
     Raw::ok(b.addr, "rate-later").ping();
 }
+
+/// `mqtt.force_shutdown_policy`: a subscriber that stops reading while a publisher floods is
+/// disconnected; a subscriber that reads gets every message. Its client id is owned by either
+/// shard.
+#[test]
+fn a_subscriber_that_stops_reading_is_shut_down_and_others_lose_nothing() {
+    let mut cfg = config(2);
+    cfg.mqtt.force_shutdown_policy = "50|1MB".into();
+    cfg.mqtt.max_mqueue_len = 100_000;
+    let b = Broker::start(cfg);
+    let shards = b.handle().shards().len();
+    for owner in 0..shards {
+        let topic = format!("flood/{owner}");
+        let mut slow = Raw::ok(
+            b.addr,
+            &id_owned_by(&format!("slow-{owner}-"), owner, shards),
+        );
+        slow.subscribe(&[(topic.as_str(), QoS::AtLeastOnce)]);
+        let mut fast = Raw::ok(b.addr, &format!("fast-{owner}"));
+        fast.subscribe(&[(topic.as_str(), QoS::AtLeastOnce)]);
+        let mut p = Raw::ok(b.addr, &format!("flooder-{owner}"));
+        let n = 300u16;
+        for i in 1..=n {
+            p.publish(&topic, &[7u8; 1000], QoS::AtLeastOnce, false, i);
+            assert_eq!(p.recv(), Some(Packet::Puback(i)));
+            let m = fast.next_publish();
+            fast.send(&Packet::Puback(m.packet_id));
+        }
+        // The slow one never acknowledged: its window filled, then its queue passed 50.
+        slow.drain_until_closed();
+    }
+    b.wait_metrics("shut down twice", |m| m.force_shutdowns >= 2);
+}

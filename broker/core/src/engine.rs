@@ -75,6 +75,7 @@ macro_rules! deliverer {
             cfg: &$engine.cfg,
             outbox_bytes: &mut $engine.outbox_bytes,
             starved: &mut $engine.starved,
+            overloaded: &mut $engine.overloaded,
             metrics: &mut $engine.metrics,
             now: $engine.now,
         }
@@ -106,6 +107,9 @@ pub struct EngineConfig {
     pub max_topic_levels: usize,
     /// `mqtt.max_subscriptions` per session; 0 = no limit.
     pub max_subscriptions: usize,
+    /// `mqtt.force_shutdown_policy`: a connected client with more queued deliveries than
+    /// the first, or more queued and unwritten bytes than the second, is disconnected.
+    pub force_shutdown: Option<(usize, usize)>,
     /// `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// `mqtt.keepalive_multiplier`.
@@ -405,6 +409,8 @@ pub struct Engine {
     outbox_bytes: usize,
     /// Connections with deliveries waiting for room under `shard_write_buffer`.
     starved: Vec<ConnId>,
+    /// Connections past `force_shutdown`, to close once the current delivery is done.
+    overloaded: Vec<ConnId>,
     /// Forwarding slots with forwards waiting for room in a queue.
     backlogged: Vec<usize>,
     timers: BinaryHeap<Reverse<(Timestamp, usize, u32)>>,
@@ -516,6 +522,7 @@ impl Engine {
             resuming: false,
             outbox_bytes: 0,
             starved: Vec::new(),
+            overloaded: Vec::new(),
             backlogged: Vec::new(),
             timers: BinaryHeap::new(),
             conn_timers: BinaryHeap::new(),

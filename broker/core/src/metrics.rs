@@ -164,6 +164,8 @@ metrics! {
     acl_denied_subscribe,
     /// PUBLISH topics deeper than `mqtt.max_topic_levels` (connection closed).
     topic_levels_exceeded,
+    /// Connections closed by `mqtt.force_shutdown_policy` (too many deliveries waiting).
+    force_shutdowns,
     /// Subscriptions refused for their depth (`mqtt.max_topic_levels`) or for
     /// `mqtt.max_subscriptions` (SUBACK 0x80).
     subscriptions_refused,

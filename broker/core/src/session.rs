@@ -203,6 +203,14 @@ pub struct Flows {
     /// behind them.
     #[serde(default)]
     pub unsent: usize,
+    /// Topic and payload bytes of the messages in `queue`.
+    #[serde(default)]
+    pub queue_bytes: usize,
+}
+
+/// What a queued delivery weighs for `mqtt.force_shutdown_policy`.
+fn queued_size(msg: &SharedMessage) -> usize {
+    msg.topic.len() + msg.payload.len()
 }
 
 fn unknown_allocations() -> u64 {
@@ -234,6 +242,11 @@ impl Session {
     /// Deliveries waiting for window room or for the client to come back.
     pub fn queue(&self) -> &VecDeque<Queued> {
         self.flows.as_ref().map_or(&NO_QUEUE, |f| &f.queue)
+    }
+
+    /// Topic and payload bytes of the queued deliveries.
+    pub fn queue_bytes(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.queue_bytes)
     }
 
     /// Inbound QoS 2 packet ids waiting for PUBREL, with their arrival time.
@@ -320,12 +333,15 @@ impl Session {
         retain: bool,
         lim: &SessionLimits,
     ) -> Delivery {
-        let queue = &mut self.flows_mut().queue;
-        let dropped_oldest = queue.len() >= lim.max_mqueue_len;
+        let f = self.flows_mut();
+        let dropped_oldest = f.queue.len() >= lim.max_mqueue_len;
         if dropped_oldest {
-            queue.pop_front();
+            if let Some(old) = f.queue.pop_front() {
+                f.queue_bytes -= queued_size(&old.msg);
+            }
         }
-        queue.push_back(Queued {
+        f.queue_bytes += queued_size(msg);
+        f.queue.push_back(Queued {
             msg: msg.clone(),
             qos,
             retain,
@@ -601,6 +617,7 @@ impl Flows {
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
+            self.queue_bytes -= queued_size(&q.msg);
             if q.qos == QoS::AtMostOnce {
                 out.sink.publish(false, q.qos, q.retain, &q.msg, 0);
             } else {

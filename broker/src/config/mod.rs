@@ -45,6 +45,28 @@ pub struct Config {
     pub auth: AuthConfig,
 }
 
+/// `mqtt.force_shutdown_policy`: `"MESSAGES|BYTES"` (`"8000|800MB"`), or `"off"`.
+pub fn parse_force_shutdown(s: &str) -> Result<Option<(usize, usize)>, String> {
+    let s = s.trim();
+    if s.is_empty() || s == "off" {
+        return Ok(None);
+    }
+    let (m, b) = s
+        .split_once('|')
+        .ok_or_else(|| format!("{s:?} is not MESSAGES|BYTES (like \"8000|800MB\") or \"off\""))?;
+    let messages: usize = m
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{m:?} is not a positive number of messages"))?;
+    let bytes = shardmq_protocol::units::parse_size(b.trim())?;
+    if bytes.0 == 0 {
+        return Err("the byte limit must be more than 0".into());
+    }
+    Ok(Some((messages, bytes.as_usize())))
+}
+
 /// `auth.allow_anonymous`: `true`, `false` or `"loopback"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AllowAnonymous {
@@ -806,6 +828,11 @@ pub struct MqttConfig {
     /// Most subscriptions one session holds; a SUBSCRIBE for a new filter beyond it gets
     /// 0x80 for that filter; 0 = no limit. EMQX: `mqtt.max_subscriptions`.
     pub max_subscriptions: usize,
+    /// `"MESSAGES|BYTES"`: a connected client with more deliveries queued for it than
+    /// MESSAGES, or more queued and unwritten bytes than BYTES, is disconnected (logged and
+    /// counted), so one slow subscriber cannot hold the broker's memory; `"off"` = never.
+    /// EMQX: `force_shutdown_policy` (the seed document's `8000|800MB`).
+    pub force_shutdown_policy: String,
     /// A connection that sends no CONNECT within this time is closed. EMQX: `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// No packet for `keepalive_multiplier` × keepalive closes the connection.
@@ -847,6 +874,7 @@ impl Default for MqttConfig {
             v31_max_clientid_len: 23,
             max_topic_levels: 128,
             max_subscriptions: 0,
+            force_shutdown_policy: "8000|800MB".into(),
             idle_timeout: Duration::secs(15),
             keepalive_multiplier: 1.5,
             max_inflight: 32,
@@ -1216,6 +1244,8 @@ impl Config {
         if m.close_timeout.enabled().is_none() {
             return Err(invalid("mqtt.close_timeout", "must be more than 0s"));
         }
+        parse_force_shutdown(&m.force_shutdown_policy)
+            .map_err(|e| invalid("mqtt.force_shutdown_policy", e))?;
         self.admin.validate()
     }
 
@@ -1268,6 +1298,7 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         max_clientid_len: m.max_clientid_len,
         max_topic_levels: m.max_topic_levels,
         max_subscriptions: m.max_subscriptions,
+        force_shutdown: parse_force_shutdown(&m.force_shutdown_policy).unwrap_or(None),
         v31_max_clientid_len: m.v31_max_clientid_len,
         idle_timeout: m.idle_timeout.0,
         keepalive_multiplier: m.keepalive_multiplier,

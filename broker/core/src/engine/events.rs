@@ -33,6 +33,8 @@ pub enum EndReason {
     /// The access rules denied what it did (`auth.acl_deny_action = "disconnect"`, or a
     /// subscription denied to an MQTT 3.1 client).
     NotAuthorized,
+    /// Too many deliveries waited for it (`mqtt.force_shutdown_policy`).
+    ForceShutdown,
 }
 
 impl EndReason {
@@ -48,6 +50,7 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Kicked => "kicked",
             EndReason::NotAuthorized => "not_authorized",
+            EndReason::ForceShutdown => "force_shutdown",
         }
     }
 }

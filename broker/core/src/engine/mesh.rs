@@ -159,6 +159,25 @@ impl Engine {
         while let Some(msg) = self.inbox.pop_front() {
             self.dispatch(self.cfg.shard, msg);
         }
+        if !self.overloaded.is_empty() {
+            self.shut_overloaded();
+        }
+    }
+
+    /// Closes the connections a delivery found past `mqtt.force_shutdown_policy`.
+    fn shut_overloaded(&mut self) {
+        for id in std::mem::take(&mut self.overloaded) {
+            let Some(c) = conn_mut(&mut self.conns, id).filter(|c| !c.close) else {
+                continue;
+            };
+            self.metrics.force_shutdowns += 1;
+            tracing::warn!(peer = %c.peer, client_id = client_of(&self.sessions, c), "too many deliveries wait for this client (mqtt.force_shutdown_policy); closing it");
+            self.end_connection(id, true, EndReason::ForceShutdown);
+        }
+        // Ending a connection may have queued messages of its own (a will).
+        while let Some(msg) = self.inbox.pop_front() {
+            self.dispatch(self.cfg.shard, msg);
+        }
     }
 
     /// Messages from shard `from`, in the order it sent them.

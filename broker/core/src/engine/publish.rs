@@ -371,6 +371,7 @@ pub(super) struct Deliverer<'a> {
     pub(super) cfg: &'a EngineConfig,
     pub(super) outbox_bytes: &'a mut usize,
     pub(super) starved: &'a mut Vec<ConnId>,
+    pub(super) overloaded: &'a mut Vec<ConnId>,
     pub(super) metrics: &'a mut Metrics,
     pub(super) now: Timestamp,
 }
@@ -435,6 +436,15 @@ impl Deliverer<'_> {
                 self.metrics.dropped_queue_full += u64::from(dropped_oldest);
                 if a.session.wants_room(lim) {
                     starve(c, id, before, self.cfg, self.starved);
+                }
+                // `mqtt.force_shutdown_policy`: too much waits for this client; the engine
+                // closes the connection once the delivery is done (`shut_overloaded`).
+                if let Some((max_msgs, max_bytes)) = self.cfg.force_shutdown {
+                    if a.session.queue().len() > max_msgs
+                        || a.session.queue_bytes() + before > max_bytes
+                    {
+                        self.overloaded.push(id);
+                    }
                 }
             }
             // The connection's own outbox was full, or the shard's outboxes together.

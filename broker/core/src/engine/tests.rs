@@ -58,6 +58,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         v31_max_clientid_len: 23,
         max_topic_levels: 128,
         max_subscriptions: 0,
+        force_shutdown: None,
         idle_timeout: Duration::from_secs(15),
         keepalive_multiplier: 1.5,
         close_timeout: Duration::from_secs(5),

@@ -72,3 +72,32 @@ fn deep_filters_and_too_many_subscriptions_get_0x80() {
     );
     assert!(cl.closing(old));
 }
+
+/// `force_shutdown`: a subscriber that acknowledges nothing while a publisher floods is
+/// disconnected once its queue passes the limit; another subscriber still gets every message.
+#[test]
+fn a_subscriber_that_falls_behind_is_shut_down() {
+    for owner in 0..2 {
+        let mut cl = Cluster::with(2, |c| {
+            c.force_shutdown = Some((10, 1 << 20));
+            c.limits.max_mqueue_len = 1000;
+        });
+        let slow = cl.connect(1, &id_owned_by(&format!("slow{owner}-"), owner, 2), true);
+        cl.subscribe(slow, &[("t", QoS::AtLeastOnce)]);
+        let fast = cl.connect(0, "fast", true);
+        cl.subscribe(fast, &[("t", QoS::AtLeastOnce)]);
+        let p = cl.connect(0, "pub", true);
+        let mut got = 0;
+        for i in 0..50u16 {
+            cl.publish(p, "t", &format!("m{i}"), QoS::AtLeastOnce, false, i + 1);
+            let _ = cl.recv(p);
+            let out = cl.recv(fast);
+            got += publishes(&out).len();
+            ack_all(&mut cl, fast, &out);
+        }
+        assert_eq!(got, 50, "owner {owner}");
+        assert!(cl.closing(slow), "owner {owner}");
+        assert_eq!(cl.engines[1].metrics.force_shutdowns, 1);
+        assert!(!cl.closing(fast));
+    }
+}
