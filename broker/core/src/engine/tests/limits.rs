@@ -101,3 +101,107 @@ fn a_subscriber_that_falls_behind_is_shut_down() {
         assert!(!cl.closing(fast));
     }
 }
+
+/// A gateway's client gets retained messages when it subscribes and has its will published
+/// when its connection is lost, like an MQTT client, with the client id owned by either
+/// shard; its traffic is counted as any client's.
+#[test]
+fn a_gateway_client_gets_retained_messages_and_leaves_a_will() {
+    for owner in 0..2 {
+        let mut cl = Cluster::new(2);
+        let p = cl.connect(1, "mqtt-pub", true);
+        cl.publish(p, "g/kept", "retained", QoS::AtLeastOnce, true, 1);
+        let watcher = cl.connect(1, "watcher", true);
+        cl.subscribe(watcher, &[("gw/will", QoS::AtLeastOnce)]);
+        let g = cl.open_gateway(0);
+        let id = id_owned_by("gwr", owner, 2);
+        cl.send(
+            g,
+            Packet::Connect(Box::new(Connect {
+                level: ProtocolLevel::V311,
+                client_id: id.as_str().into(),
+                clean_session: true,
+                keep_alive: 10,
+                will: will("gw/will"),
+                username: None,
+                password: None,
+            })),
+        );
+        assert!(matches!(
+            cl.recv(g).first(),
+            Some(Packet::Connack(Connack {
+                code: ConnectReturnCode::Accepted,
+                ..
+            }))
+        ));
+        cl.send(
+            g,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters: vec![("g/#".into(), QoS::AtLeastOnce)],
+            }),
+        );
+        let got = cl.recv(g);
+        assert!(
+            got.iter().any(|p| matches!(p, Packet::Publish(p)
+                if p.topic.as_str() == "g/kept" && p.retain && &p.payload[..] == b"retained")),
+            "owner {owner}: {got:?}"
+        );
+        let received = cl.engines[0].metrics.packets_subscribe_received;
+        assert_eq!(received, 1, "its packets are counted");
+        // Lost without DISCONNECT: the will goes out.
+        cl.drop_conn(g);
+        assert_eq!(
+            publishes(&cl.recv(watcher)),
+            [("gw/will".into(), "gone".into(), QoS::AtLeastOnce, false)],
+            "owner {owner}"
+        );
+        assert_eq!(cl.engines[0].metrics.wills_published, 1);
+    }
+}
+
+/// Direct deliveries held for a session still arriving from another shard (while the forwarded
+/// ones are on their way) are capped at `max_mqueue_len`, the oldest dropped and counted.
+#[test]
+fn messages_held_for_an_arriving_session_are_capped() {
+    let mut cl = Cluster::with(3, |c| c.limits.max_mqueue_len = 5);
+    let old = cl.connect(1, "mv", false);
+    cl.subscribe(old, &[("o/#", QoS::AtLeastOnce)]);
+    let p = cl.connect(0, "p", true);
+    let newc = cl.open(2);
+    cl.input(
+        newc,
+        Packet::Connect(Box::new(Connect {
+            level: ProtocolLevel::V311,
+            client_id: "mv".into(),
+            clean_session: false,
+            keep_alive: 0,
+            will: None,
+            username: None,
+            password: None,
+        })),
+    );
+    let route_to_0 = |from: usize, to: usize, m: &ShardMsg| {
+        from == 2 && to == 0 && matches!(control(m), Some(Control::Route { .. }))
+    };
+    cl.settle_holding(route_to_0);
+    cl.publish_unsettled(p, "o/t", "m1", QoS::AtLeastOnce, 1);
+    let forward_held = |from: usize, to: usize, m: &ShardMsg| {
+        route_to_0(from, to, m)
+            || (from == 1 && to == 2 && matches!(control(m), Some(Control::Forward { .. })))
+    };
+    cl.settle_holding(forward_held);
+    while cl.deliver_one(2, 0) {}
+    let before = cl.engines[2].metrics.dropped_queue_full;
+    for i in 2..=20u16 {
+        cl.publish_unsettled(p, "o/t", &format!("m{i}"), QoS::AtLeastOnce, i);
+        while cl.deliver_one(0, 2) {}
+    }
+    assert_eq!(
+        cl.engines[2].metrics.dropped_queue_full - before,
+        14,
+        "19 held, 5 kept"
+    );
+    cl.settle();
+    assert!(!cl.closing(newc));
+}
