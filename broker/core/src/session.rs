@@ -337,7 +337,7 @@ impl Session {
         let dropped_oldest = f.queue.len() >= lim.max_mqueue_len;
         if dropped_oldest {
             if let Some(old) = f.queue.pop_front() {
-                f.queue_bytes -= queued_size(&old.msg);
+                f.queue_bytes = f.queue_bytes.saturating_sub(queued_size(&old.msg));
             }
         }
         f.queue_bytes += queued_size(msg);
@@ -617,7 +617,7 @@ impl Flows {
             let Some(q) = self.queue.pop_front() else {
                 break;
             };
-            self.queue_bytes -= queued_size(&q.msg);
+            self.queue_bytes = self.queue_bytes.saturating_sub(queued_size(&q.msg));
             if q.qos == QoS::AtMostOnce {
                 out.sink.publish(false, q.qos, q.retain, &q.msg, 0);
             } else {

@@ -26,13 +26,15 @@ impl Engine {
         action: Action,
         topic: &str,
     ) -> bool {
-        let Some(acl) = self.acl.clone() else {
+        // Disjoint fields: the rules and the session read, the connection written; nothing
+        // cloned on the way to a cached decision.
+        let Some(acl) = self.acl.as_deref() else {
             return true;
         };
         let Some(SessionSlot::Active(a)) = self.sessions.get(key) else {
             return false;
         };
-        let client_id = a.session.client_id.clone();
+        let client_id = &a.session.client_id;
         let gen = self.acl_gen;
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return false;

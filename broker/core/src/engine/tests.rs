@@ -246,6 +246,22 @@ impl Cluster {
         self.recv(c)
     }
 
+    /// A CONNECT (3.1.1, no will, no credentials) from an opened client, left on the wires.
+    fn connect_unsettled(&mut self, c: Client, client_id: &str, clean: bool, keep_alive: u16) {
+        self.input(
+            c,
+            Packet::Connect(Box::new(Connect {
+                level: ProtocolLevel::V311,
+                client_id: client_id.into(),
+                clean_session: clean,
+                keep_alive,
+                will: None,
+                username: None,
+                password: None,
+            })),
+        );
+    }
+
     fn input(&mut self, c: Client, p: Packet) {
         self.engines[c.shard].handle_packet(c.id, p, self.now);
     }
@@ -1042,18 +1058,7 @@ fn cross_shard_queues_are_bounded_for_every_message_kind() {
         "SUBSCRIBE held back"
     );
     let late = cl.open(0);
-    cl.input(
-        late,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: "late".into(),
-            clean_session: true,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(late, "late", true, 0);
     cl.assert_data_bound(4);
     assert!(
         cl.engines[0].outgoing[1].queue.len() <= 4,
@@ -1111,18 +1116,7 @@ fn a_connect_the_owner_never_answers_times_out() {
         .find(|id| owner_shard(id.as_bytes(), 2) == 1)
         .unwrap();
     let c = cl.open(0);
-    cl.input(
-        c,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: id.as_str().into(),
-            clean_session: true,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(c, &id, true, 0);
     // The owner (shard 1) does not answer: its messages stay on the wire.
     let now = cl.now.after(Duration::from_secs(15));
     cl.now = now;
@@ -1261,18 +1255,7 @@ fn takeover_under_load(
     publish_some(&mut unread, 6);
     feed(&mut cl, &mut unread);
     let newc = cl.open(to_shard);
-    cl.input(
-        newc,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: "mover".into(),
-            clean_session: false,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(newc, "mover", false, 0);
     let mut seen_old: Vec<u32> = Vec::new();
     for (a, b) in seed_steps {
         let (from, to) = (a as usize % 3, b as usize % 3);
@@ -1401,18 +1384,7 @@ fn a_direct_message_does_not_overtake_a_forwarded_one() {
     cl.subscribe(old, &[("o/#", QoS::AtLeastOnce)]);
     let p = cl.connect(0, "p", true);
     let newc = cl.open(2);
-    cl.input(
-        newc,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: "mv".into(),
-            clean_session: false,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(newc, "mv", false, 0);
     let route_to_0 = |from: usize, to: usize, m: &ShardMsg| {
         from == 2 && to == 0 && matches!(control(m), Some(Control::Route { .. }))
     };
@@ -1445,36 +1417,14 @@ fn a_clean_reconnect_during_forwarding_receives_nothing_of_the_old_session() {
     cl.subscribe(old, &[("old/#", QoS::AtLeastOnce)]);
     let p = cl.connect(0, "p", true);
     let moved = cl.open(2);
-    cl.input(
-        moved,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: "mv".into(),
-            clean_session: false,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(moved, "mv", false, 0);
     let release = |_: usize, _: usize, m: &ShardMsg| {
         matches!(control(m), Some(Control::ReleaseForward { .. }))
     };
     cl.settle_holding(release);
     assert!(!cl.closing(moved));
     let fresh = cl.open(2);
-    cl.input(
-        fresh,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: "mv".into(),
-            clean_session: true,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(fresh, "mv", true, 0);
     cl.settle_holding(release);
     // Shard 0 still routes old/# to shard 1, which forwards.
     cl.publish_unsettled(p, "old/x", "for the old session", QoS::AtLeastOnce, 1);

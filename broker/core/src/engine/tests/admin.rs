@@ -341,18 +341,7 @@ fn kick_racing_a_takeover_leaves_the_registry_sound() {
             let old = cl.connect(0, &id, false);
             cl.subscribe(old, &[("t", QoS::AtLeastOnce)]);
             let new = cl.open(new_shard);
-            cl.input(
-                new,
-                Packet::Connect(Box::new(Connect {
-                    level: ProtocolLevel::V311,
-                    client_id: id.as_str().into(),
-                    clean_session: false,
-                    keep_alive: 10,
-                    will: None,
-                    username: None,
-                    password: None,
-                })),
-            );
+            cl.connect_unsettled(new, &id, false, 10);
             // The takeover is on the wires; the operator kicks meanwhile.
             let now = cl.now;
             let kicked = cl

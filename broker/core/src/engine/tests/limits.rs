@@ -169,18 +169,7 @@ fn messages_held_for_an_arriving_session_are_capped() {
     cl.subscribe(old, &[("o/#", QoS::AtLeastOnce)]);
     let p = cl.connect(0, "p", true);
     let newc = cl.open(2);
-    cl.input(
-        newc,
-        Packet::Connect(Box::new(Connect {
-            level: ProtocolLevel::V311,
-            client_id: "mv".into(),
-            clean_session: false,
-            keep_alive: 0,
-            will: None,
-            username: None,
-            password: None,
-        })),
-    );
+    cl.connect_unsettled(newc, "mv", false, 0);
     let route_to_0 = |from: usize, to: usize, m: &ShardMsg| {
         from == 2 && to == 0 && matches!(control(m), Some(Control::Route { .. }))
     };
