@@ -97,9 +97,12 @@ impl Gate {
         Some(Slot(Some(self.clone())))
     }
 
-    /// A connection of this listener ended (`Engine::conn_closed` named the listener).
+    /// A connection of this listener ended (`Engine::conn_closed` named the listener). Never
+    /// below zero, should a connection the gate did not admit name this listener.
     pub fn release(&self) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
+        let _ = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Connections open (or in their handshake) through this listener, all shards together.
