@@ -340,3 +340,75 @@ fn deliveries_held_back_for_room_follow_as_the_client_reads() {
         assert_eq!(m.dropped_queue_full + m.dropped_slow_consumer, 0, "{m:?}");
     }
 }
+
+/// Payload of the messages of the force-shutdown flood.
+const SHUTDOWN_PAYLOAD: usize = 16 << 10;
+/// Messages in that flood: 96 MB in all, which a subscriber that never reads would hold (its
+/// queue is allowed a million messages) without the policy.
+const SHUTDOWN_FLOOD: u16 = 6_000;
+/// The most the broker's resident memory may grow meanwhile: the policy's 8 MB for the stuck
+/// subscriber, outboxes and read buffers, allocator slack.
+const SHUTDOWN_RSS_BOUND: u64 = 40 << 20;
+
+/// `mqtt.force_shutdown_policy`: a subscriber that stops reading while a publisher floods QoS 1
+/// messages is disconnected once 8 MB wait for it, another subscriber receives every message
+/// in order, and the broker's resident memory stays far below the flood, with the stuck
+/// subscriber's client id owned by either shard. The broker runs as its own process, so its
+/// RSS is its own.
+#[test]
+fn force_shutdown_keeps_the_brokers_memory_bounded() {
+    use common::process::*;
+
+    let mut child = spawn_broker_with(
+        "127.0.0.1:0",
+        &[
+            ("SHARDMQ_SHARDS__CPUS", "[0,1]"),
+            ("SHARDMQ_MQTT__FORCE_SHUTDOWN_POLICY", "1000000|8MB"),
+            ("SHARDMQ_MQTT__MAX_MQUEUE_LEN", "1000000"),
+        ],
+    );
+    let (addr, _log) = listen_addr(&mut child);
+    let pid = child.id();
+    let payload = vec![0x5au8; SHUTDOWN_PAYLOAD];
+    for owner in 0..2 {
+        let topic = format!("big/{owner}");
+        let mut stuck = Raw::open(addr);
+        stuck.handshake(&id_owned(&format!("stuck{owner}"), owner, 2, true), true, 0);
+        stuck.subscribe(&[(topic.as_str(), QoS::AtLeastOnce)]);
+        let mut reader = Raw::ok(addr, &format!("reader{owner}"));
+        reader.subscribe(&[(topic.as_str(), QoS::AtLeastOnce)]);
+        let mut publ = Raw::ok(addr, &format!("big-pub{owner}"));
+        let baseline = rss(pid);
+        let mut peak = baseline;
+        for i in 1..=SHUTDOWN_FLOOD {
+            publ.publish(&topic, &payload, QoS::AtLeastOnce, false, i);
+            assert_eq!(publ.recv(), Some(Packet::Puback(i)), "owner {owner}");
+            let m = reader.next_publish();
+            assert_eq!(
+                m.payload.len(),
+                SHUTDOWN_PAYLOAD,
+                "owner {owner}, message {i}"
+            );
+            if i % 100 == 0 {
+                peak = peak.max(rss(pid));
+            }
+        }
+        peak = peak.max(rss(pid));
+        eprintln!(
+            "owner {owner}: RSS {} MB -> peak {} MB over a {} MB flood",
+            baseline >> 20,
+            peak >> 20,
+            (usize::from(SHUTDOWN_FLOOD) * SHUTDOWN_PAYLOAD) >> 20
+        );
+        stuck.drain_until_closed();
+        assert!(
+            peak.saturating_sub(baseline) <= SHUTDOWN_RSS_BOUND,
+            "owner {owner}: RSS grew by {} MB (bound {} MB)",
+            (peak - baseline) >> 20,
+            SHUTDOWN_RSS_BOUND >> 20
+        );
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+}

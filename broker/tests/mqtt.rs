@@ -5,8 +5,12 @@
 
 mod common;
 
+use bytes::BytesMut;
 use common::*;
-use shardmq::protocol::mqtt::{Connack, ConnectReturnCode, Packet, ProtocolLevel, QoS, SubackCode};
+use shardmq::protocol::mqtt::{
+    Connack, ConnectReturnCode, Packet, ProtocolLevel, Publish, QoS, SubackCode,
+};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -685,6 +689,61 @@ fn max_conn_rate_closes_connections_beyond_the_rate() {
     });
     std::thread::sleep(Duration::from_millis(1100));
     Raw::ok(b.addr, "rate-later").ping();
+}
+
+/// `mqtt.rate_limit`: a publisher that sends faster than its rate is read at that rate (a
+/// second's worth at once): every message arrives in order, it takes at least as long as the
+/// rate says, and the publisher stays connected. Messages per second with the publisher's
+/// client id owned by either shard, then bytes per second.
+#[test]
+fn a_publisher_past_its_rate_limit_is_read_at_its_rate() {
+    let mut cfg = config(2);
+    cfg.mqtt.rate_limit.messages_in = 50;
+    cfg.mqtt.rate_limit.bytes_in = shardmq::config::ByteSize(20 << 10);
+    let b = Broker::start(cfg);
+    let shards = b.handle().shards().len();
+    // (owner shard, messages, payload): 150 small messages are 2 s past the burst of 50 a
+    // second; 60 of 1 KB are 2 s past the burst of 20 KB a second.
+    let runs = (0..shards)
+        .map(|owner| (owner, 150usize, 8usize))
+        .chain([(0, 60, 1024)]);
+    for (run, (owner, count, size)) in runs.enumerate() {
+        let topic = format!("rl/{run}");
+        let mut sub = Raw::ok(b.addr, &format!("rl-sub{run}"));
+        sub.subscribe(&[(topic.as_str(), QoS::AtMostOnce)]);
+        let mut p = Raw::ok(b.addr, &id_owned_by(&format!("rl-pub{run}"), owner, shards));
+        let mut burst = BytesMut::new();
+        for i in 0..count {
+            let mut payload = vec![b'.'; size];
+            payload[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            shardmq::protocol::mqtt::encode(
+                &Packet::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                    topic: topic.as_str().into(),
+                    packet_id: 0,
+                    payload: payload.into(),
+                }),
+                &mut burst,
+            );
+        }
+        shardmq::protocol::mqtt::encode(&Packet::Pingreq, &mut burst);
+        let started = Instant::now();
+        p.stream.write_all(&burst).unwrap();
+        for i in 0..count {
+            let m = sub.next_publish();
+            assert_eq!(&m.payload[..4], &(i as u32).to_be_bytes(), "run {run}");
+        }
+        assert_eq!(
+            p.recv(),
+            Some(Packet::Pingresp),
+            "run {run}: still connected"
+        );
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1500), "run {run}: {took:?}");
+    }
+    b.wait_metrics("throttling counted", |m| m.connections_throttled >= 3);
 }
 
 /// `mqtt.force_shutdown_policy`: a subscriber that stops reading while a publisher floods is

@@ -110,6 +110,8 @@ pub struct EngineConfig {
     /// `mqtt.force_shutdown_policy`: a connected client with more queued deliveries than
     /// the first, or more queued and unwritten bytes than the second, is disconnected.
     pub force_shutdown: Option<(usize, usize)>,
+    /// `mqtt.rate_limit.*`: inbound messages and bytes per second per connection.
+    pub rate_limit: crate::rate::RateLimit,
     /// `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// `mqtt.keepalive_multiplier`.
@@ -166,6 +168,8 @@ struct Conn {
     paused: bool,
     /// Deliveries or resends wait for room in the outbox (`Engine::refill`).
     starved: bool,
+    /// Not read until `About::resume_at`: ahead of its `mqtt.rate_limit`.
+    throttled: bool,
     /// More than one of its packets waits in `Engine::stalled`.
     more_stalled: bool,
     phase: ConnPhase,
@@ -206,6 +210,9 @@ struct About {
     /// Recent access decisions: (action, topic, allowed), valid for rules `acl_gen`.
     acl_cache: Vec<(crate::acl::Action, Box<str>, bool)>,
     acl_gen: u32,
+    /// Its position against `mqtt.rate_limit`, and when a throttled connection is read again.
+    rate: crate::rate::Buckets,
+    resume_at: Timestamp,
 }
 
 impl Conn {
@@ -246,6 +253,7 @@ impl Conn {
     fn readable(&self, max_write_buffer: usize) -> bool {
         !self.close
             && !self.paused
+            && !self.throttled
             && self.phase != ConnPhase::Connecting
             && self.outbox.len() + self.held.as_ref().map_or(0, |h| 4 * h.acks.len())
                 < max_write_buffer

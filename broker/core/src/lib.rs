@@ -12,6 +12,7 @@ pub mod index;
 pub mod message;
 pub mod metrics;
 pub mod msgs;
+pub mod rate;
 pub mod retained;
 pub mod route;
 pub mod session;

@@ -166,6 +166,8 @@ metrics! {
     topic_levels_exceeded,
     /// Connections closed by `mqtt.force_shutdown_policy` (too many deliveries waiting).
     force_shutdowns,
+    /// Times a connection's reads were paused by `mqtt.rate_limit` (ahead of its rate).
+    connections_throttled,
     /// Subscriptions refused for their depth (`mqtt.max_topic_levels`) or for
     /// `mqtt.max_subscriptions` (SUBACK 0x80).
     subscriptions_refused,

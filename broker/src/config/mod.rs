@@ -14,6 +14,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use shardmq_core::engine::EngineConfig;
+use shardmq_core::rate::RateLimit;
 use shardmq_core::retained::RetainedLimits;
 use shardmq_core::session::SessionLimits;
 use std::collections::BTreeMap;
@@ -833,6 +834,8 @@ pub struct MqttConfig {
     /// counted), so one slow subscriber cannot hold the broker's memory; `"off"` = never.
     /// EMQX: `force_shutdown_policy` (the seed document's `8000|800MB`).
     pub force_shutdown_policy: String,
+    /// `mqtt.rate_limit.*`: inbound limits per connection, enforced by not reading it.
+    pub rate_limit: RateLimitConfig,
     /// A connection that sends no CONNECT within this time is closed. EMQX: `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// No packet for `keepalive_multiplier` × keepalive closes the connection.
@@ -875,6 +878,7 @@ impl Default for MqttConfig {
             max_topic_levels: 128,
             max_subscriptions: 0,
             force_shutdown_policy: "8000|800MB".into(),
+            rate_limit: RateLimitConfig::default(),
             idle_timeout: Duration::secs(15),
             keepalive_multiplier: 1.5,
             max_inflight: 32,
@@ -888,6 +892,19 @@ impl Default for MqttConfig {
             close_timeout: Duration::secs(5),
         }
     }
+}
+
+/// `mqtt.rate_limit.*`: a connection more than a second ahead of either rate is not read
+/// until it is back within it, so TCP pushes back on its client. Off by default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// PUBLISH packets read per second per connection; 0 = no limit. EMQX:
+    /// `zone.external.rate_limit.conn_messages_in`.
+    pub messages_in: u32,
+    /// Bytes read per second per connection; "0" = no limit. EMQX:
+    /// `zone.external.rate_limit.conn_bytes_in`.
+    pub bytes_in: ByteSize,
 }
 
 /// `retainer.*`
@@ -1299,6 +1316,10 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         max_topic_levels: m.max_topic_levels,
         max_subscriptions: m.max_subscriptions,
         force_shutdown: parse_force_shutdown(&m.force_shutdown_policy).unwrap_or(None),
+        rate_limit: RateLimit {
+            messages_per_sec: m.rate_limit.messages_in,
+            bytes_per_sec: m.rate_limit.bytes_in.0,
+        },
         v31_max_clientid_len: m.v31_max_clientid_len,
         idle_timeout: m.idle_timeout.0,
         keepalive_multiplier: m.keepalive_multiplier,

@@ -555,7 +555,13 @@ pub mod process {
 
     /// Starts the broker on `bind`, logging at info to a pipe.
     pub fn spawn_broker(bind: &str) -> Child {
+        spawn_broker_with(bind, &[])
+    }
+
+    /// [`spawn_broker`] with more settings in its environment.
+    pub fn spawn_broker_with(bind: &str, env: &[(&str, &str)]) -> Child {
         bin()
+            .envs(env.iter().copied())
             .env("SHARDMQ_LISTENER__TCP__EXTERNAL__BIND", bind)
             .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
             .env("SHARDMQ_LOG__LEVEL", "info")

@@ -41,6 +41,7 @@ impl Engine {
             abort: false,
             paused: false,
             starved: false,
+            throttled: false,
             more_stalled: false,
             phase: ConnPhase::AwaitingConnect,
             level: ProtocolLevel::V311,
@@ -169,6 +170,10 @@ impl Engine {
         if c.paused {
             return None;
         }
+        if c.throttled {
+            // Its input waits for us, not for the client: no keepalive until it is read.
+            return c.about.as_ref().map(|a| a.resume_at);
+        }
         let keepalive = (c.keepalive_ms > 0).then(|| {
             c.last_rx
                 .after(Duration::from_millis(u64::from(c.keepalive_ms)))
@@ -190,6 +195,7 @@ impl Engine {
         let idle = matches!(c.phase, ConnPhase::Connected(_))
             && !c.close
             && !c.paused
+            && !c.throttled
             && !c.park
             && !c.parked;
         self.cfg
@@ -383,7 +389,11 @@ impl Engine {
                 Ok(Some((packet, n))) => {
                     input.used += n;
                     input.progressed = true;
+                    let message = matches!(packet, Packet::Publish(_));
                     self.handle_packet(id, packet, now);
+                    if self.cfg.rate_limit.enabled() {
+                        self.charge_input(id, message, n, now);
+                    }
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -395,6 +405,29 @@ impl Engine {
             }
         }
         input
+    }
+
+    /// Charges a packet of `bytes` bytes read from connection `id` (a message when `message`)
+    /// to its `mqtt.rate_limit`: a connection more than a second ahead of its rate is not
+    /// read until it is back within it (TCP then pushes back on its client). Drivers that
+    /// decode their own input (gateways) call it for each packet.
+    pub fn charge_input(&mut self, id: ConnId, message: bool, bytes: usize, now: Timestamp) {
+        let lim = self.cfg.rate_limit;
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.close {
+            return;
+        }
+        let about = c.about_mut();
+        let Some(resume) = about.rate.charge(&lim, now, message, bytes) else {
+            return;
+        };
+        about.resume_at = resume;
+        c.throttled = true;
+        self.metrics.connections_throttled += 1;
+        debug!(peer = %c.peer, client_id = client_of(&self.sessions, c), resume_in_ms = resume.0.saturating_sub(now.0), "inbound rate limit (mqtt.rate_limit), reading paused");
+        self.arm_conn(id);
     }
 
     /// A decoded packet from the connection.
@@ -495,6 +528,17 @@ impl Engine {
                     c.abort = true;
                     c.wake();
                     self.release_outbox_bytes(unsent);
+                }
+            }
+            return;
+        }
+        if c.throttled {
+            if c.about.as_ref().is_none_or(|a| a.resume_at <= now) {
+                if let Some(c) = conn_mut(&mut self.conns, id) {
+                    c.throttled = false;
+                    // The keepalive counts from when the connection is read again.
+                    c.last_rx = now;
+                    c.wake();
                 }
             }
             return;

@@ -59,6 +59,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         max_topic_levels: 128,
         max_subscriptions: 0,
         force_shutdown: None,
+        rate_limit: crate::rate::RateLimit::default(),
         idle_timeout: Duration::from_secs(15),
         keepalive_multiplier: 1.5,
         close_timeout: Duration::from_secs(5),

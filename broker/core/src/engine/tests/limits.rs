@@ -194,3 +194,99 @@ fn messages_held_for_an_arriving_session_are_capped() {
     cl.settle();
     assert!(!cl.closing(newc));
 }
+
+/// PUBLISH packets as a client's socket would carry them, one after another.
+fn publish_bytes(topic: &str, payloads: impl Iterator<Item = String>) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    for p in payloads {
+        shardmq_protocol::mqtt::encode(
+            &Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: topic.into(),
+                packet_id: 0,
+                payload: Bytes::from(p),
+            }),
+            &mut out,
+        );
+    }
+    out.to_vec()
+}
+
+/// `rate_limit.messages_per_sec`: a second's worth is read at once, then the connection is
+/// read at its rate; every message arrives, in order, and the publisher is never closed.
+#[test]
+fn a_publisher_past_its_message_rate_is_read_at_that_rate() {
+    for owner in 0..2 {
+        let mut cl = Cluster::with(2, |c| c.rate_limit.messages_per_sec = 10);
+        let sub = cl.connect(1, "rate-sub", true);
+        cl.subscribe(sub, &[("r", QoS::AtMostOnce)]);
+        let p = cl.connect(0, &id_owned_by(&format!("rate{owner}-"), owner, 2), true);
+        let data = publish_bytes("r", (0..30).map(|i| format!("m{i}")));
+        let start = cl.now;
+        let mut used = cl.engines[0].handle_input(p.id, &data, cl.now).used;
+        cl.settle();
+        assert!(used < data.len(), "owner {owner}: all read at once");
+        assert!(!cl.engines[0].conn_readable(p.id));
+        let mut got = publishes(&cl.recv(sub)).len();
+        assert_eq!(
+            got, 11,
+            "owner {owner}: a second's worth, and the one past it"
+        );
+        let deadline = cl.engines[0].conn_status(p.id).unwrap().deadline;
+        assert_eq!(deadline, Some(start.after(Duration::from_millis(100))));
+        let mut order = Vec::new();
+        while used < data.len() {
+            cl.advance(Duration::from_millis(50));
+            if cl.engines[0].conn_readable(p.id) {
+                used += cl.engines[0].handle_input(p.id, &data[used..], cl.now).used;
+                cl.settle();
+            }
+            let out = cl.recv(sub);
+            got += publishes(&out).len();
+            order.extend(publishes(&out).into_iter().map(|m| m.1));
+        }
+        assert_eq!(got, 30, "owner {owner}");
+        assert_eq!(order.first().map(String::as_str), Some("m11"));
+        assert_eq!(order.last().map(String::as_str), Some("m29"));
+        // 19 messages past the first second's 11, at 10 per second.
+        let took = cl.now.since(start);
+        assert!(
+            took >= Duration::from_millis(1800) && took <= Duration::from_millis(2000),
+            "owner {owner}: {took:?}"
+        );
+        assert!(!cl.closing(p));
+        assert!(cl.engines[0].metrics.connections_throttled >= 19);
+    }
+}
+
+/// `rate_limit.bytes_per_sec`: a connection not read for longer than its keepalive because
+/// of its rate is not closed for it; the keepalive counts from when it is read again.
+#[test]
+fn a_throttled_connection_is_not_closed_for_keepalive() {
+    let mut cl = Cluster::with(2, |c| c.rate_limit.bytes_per_sec = 100);
+    let p = cl.connect(0, "bytes", true);
+    // About 3,000 bytes: 29 s past the burst; the keepalive allowance is 15 s.
+    let data = publish_bytes("b", std::iter::once("x".repeat(2990)));
+    let data = [data.clone(), data].concat();
+    let first = cl.engines[0].handle_input(p.id, &data, cl.now).used;
+    assert!(first < data.len() && !cl.engines[0].conn_readable(p.id));
+    cl.advance(Duration::from_secs(20));
+    assert!(!cl.closing(p), "closed while not read");
+    assert!(!cl.engines[0].conn_readable(p.id));
+    cl.advance(Duration::from_secs(10));
+    assert!(cl.engines[0].conn_readable(p.id));
+    assert_eq!(
+        cl.engines[0]
+            .handle_input(p.id, &data[first..], cl.now)
+            .used,
+        data.len() - first
+    );
+    // Throttled again by the second packet, then let go: 16 s of silence after that ends it.
+    cl.advance(Duration::from_secs(31));
+    assert!(!cl.closing(p));
+    cl.advance(Duration::from_secs(16));
+    assert!(cl.closing(p), "keepalive applies again once read");
+    assert_eq!(cl.engines[0].metrics.keepalive_timeouts, 1);
+}
