@@ -746,6 +746,63 @@ fn a_publisher_past_its_rate_limit_is_read_at_its_rate() {
     b.wait_metrics("throttling counted", |m| m.connections_throttled >= 3);
 }
 
+/// `mqtt.max_mqueue_bytes_total`: offline sessions on both shards (client ids owned by each)
+/// share one cap; messages past it are dropped and counted, the admin API shows what is
+/// held, and the sessions get what was kept when they come back.
+#[test]
+fn offline_queues_past_their_total_cap_drop_new_messages() {
+    let mut cfg = config(2);
+    cfg.mqtt.max_mqueue_bytes_total = shardmq::config::ByteSize(10 << 10);
+    let b = Broker::start(cfg);
+    let shards = b.handle().shards().len();
+    let admin = b.handle().admin_addr().expect("admin API");
+    let mqueue_bytes = || -> u64 {
+        let v = http(admin, "GET", "/api/v1/stats", &[], "").json();
+        v["mqueue_bytes.count"]
+            .as_u64()
+            .expect("mqueue_bytes.count")
+    };
+    let ids: Vec<String> = (0..shards)
+        .map(|owner| id_owned_by("capped", owner, shards))
+        .collect();
+    for id in &ids {
+        let (mut c, _) = Raw::connect(b.addr, id, false);
+        c.subscribe(&[("cap/t", QoS::AtLeastOnce)]);
+        c.send(&Packet::Disconnect);
+        c.expect_closed();
+    }
+    let mut p = Raw::ok(b.addr, "cap-pub");
+    let n = 20u16;
+    for i in 1..=n {
+        p.publish("cap/t", &[b'c'; 1019], QoS::AtLeastOnce, false, i);
+        assert_eq!(p.recv(), Some(Packet::Puback(i)));
+    }
+    // Topic and payload weigh 1,024 bytes: ten fit, of the sessions' 40 deliveries.
+    let offered = u64::from(n) * shards as u64;
+    b.wait_metrics("drops counted", |m| m.dropped_queue_total == offered - 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mqueue_bytes() != 10 * 1024 {
+        assert!(Instant::now() < deadline, "stats: {} bytes", mqueue_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut kept = 0;
+    for id in &ids {
+        let (mut c, ack) = Raw::connect(b.addr, id, false);
+        assert!(ack.session_present);
+        while let Some(Some(Packet::Publish(m))) = c.recv_within(Duration::from_millis(500)) {
+            assert_eq!(m.payload.len(), 1019);
+            c.send(&Packet::Puback(m.packet_id));
+            kept += 1;
+        }
+    }
+    assert_eq!(kept, 10, "what was queued arrives");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mqueue_bytes() != 0 {
+        assert!(Instant::now() < deadline, "stats: {} bytes", mqueue_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `mqtt.force_shutdown_policy`: a subscriber that stops reading while a publisher floods is
 /// disconnected; a subscriber that reads gets every message. Its client id is owned by either
 /// shard.

@@ -32,7 +32,7 @@ use super::metrics::Metrics;
 use super::msgs::{Control, ShardMsg, SlotId, Ticket};
 use super::retained::{RetainedLimits, RetainedStore, SetOutcome};
 use super::route::{owner_shard, RouteTable, ShardSet};
-use super::session::{Delivery, Outbox, Session, SessionLimits, Written};
+use super::session::{Delivery, OfflineQueues, Outbox, Session, SessionLimits, Written};
 use super::sink::{Sink, SinkWrite};
 use super::time::Timestamp;
 use super::topic;
@@ -76,6 +76,7 @@ macro_rules! deliverer {
             outbox_bytes: &mut $engine.outbox_bytes,
             starved: &mut $engine.starved,
             overloaded: &mut $engine.overloaded,
+            offline: &$engine.offline,
             metrics: &mut $engine.metrics,
             now: $engine.now,
         }
@@ -110,6 +111,9 @@ pub struct EngineConfig {
     /// `mqtt.force_shutdown_policy`: a connected client with more queued deliveries than
     /// the first, or more queued and unwritten bytes than the second, is disconnected.
     pub force_shutdown: Option<(usize, usize)>,
+    /// `mqtt.max_mqueue_bytes_total`: topic and payload bytes queued for offline sessions,
+    /// all shards together ([`Engine::share_offline_queues`]); 0 = no cap.
+    pub max_mqueue_bytes_total: usize,
     /// `mqtt.rate_limit.*`: inbound messages and bytes per second per connection.
     pub rate_limit: crate::rate::RateLimit,
     /// `mqtt.idle_timeout`.
@@ -419,6 +423,8 @@ pub struct Engine {
     starved: Vec<ConnId>,
     /// Connections past `force_shutdown`, to close once the current delivery is done.
     overloaded: Vec<ConnId>,
+    /// What offline sessions hold in their queues, all shards together.
+    offline: Arc<OfflineQueues>,
     /// Forwarding slots with forwards waiting for room in a queue.
     backlogged: Vec<usize>,
     timers: BinaryHeap<Reverse<(Timestamp, usize, u32)>>,
@@ -501,6 +507,7 @@ impl Engine {
     /// A new engine for shard `cfg.shard` of `cfg.shards`, started at `now`.
     pub fn new(cfg: EngineConfig, now: Timestamp) -> Self {
         let shards = cfg.shards;
+        let offline = Arc::new(OfflineQueues::new(cfg.max_mqueue_bytes_total));
         Engine {
             retained: RetainedStore::new(cfg.retained),
             cfg,
@@ -531,6 +538,7 @@ impl Engine {
             outbox_bytes: 0,
             starved: Vec::new(),
             overloaded: Vec::new(),
+            offline,
             backlogged: Vec::new(),
             timers: BinaryHeap::new(),
             conn_timers: BinaryHeap::new(),
@@ -549,6 +557,17 @@ impl Engine {
             now,
             metrics: Metrics::default(),
         }
+    }
+
+    /// Makes this engine count its offline queues in `offline`, which the other shards share
+    /// (call before the first connection; each engine starts with a counter of its own).
+    pub fn share_offline_queues(&mut self, offline: Arc<OfflineQueues>) {
+        self.offline = offline;
+    }
+
+    /// What offline sessions hold in their queues, all shards together.
+    pub fn offline_queues(&self) -> &OfflineQueues {
+        &self.offline
     }
 
     /// This shard's index.

@@ -130,6 +130,9 @@ metrics! {
     dropped_queue_full,
     /// QoS 0 deliveries dropped for offline sessions.
     dropped_qos0_offline,
+    /// Deliveries to offline sessions dropped because all offline queues together held
+    /// `mqtt.max_mqueue_bytes_total`.
+    dropped_queue_total,
     /// QoS 0 deliveries dropped for slow consumers (`mqtt.max_write_buffer`).
     dropped_slow_consumer,
     /// QoS 0 deliveries dropped because the shard's connections together had

@@ -206,10 +206,59 @@ pub struct Flows {
     /// Topic and payload bytes of the messages in `queue`.
     #[serde(default)]
     pub queue_bytes: usize,
+    /// Of `queue_bytes`, what counts against the broker-wide cap on offline queues
+    /// ([`OfflineQueues`]): all of it while the session is offline, nothing while a
+    /// connection is attached.
+    #[serde(default)]
+    pub offline_bytes: usize,
+}
+
+/// What all offline sessions of the broker hold in their queues together, against
+/// `mqtt.max_mqueue_bytes_total`: one counter that every shard shares, touched when a message
+/// is queued for an offline session and when a session goes offline, comes back or is freed
+/// (never per delivery to a connected client).
+#[derive(Debug, Default)]
+pub struct OfflineQueues {
+    cap: usize,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl OfflineQueues {
+    /// A counter with the cap `cap` bytes (0 = no cap).
+    pub fn new(cap: usize) -> Self {
+        OfflineQueues {
+            cap,
+            bytes: Default::default(),
+        }
+    }
+
+    /// Topic and payload bytes queued for offline sessions now, all shards together.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether a message of `size` more bytes may be queued (shards that check at the same
+    /// time may together pass the cap by what they queue meanwhile).
+    pub fn admits(&self, size: usize) -> bool {
+        self.cap == 0 || self.bytes().saturating_add(size) <= self.cap
+    }
+
+    /// A session's share went from `before` to `after` bytes.
+    pub fn moved(&self, before: usize, after: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if after > before {
+            self.bytes.fetch_add(after - before, Relaxed);
+        } else if before > after {
+            // Never below zero, whatever order the shards' updates come in.
+            let _ = self
+                .bytes
+                .fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(before - after)));
+        }
+    }
 }
 
 /// What a queued delivery weighs for `mqtt.force_shutdown_policy`.
-fn queued_size(msg: &SharedMessage) -> usize {
+pub(crate) fn queued_size(msg: &SharedMessage) -> usize {
     msg.topic.len() + msg.payload.len()
 }
 
@@ -249,6 +298,22 @@ impl Session {
         self.flows.as_ref().map_or(0, |f| f.queue_bytes)
     }
 
+    /// Of the queued bytes, those counted against the cap on offline queues.
+    pub fn offline_bytes(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.offline_bytes)
+    }
+
+    /// The session goes offline (all its queue counts against the cap on offline queues) or
+    /// a connection attaches (none of it does). Returns its share before and after.
+    pub fn set_offline(&mut self, offline: bool) -> (usize, usize) {
+        let Some(f) = self.flows.as_deref_mut() else {
+            return (0, 0);
+        };
+        let before = f.offline_bytes;
+        f.offline_bytes = if offline { f.queue_bytes } else { 0 };
+        (before, f.offline_bytes)
+    }
+
     /// Inbound QoS 2 packet ids waiting for PUBREL, with their arrival time.
     pub fn awaiting_rel(&self) -> &BTreeMap<u16, Timestamp> {
         self.flows
@@ -283,14 +348,14 @@ impl Session {
             if qos == QoS::AtMostOnce && !lim.mqueue_store_qos0 {
                 return Delivery::DroppedQos0Offline;
             }
-            return self.enqueue(msg, qos, retain, lim);
+            return self.enqueue(msg, qos, retain, lim, true);
         };
         if self
             .flows
             .as_ref()
             .is_some_and(|f| !f.queue.is_empty() || f.unsent > 0)
         {
-            return self.enqueue(msg, qos, retain, lim);
+            return self.enqueue(msg, qos, retain, lim, false);
         }
         if qos == QoS::AtMostOnce {
             if !out.has_room() {
@@ -311,7 +376,7 @@ impl Session {
             );
             Delivery::Sent
         } else {
-            self.enqueue(msg, qos, retain, lim)
+            self.enqueue(msg, qos, retain, lim, false)
         }
     }
 
@@ -332,15 +397,23 @@ impl Session {
         qos: QoS,
         retain: bool,
         lim: &SessionLimits,
+        offline: bool,
     ) -> Delivery {
         let f = self.flows_mut();
         let dropped_oldest = f.queue.len() >= lim.max_mqueue_len;
         if dropped_oldest {
             if let Some(old) = f.queue.pop_front() {
-                f.queue_bytes = f.queue_bytes.saturating_sub(queued_size(&old.msg));
+                let size = queued_size(&old.msg);
+                f.queue_bytes = f.queue_bytes.saturating_sub(size);
+                if offline {
+                    f.offline_bytes = f.offline_bytes.saturating_sub(size);
+                }
             }
         }
         f.queue_bytes += queued_size(msg);
+        if offline {
+            f.offline_bytes += queued_size(msg);
+        }
         f.queue.push_back(Queued {
             msg: msg.clone(),
             qos,

@@ -81,6 +81,13 @@ pub fn render(snap: &Snapshot, shards: &Shards) -> String {
         "Distinct topic filters subscribed to, broker-wide.",
     );
     let _ = writeln!(out, "shardmq_topics {}", snap.counts.topics);
+    family(
+        &mut out,
+        "shardmq_mqueue_bytes",
+        "gauge",
+        "Topic and payload bytes queued for offline sessions, broker-wide.",
+    );
+    let _ = writeln!(out, "shardmq_mqueue_bytes {}", snap.counts.mqueue_bytes);
     for (name, peak) in snap.peaks.pairs() {
         let metric = format!("shardmq_{name}_max");
         family(

@@ -836,6 +836,10 @@ pub struct MqttConfig {
     pub force_shutdown_policy: String,
     /// `mqtt.rate_limit.*`: inbound limits per connection, enforced by not reading it.
     pub rate_limit: RateLimitConfig,
+    /// Topic and payload bytes all offline sessions together may hold in their queues;
+    /// beyond it, messages for offline sessions are dropped and counted
+    /// (`dropped_queue_total`); "0" = no cap.
+    pub max_mqueue_bytes_total: ByteSize,
     /// A connection that sends no CONNECT within this time is closed. EMQX: `mqtt.idle_timeout`.
     pub idle_timeout: Duration,
     /// No packet for `keepalive_multiplier` × keepalive closes the connection.
@@ -879,6 +883,7 @@ impl Default for MqttConfig {
             max_subscriptions: 0,
             force_shutdown_policy: "8000|800MB".into(),
             rate_limit: RateLimitConfig::default(),
+            max_mqueue_bytes_total: ByteSize(1 << 30),
             idle_timeout: Duration::secs(15),
             keepalive_multiplier: 1.5,
             max_inflight: 32,
@@ -1316,6 +1321,7 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         max_topic_levels: m.max_topic_levels,
         max_subscriptions: m.max_subscriptions,
         force_shutdown: parse_force_shutdown(&m.force_shutdown_policy).unwrap_or(None),
+        max_mqueue_bytes_total: m.max_mqueue_bytes_total.as_usize(),
         rate_limit: RateLimit {
             messages_per_sec: m.rate_limit.messages_in,
             bytes_per_sec: m.rate_limit.bytes_in.0,

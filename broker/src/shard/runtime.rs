@@ -18,6 +18,7 @@ use crate::config::{ByteSize, Config, TcpListenerConfig};
 use crate::core::acl::{Acl, Permission};
 use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
+use crate::core::session::OfflineQueues;
 use crate::core::time::Timestamp;
 use crate::shard::clock;
 use crate::shard::listener::Setup;
@@ -270,6 +271,8 @@ struct ShardCtx {
     acl: Option<Arc<Acl>>,
     /// What each listener admits, by listener number, shared by every shard.
     gates: Arc<Vec<Arc<Gate>>>,
+    /// The offline queues of all shards, against `mqtt.max_mqueue_bytes_total`.
+    offline: Arc<OfflineQueues>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -442,6 +445,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             .map(|(_, _, l, _)| Arc::new(Gate::new(l.max_connections, l.max_conn_rate)))
             .collect(),
     );
+    let offline = Arc::new(OfflineQueues::new(
+        cfg.mqtt.max_mqueue_bytes_total.as_usize(),
+    ));
     let shutdown = Arc::new(AtomicBool::new(false));
     let board = Arc::new(Board::new(shards));
     let mailboxes: Arc<Vec<Arc<Mailbox>>> =
@@ -470,6 +476,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             auth: auth.clone(),
             acl: acl.clone(),
             gates: gates.clone(),
+            offline: offline.clone(),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -767,6 +774,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         auth,
         acl,
         gates,
+        offline,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -789,6 +797,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         clock::now(),
     )));
     engine.borrow_mut().set_acl(acl);
+    engine.borrow_mut().share_offline_queues(offline);
     let ctx = Rc::new(ConnCtx {
         engine: engine.clone(),
         scratch: RefCell::new(vec![0u8; cfg.shards.read_buffer.as_usize()]),
@@ -849,6 +858,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                     topics: e.topic_count(),
                     retained: e.retained_count(),
                     parked: e.parked_count(),
+                    mqueue_bytes: e.offline_queues().bytes() as u64,
                 },
             );
             drop(e);

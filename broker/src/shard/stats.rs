@@ -26,6 +26,9 @@ pub struct ShardStats {
     pub retained: u64,
     /// Connections parked (idle, no driver task).
     pub parked: usize,
+    /// Topic and payload bytes queued for offline sessions, all shards together (the shared
+    /// counter of `mqtt.max_mqueue_bytes_total`, as this shard read it).
+    pub mqueue_bytes: u64,
 }
 
 /// The broker-wide counts, summed over shards.
@@ -45,6 +48,8 @@ pub struct Counts {
     pub retained: u64,
     /// Parked connections.
     pub parked: u64,
+    /// Topic and payload bytes queued for offline sessions.
+    pub mqueue_bytes: u64,
 }
 
 impl Counts {
@@ -60,6 +65,8 @@ impl Counts {
             routes: sum(&|s| s.local_filters as u64),
             retained: sum(&|s| s.retained),
             parked: sum(&|s| s.parked as u64),
+            // One counter for all shards: the freshest reading is the latest published.
+            mqueue_bytes: stats.iter().map(|s| s.mqueue_bytes).max().unwrap_or(0),
         }
     }
 
@@ -73,11 +80,12 @@ impl Counts {
             routes: self.routes.max(o.routes),
             retained: self.retained.max(o.retained),
             parked: self.parked.max(o.parked),
+            mqueue_bytes: self.mqueue_bytes.max(o.mqueue_bytes),
         }
     }
 
     /// (name, value) pairs, in declaration order.
-    pub fn pairs(&self) -> [(&'static str, u64); 7] {
+    pub fn pairs(&self) -> [(&'static str, u64); 8] {
         [
             ("connections", self.connections),
             ("sessions", self.sessions),
@@ -86,6 +94,7 @@ impl Counts {
             ("routes", self.routes),
             ("retained", self.retained),
             ("parked", self.parked),
+            ("mqueue_bytes", self.mqueue_bytes),
         ]
     }
 }

@@ -68,6 +68,7 @@ impl SysTree {
         let m = snap.metrics();
         let dropped = m.dropped_queue_full
             + m.dropped_qos0_offline
+            + m.dropped_queue_total
             + m.dropped_slow_consumer
             + m.dropped_shard_write_buffer_full
             + m.dropped_overload

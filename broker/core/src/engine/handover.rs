@@ -232,10 +232,12 @@ impl Engine {
         if let Some(arrival) = a.arrival.take() {
             // Not reached: the owner lets no CONNECT for this id through before the arrival is
             // done. Should it happen, the held deliveries go with the session.
+            let before = a.session.offline_bytes();
             for (m, q, r) in arrival.into_held() {
                 a.session
                     .deliver::<Sink>(&m, q, r, self.now, &self.cfg.limits, None);
             }
+            self.offline.moved(before, a.session.offline_bytes());
         }
         // Keep the slot (and its index entries) as a forwarder under the same key.
         let forwarder = SessionSlot::Forwarding(Box::new(ForwardSlot {

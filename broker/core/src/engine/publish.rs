@@ -372,6 +372,7 @@ pub(super) struct Deliverer<'a> {
     pub(super) outbox_bytes: &'a mut usize,
     pub(super) starved: &'a mut Vec<ConnId>,
     pub(super) overloaded: &'a mut Vec<ConnId>,
+    pub(super) offline: &'a OfflineQueues,
     pub(super) metrics: &'a mut Metrics,
     pub(super) now: Timestamp,
 }
@@ -390,10 +391,17 @@ impl Deliverer<'_> {
     ) -> bool {
         let lim = &self.cfg.limits;
         let (Some(id), Some(c)) = (a.conn, attached(self.conns, a.conn)) else {
-            match a
+            if !self.offline.admits(crate::session::queued_size(msg)) {
+                // `mqtt.max_mqueue_bytes_total`: offline queues together are full.
+                self.metrics.dropped_queue_total += 1;
+                return false;
+            }
+            let before = a.session.offline_bytes();
+            let delivery = a
                 .session
-                .deliver::<Sink>(msg, qos, retain, self.now, lim, None)
-            {
+                .deliver::<Sink>(msg, qos, retain, self.now, lim, None);
+            self.offline.moved(before, a.session.offline_bytes());
+            match delivery {
                 Delivery::Queued { dropped_oldest } => {
                     self.metrics.dropped_queue_full += u64::from(dropped_oldest)
                 }

@@ -268,6 +268,7 @@ impl Engine {
         let SessionSlot::Active(a) = self.sessions.remove(key) else {
             return;
         };
+        self.offline.moved(a.session.offline_bytes(), 0);
         let client_id = a.session.client_id.clone();
         self.by_client.remove(client_id.as_bytes(), key as u32);
         for f in a.session.subscriptions.keys() {
@@ -319,6 +320,8 @@ impl Engine {
         if a.session.clean_session {
             self.discard_session(key, true);
         } else {
+            let (before, after) = a.session.set_offline(true);
+            self.offline.moved(before, after);
             a.session.shrink();
             a.expires_at = expiry.map_or(Timestamp::NEVER, |d| now.after(d));
             self.arm(key);
@@ -335,6 +338,8 @@ impl Engine {
         };
         a.conn = Some(id);
         a.expires_at = Timestamp::NEVER;
+        let (before, after) = a.session.set_offline(false);
+        self.offline.moved(before, after);
         c.phase = ConnPhase::Connected(key as u32);
         let before = c.outbox.len();
         self.metrics.packets_connack_sent += 1;
@@ -428,6 +433,8 @@ impl Engine {
             }
             Handed::Moved { session, upstream } => {
                 if clean {
+                    // The client asked for a clean start: the session that moved is dropped.
+                    self.offline.moved(session.offline_bytes(), 0);
                     if let Some(up) = upstream {
                         self.send(
                             up,

@@ -59,6 +59,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         max_topic_levels: 128,
         max_subscriptions: 0,
         force_shutdown: None,
+        max_mqueue_bytes_total: 0,
         rate_limit: crate::rate::RateLimit::default(),
         idle_timeout: Duration::from_secs(15),
         keepalive_multiplier: 1.5,
@@ -82,11 +83,16 @@ impl Cluster {
 
     fn with(shards: usize, tweak: impl Fn(&mut EngineConfig)) -> Self {
         let now = Timestamp(1_000_000);
+        let mut offline = None;
         let engines = (0..shards)
             .map(|s| {
                 let mut c = config(shards, s);
                 tweak(&mut c);
-                Engine::new(c, now)
+                let mut e = Engine::new(c, now);
+                // One counter of offline queues for all shards, as the runtime makes it.
+                let shared = offline.get_or_insert_with(|| e.offline.clone());
+                e.share_offline_queues(shared.clone());
+                e
             })
             .collect();
         Cluster {
@@ -149,6 +155,43 @@ impl Cluster {
                 "outbox accounting of shard {}",
                 e.cfg.shard
             );
+        }
+        // The shared count of offline queue bytes is the sum of every session's share,
+        // wherever the session is: in a slot, or moving between shards.
+        let moving = |m: &ShardMsg| match control(m) {
+            Some(Control::Handover {
+                session: Some(s), ..
+            }) => s.offline_bytes(),
+            _ => 0,
+        };
+        let mut shares = 0;
+        for e in &self.engines {
+            for (_, slot) in e.sessions.iter() {
+                if let SessionSlot::Active(a) = slot {
+                    assert!(
+                        a.session.offline_bytes() <= a.session.queue_bytes(),
+                        "a share is part of the queue"
+                    );
+                    match a
+                        .conn
+                        .and_then(|id| e.conns.get(id.idx as usize).filter(|c| c.gen == id.gen))
+                    {
+                        None => assert_eq!(a.session.offline_bytes(), a.session.queue_bytes()),
+                        // Only a closing connection's session may queue as offline.
+                        Some(c) if !c.close => assert_eq!(a.session.offline_bytes(), 0),
+                        Some(_) => {}
+                    }
+                    shares += a.session.offline_bytes();
+                }
+            }
+            shares += e.inbox.iter().map(moving).sum::<usize>();
+            for o in &e.outgoing {
+                shares += o.queue.iter().map(moving).sum::<usize>();
+            }
+        }
+        shares += self.wires.values().flatten().map(moving).sum::<usize>();
+        if let Some(e) = self.engines.first() {
+            assert_eq!(e.offline.bytes(), shares, "offline queue accounting");
         }
     }
 

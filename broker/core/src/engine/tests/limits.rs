@@ -290,3 +290,60 @@ fn a_throttled_connection_is_not_closed_for_keepalive() {
     assert!(cl.closing(p), "keepalive applies again once read");
     assert_eq!(cl.engines[0].metrics.keepalive_timeouts, 1);
 }
+
+/// `max_mqueue_bytes_total`: offline sessions on both shards share one cap; past it, their
+/// new messages are dropped and counted while connected subscribers get everything; a
+/// session that comes back frees its share and gets what it kept.
+#[test]
+fn offline_queues_together_are_capped() {
+    for owner in 0..2 {
+        // Topic "q" and a 19-byte payload weigh 20 bytes: the cap holds five.
+        let mut cl = Cluster::with(2, |c| c.max_mqueue_bytes_total = 100);
+        let ids: Vec<String> = (0..2)
+            .map(|s| id_owned_by(&format!("off{owner}{s}-"), owner, 2))
+            .collect();
+        for (shard, id) in ids.iter().enumerate() {
+            let c = cl.connect(shard, id, false);
+            cl.subscribe(c, &[("q", QoS::AtLeastOnce)]);
+            cl.send(c, Packet::Disconnect);
+            cl.drop_conn(c);
+        }
+        let online = cl.connect(1, "online", true);
+        cl.subscribe(online, &[("q", QoS::AtMostOnce)]);
+        let p = cl.connect(0, "offline-pub", true);
+        for i in 0..4u16 {
+            cl.publish(p, "q", &format!("{i:019}"), QoS::AtLeastOnce, false, i + 1);
+        }
+        // Two sessions × four messages: the first five fit, the other three are dropped.
+        let dropped: u64 = cl
+            .engines
+            .iter()
+            .map(|e| e.metrics.dropped_queue_total)
+            .sum();
+        assert_eq!(dropped, 3, "owner {owner}");
+        assert_eq!(cl.engines[0].offline_queues().bytes(), 100);
+        assert_eq!(
+            publishes(&cl.recv(online)).len(),
+            4,
+            "connected clients lose nothing"
+        );
+        // The first comes back (on the other shard): it gets what it kept, and its share is
+        // free again for the other session.
+        let back = cl.open(1);
+        let kept = publishes(&cl.connect_opened(back, &ids[0], false)).len();
+        assert!((1..=4).contains(&kept), "owner {owner}: {kept}");
+        assert_eq!(cl.engines[0].offline_queues().bytes(), (5 - kept) * 20);
+        cl.publish(p, "q", &format!("{:019}", 9), QoS::AtLeastOnce, false, 9);
+        assert_eq!(
+            cl.engines
+                .iter()
+                .map(|e| e.metrics.dropped_queue_total)
+                .sum::<u64>(),
+            3,
+            "owner {owner}: room again"
+        );
+        // The other session expires: its share goes with it.
+        cl.advance(Duration::from_secs(7201));
+        assert_eq!(cl.engines[0].offline_queues().bytes(), 0, "owner {owner}");
+    }
+}
