@@ -72,6 +72,12 @@ pub enum CtlCommand {
     },
     /// Broker-wide counts and their peaks, and each shard's.
     Stats,
+    /// Bans: list, add, delete.
+    Banned {
+        /// What to do with bans.
+        #[command(subcommand)]
+        command: BannedCommand,
+    },
     /// Publishes a message.
     Publish {
         /// Topic name.
@@ -114,6 +120,38 @@ pub enum ClientsCommand {
     Kick {
         /// Client id.
         id: String,
+    },
+}
+
+/// `ctl banned …`
+#[derive(Subcommand, Debug)]
+pub enum BannedCommand {
+    /// The bans in force.
+    List,
+    /// Bans a client id, a username or an address (its connections are closed).
+    Add {
+        /// clientid, username or peerhost.
+        #[arg(value_name = "AS")]
+        kind: String,
+        /// The client id, username, or address or network (10.0.0.0/8).
+        who: String,
+        /// How long ("1h", "7d"); default 5 minutes.
+        #[arg(long, conflicts_with = "forever")]
+        duration: Option<String>,
+        /// Without end.
+        #[arg(long)]
+        forever: bool,
+        /// Why (shown in the list).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lifts a ban.
+    Del {
+        /// clientid, username or peerhost.
+        #[arg(value_name = "AS")]
+        kind: String,
+        /// The client id, username, or address or network.
+        who: String,
     },
 }
 
@@ -511,6 +549,50 @@ fn human(cmd: &CtlCommand, v: &Value) -> String {
         CtlCommand::Publish { topic, qos, .. } => {
             format!("published to {topic} at QoS {qos}\n")
         }
+        CtlCommand::Banned {
+            command: BannedCommand::List,
+        } => {
+            let mut listed = v.clone();
+            if let Some(a) = listed["data"].as_array_mut() {
+                for b in a {
+                    b["at"] = rfc3339(&b["at"]).into();
+                    b["until"] = if b["until"].is_null() {
+                        "never".into()
+                    } else {
+                        rfc3339(&b["until"]).into()
+                    };
+                }
+            }
+            table(
+                &["AS", "WHO", "BY", "AT", "UNTIL", "REASON"],
+                &rows(&listed, &["as", "who", "by", "at", "until", "reason"]),
+            ) + &format!("{} bans\n", cell(&v["meta"]["count"]))
+        }
+        CtlCommand::Banned {
+            command: BannedCommand::Add { kind, who, .. },
+        } => format!(
+            "{kind} {who} banned {} ({} connections closed)\n",
+            if v["until"].is_null() {
+                "without end".to_string()
+            } else {
+                format!("until {}", rfc3339(&v["until"]))
+            },
+            cell(&v["closed"])
+        ),
+        CtlCommand::Banned {
+            command: BannedCommand::Del { kind, who },
+        } => format!("{kind} {who} no longer banned\n"),
+    }
+}
+
+/// Unix seconds as an RFC 3339 time.
+fn rfc3339(v: &Value) -> String {
+    match v.as_u64() {
+        Some(s) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                .to_string()
+        }
+        None => cell(v),
     }
 }
 
@@ -570,6 +652,29 @@ fn request(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
                 ("limit", Some(limit.to_string())),
             ])
         )),
+        CtlCommand::Banned { command } => match command {
+            BannedCommand::List => get("/api/v1/banned".into()),
+            BannedCommand::Add {
+                kind,
+                who,
+                duration,
+                forever,
+                reason,
+            } => {
+                let mut body = serde_json::json!({ "as": kind, "who": who, "reason": reason });
+                if *forever {
+                    body["until"] = "infinity".into();
+                } else if let Some(d) = duration {
+                    body["duration"] = d.as_str().into();
+                }
+                (Method::POST, "/api/v1/banned".into(), Some(body))
+            }
+            BannedCommand::Del { kind, who } => (
+                Method::DELETE,
+                format!("/api/v1/banned/{}/{}", segment(kind), segment(who)),
+                None,
+            ),
+        },
         CtlCommand::Publish {
             topic,
             payload,

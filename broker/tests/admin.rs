@@ -377,3 +377,102 @@ fn a_non_loopback_admin_api_needs_credentials() {
     let bad_key = [("Authorization", "Bearer nope")];
     assert_eq!(http(a, "GET", "/api/v1/status", &bad_key, "").status, 401);
 }
+
+/// `/api/v1/banned`: a client id ban (the id owned by either shard) closes the client and
+/// refuses it until lifted; username and address bans apply on every shard; the list shows
+/// each ban once; bad requests get 400, unknown bans 404.
+#[test]
+fn bans_close_and_refuse_clients_until_lifted() {
+    let b = Broker::with_shards(2);
+    let shards = b.handle().shards().len();
+    let post = |body: &str| http(admin(&b), "POST", "/api/v1/banned", &[], body);
+    let refused = |c: shardmq::protocol::mqtt::Connack| {
+        c.code == shardmq::protocol::mqtt::ConnectReturnCode::NotAuthorized
+    };
+    for owner in 0..shards {
+        let id = id_owned_by(&format!("ban-{owner}-"), owner, shards);
+        let mut c = Raw::ok(b.addr, &id);
+        let r = post(&format!(
+            r#"{{"as": "clientid", "who": "{id}", "reason": "testing", "duration": "1h"}}"#
+        ));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(
+            (v["as"].as_str(), v["closed"].as_u64()),
+            (Some("clientid"), Some(1))
+        );
+        let until = v["until"].as_u64().unwrap();
+        assert!(until >= v["at"].as_u64().unwrap() + 3599, "{v}");
+        c.expect_closed();
+        for _ in 0..2 {
+            // Whichever shard the connection lands on.
+            assert!(refused(Raw::connect(b.addr, &id, true).1), "owner {owner}");
+        }
+        let list = get(&b, "/api/v1/banned").json();
+        assert_eq!(list["meta"]["count"], 1, "{list}");
+        assert_eq!(list["data"][0]["who"], id.as_str());
+        assert_eq!(list["data"][0]["by"], "admin");
+        let path = format!("/api/v1/banned/clientid/{id}");
+        assert_eq!(http(admin(&b), "DELETE", &path, &[], "").status, 204);
+        assert_eq!(http(admin(&b), "DELETE", &path, &[], "").status, 404);
+        Raw::ok(b.addr, &id).ping();
+    }
+    // A username ban, without end.
+    let mut alice = Raw::connect_full(
+        b.addr,
+        shardmq::protocol::mqtt::Connect {
+            username: Some("alice".into()),
+            ..connect_packet("alice-1", true, ProtocolLevel::V311, 30, None)
+        },
+    )
+    .0;
+    let r = post(r#"{"as": "username", "who": "alice", "until": "infinity"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["until"].is_null());
+    alice.expect_closed();
+    let again = Raw::connect_full(
+        b.addr,
+        shardmq::protocol::mqtt::Connect {
+            username: Some("alice".into()),
+            ..connect_packet("alice-2", true, ProtocolLevel::V311, 30, None)
+        },
+    );
+    assert!(refused(again.1));
+    Raw::ok(b.addr, "not-alice").ping();
+    // An address ban: every client here comes from 127.0.0.1.
+    let mut bystander = Raw::ok(b.addr, "bystander");
+    let r = post(r#"{"as": "peerhost", "who": "127.0.0.1", "duration": "10m"}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    bystander.expect_closed();
+    assert!(refused(Raw::connect(b.addr, "anyone", true).1));
+    let list = get(&b, "/api/v1/banned").json();
+    assert_eq!(list["meta"]["count"], 2, "each ban once: {list}");
+    assert_eq!(
+        http(
+            admin(&b),
+            "DELETE",
+            "/api/v1/banned/peerhost/127.0.0.1",
+            &[],
+            ""
+        )
+        .status,
+        204
+    );
+    Raw::ok(b.addr, "anyone").ping();
+    for bad in [
+        r#"{"as": "ip", "who": "x"}"#,
+        r#"{"as": "peerhost", "who": "not-an-address"}"#,
+        r#"{"as": "clientid", "who": "x", "until": 1}"#,
+        r#"{"as": "clientid", "who": "x", "until": 99999999999, "duration": "1m"}"#,
+        r#"{"as": "clientid", "who": ""}"#,
+        r#"{"as": "clientid", "who": "x", "color": "red"}"#,
+        "not json",
+    ] {
+        let r = post(bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(r.json()["message"].is_string());
+    }
+    let r = http(admin(&b), "PUT", "/api/v1/banned", &[], "");
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, POST")));
+    b.wait_metrics("refusals counted", |m| m.connects_banned >= 6);
+}

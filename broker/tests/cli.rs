@@ -431,6 +431,37 @@ fn ctl_talks_to_a_running_broker() {
     assert!(ok(&["clients", "kick", "ctl-sub"]).contains("kicked"));
     sub.expect_closed();
 
+    let mut target = common::Raw::ok(addr, "ctl-banned");
+    let added = ok(&[
+        "banned",
+        "add",
+        "clientid",
+        "ctl-banned",
+        "--duration",
+        "1h",
+        "--reason",
+        "test",
+    ]);
+    assert!(
+        added.contains("banned until") && added.contains("1 connections closed"),
+        "{added}"
+    );
+    target.expect_closed();
+    let listed = ok(&["banned", "list"]);
+    assert!(
+        listed.starts_with("AS") && listed.contains("ctl-banned") && listed.contains("1 bans"),
+        "{listed}"
+    );
+    let (_, refused) = common::Raw::connect(addr, "ctl-banned", true);
+    assert_eq!(
+        refused.code,
+        shardmq::protocol::mqtt::ConnectReturnCode::NotAuthorized
+    );
+    assert!(ok(&["banned", "del", "clientid", "ctl-banned"]).contains("no longer banned"));
+    common::Raw::ok(addr, "ctl-banned").ping();
+    let gone = ctl(&["banned", "del", "clientid", "ctl-banned"]);
+    assert!(!gone.status.success());
+
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());

@@ -803,6 +803,49 @@ fn offline_queues_past_their_total_cap_drop_new_messages() {
     }
 }
 
+/// `flapping.*`: a client id that connects more than `max_count` times within the window is
+/// refused (CONNACK 0x05) until the ban ends, with the id owned by either shard; other
+/// client ids are not affected.
+#[test]
+fn a_flapping_client_id_is_banned_until_the_ban_ends() {
+    let mut cfg = config(2);
+    cfg.flapping.enable = true;
+    cfg.flapping.max_count = 3;
+    cfg.flapping.ban_time = shardmq::config::Duration::secs(2);
+    let b = Broker::start(cfg);
+    let shards = b.handle().shards().len();
+    for owner in 0..shards {
+        let id = id_owned_by(&format!("flapper{owner}"), owner, shards);
+        for _ in 0..3 {
+            let mut c = Raw::ok(b.addr, &id);
+            c.send(&Packet::Disconnect);
+            c.expect_closed();
+        }
+        let banned_at = Instant::now();
+        let (_, ack) = Raw::connect(b.addr, &id, true);
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "owner {owner}");
+        Raw::ok(b.addr, &format!("{id}-steady")).ping();
+        // Refused for as long as the ban lasts, then let in.
+        loop {
+            let (mut c, ack) = Raw::connect(b.addr, &id, true);
+            if ack.code == ConnectReturnCode::Accepted {
+                assert!(
+                    banned_at.elapsed() >= Duration::from_millis(1900),
+                    "owner {owner}"
+                );
+                c.ping();
+                break;
+            }
+            assert!(
+                banned_at.elapsed() < Duration::from_secs(10),
+                "owner {owner}: still banned"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    b.wait_metrics("bans counted", |m| m.flapping_bans >= 2);
+}
+
 /// `mqtt.force_shutdown_policy`: a subscriber that stops reading while a publisher floods is
 /// disconnected; a subscriber that reads gets every message. Its client id is owned by either
 /// shard.

@@ -114,6 +114,8 @@ pub struct EngineConfig {
     /// `mqtt.max_mqueue_bytes_total`: topic and payload bytes queued for offline sessions,
     /// all shards together ([`Engine::share_offline_queues`]); 0 = no cap.
     pub max_mqueue_bytes_total: usize,
+    /// `flapping.*`: a client id that reconnects too often is banned; `None` = off.
+    pub flapping: Option<crate::ban::FlappingPolicy>,
     /// `mqtt.rate_limit.*`: inbound messages and bytes per second per connection.
     pub rate_limit: crate::rate::RateLimit,
     /// `mqtt.idle_timeout`.
@@ -425,6 +427,10 @@ pub struct Engine {
     overloaded: Vec<ConnId>,
     /// What offline sessions hold in their queues, all shards together.
     offline: Arc<OfflineQueues>,
+    /// Bans in force here: the client ids this shard owns, every username and address ban.
+    bans: crate::ban::BanList,
+    /// Recent CONNECTs of the client ids this shard owns (`flapping.*`).
+    flapping: crate::ban::Flapping,
     /// Forwarding slots with forwards waiting for room in a queue.
     backlogged: Vec<usize>,
     timers: BinaryHeap<Reverse<(Timestamp, usize, u32)>>,
@@ -539,6 +545,8 @@ impl Engine {
             starved: Vec::new(),
             overloaded: Vec::new(),
             offline,
+            bans: Default::default(),
+            flapping: Default::default(),
             backlogged: Vec::new(),
             timers: BinaryHeap::new(),
             conn_timers: BinaryHeap::new(),

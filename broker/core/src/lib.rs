@@ -7,6 +7,7 @@
 
 pub mod acl;
 pub mod auth;
+pub mod ban;
 pub mod engine;
 pub mod index;
 pub mod message;

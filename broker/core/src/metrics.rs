@@ -169,6 +169,10 @@ metrics! {
     topic_levels_exceeded,
     /// Connections closed by `mqtt.force_shutdown_policy` (too many deliveries waiting).
     force_shutdowns,
+    /// CONNECTs refused because their client id, username or address is banned.
+    connects_banned,
+    /// Client ids banned for reconnecting too often (`flapping.*`).
+    flapping_bans,
     /// Times a connection's reads were paused by `mqtt.rate_limit` (ahead of its rate).
     connections_throttled,
     /// Subscriptions refused for their depth (`mqtt.max_topic_levels`) or for

@@ -139,6 +139,11 @@ pub enum Control {
         /// that still reach it until released.
         session: Option<Box<Session>>,
     },
+    /// Owner → connecting shard: the client id is banned; refuse the CONNECT at `ticket`.
+    Banned {
+        /// The connecting connection.
+        ticket: Ticket,
+    },
     /// Holder → owner: the session is gone (if the registration is still `epoch`).
     Unregister {
         /// Client id.

@@ -13,6 +13,9 @@
 //! | `GET /api/v1/routes` | (filter, shard) routes, paged, filtered (`topic`) |
 //! | `POST /api/v1/publish` | publishes `{"topic", "payload", "qos", "retain", "encoding"}` |
 //! | `POST /api/v1/auth/reload` | re-reads the password file (as SIGHUP does) |
+//! | `GET /api/v1/banned` | the bans in force |
+//! | `POST /api/v1/banned` | bans `{"as", "who", "reason", "until" or "duration"}`; closes what it matches |
+//! | `DELETE /api/v1/banned/{as}/{who}` | lifts a ban; 204, or 404 |
 //! | `GET /metrics` | Prometheus text format |
 //!
 //! Listings answer `{"data": [...], "meta": {"page", "limit", "count"}}`; errors answer
@@ -44,7 +47,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -92,6 +99,11 @@ pub async fn route(ctx: &Ctx, method: &Method, path: &str, query: &str, body: By
         (&Method::GET, ["api", "v1", "subscriptions"]) => subscriptions(ctx, &params).await,
         (&Method::GET, ["api", "v1", "routes"]) => routes(ctx, &params).await,
         (&Method::POST, ["api", "v1", "publish"]) => publish(ctx, &body).await,
+        (&Method::GET, ["api", "v1", "banned"]) => super::banned::list(ctx).await,
+        (&Method::POST, ["api", "v1", "banned"]) => super::banned::add(ctx, &body).await,
+        (&Method::DELETE, ["api", "v1", "banned", kind, who]) => {
+            super::banned::remove(ctx, kind, who).await
+        }
         (&Method::POST, ["api", "v1", "auth", "reload"]) => {
             match crate::shard::runtime::reload_auth(&ctx.shards) {
                 Ok(()) => Ok(json(
@@ -117,6 +129,8 @@ fn not_routed(method: &Method, path: &[&str]) -> ApiError {
         ["api", "v1", "subscriptions" | "routes"] => Some("GET"),
         ["api", "v1", "clients", _] => Some("GET, DELETE"),
         ["api", "v1", "clients", _, "subscriptions"] => Some("GET"),
+        ["api", "v1", "banned"] => Some("GET, POST"),
+        ["api", "v1", "banned", _, _] => Some("DELETE"),
         ["api", "v1", "publish"] | ["api", "v1", "auth", "reload"] => Some("POST"),
         _ => None,
     };
@@ -137,7 +151,14 @@ fn not_routed(method: &Method, path: &[&str]) -> ApiError {
     }
 }
 
-fn bad_request(message: &str) -> ApiError {
+/// 204, with no body and no content type.
+pub(super) fn no_content() -> Reply {
+    let mut r = reply(StatusCode::NO_CONTENT, "application/json", Bytes::new());
+    r.headers_mut().remove(hyper::header::CONTENT_TYPE);
+    r
+}
+
+pub(super) fn bad_request(message: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
 }
 
@@ -150,7 +171,7 @@ fn unavailable(shard: usize) -> ApiError {
 }
 
 /// Runs `f` on `shard`, within `admin.request_timeout`.
-async fn ask<R: Send + 'static>(
+pub(super) async fn ask<R: Send + 'static>(
     ctx: &Ctx,
     shard: usize,
     f: impl FnOnce(&mut Engine, crate::core::time::Timestamp) -> R + Send + 'static,
@@ -364,9 +385,7 @@ async fn kick(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     }
     if found {
         tracing::info!(client_id = id, "client kicked through the admin API");
-        let mut r = reply(StatusCode::NO_CONTENT, "application/json", Bytes::new());
-        r.headers_mut().remove(hyper::header::CONTENT_TYPE);
-        Ok(r)
+        Ok(no_content())
     } else {
         Err(client_not_found(id))
     }

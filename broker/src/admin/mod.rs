@@ -9,6 +9,7 @@
 //! non-loopback bind with neither.
 
 pub mod api;
+pub mod banned;
 pub mod prometheus;
 
 use crate::config::AdminConfig;

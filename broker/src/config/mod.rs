@@ -44,6 +44,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `auth.*`: who may connect.
     pub auth: AuthConfig,
+    /// `flapping.*`: banning client ids that reconnect too often.
+    pub flapping: FlappingConfig,
 }
 
 /// `mqtt.force_shutdown_policy`: `"MESSAGES|BYTES"` (`"8000|800MB"`), or `"off"`.
@@ -310,6 +312,60 @@ impl Default for SysConfig {
             interval: Duration::secs(60),
             client_events: true,
         }
+    }
+}
+
+/// `flapping.*`: a client id that connects more than `max_count` times within `window` is
+/// banned for `ban_time` (its CONNECTs get CONNACK 0x05). EMQX: `flapping_detect_policy =
+/// "30, 1m, 5m"` and `zone.external.enable_flapping_detect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlappingConfig {
+    /// Whether flapping client ids are banned.
+    pub enable: bool,
+    /// CONNECTs allowed within `window`; one more bans the client id.
+    pub max_count: u32,
+    /// The window CONNECTs are counted in.
+    pub window: Duration,
+    /// How long a flapping client id stays banned.
+    pub ban_time: Duration,
+}
+
+impl Default for FlappingConfig {
+    fn default() -> Self {
+        FlappingConfig {
+            enable: false,
+            max_count: 30,
+            window: Duration::secs(60),
+            ban_time: Duration::secs(300),
+        }
+    }
+}
+
+impl FlappingConfig {
+    /// The engine's policy (`None` when off).
+    pub fn policy(&self) -> Option<shardmq_core::ban::FlappingPolicy> {
+        self.enable.then_some(shardmq_core::ban::FlappingPolicy {
+            max_count: self.max_count,
+            window: self.window.0,
+            ban_time: self.ban_time.0,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enable {
+            return Ok(());
+        }
+        if self.max_count == 0 {
+            return Err(invalid("flapping.max_count", "must be at least 1"));
+        }
+        if self.window.enabled().is_none() {
+            return Err(invalid("flapping.window", "must be more than 0s"));
+        }
+        if self.ban_time.enabled().is_none() {
+            return Err(invalid("flapping.ban_time", "must be more than 0s"));
+        }
+        Ok(())
     }
 }
 
@@ -1268,6 +1324,7 @@ impl Config {
         }
         parse_force_shutdown(&m.force_shutdown_policy)
             .map_err(|e| invalid("mqtt.force_shutdown_policy", e))?;
+        self.flapping.validate()?;
         self.admin.validate()
     }
 
@@ -1322,6 +1379,7 @@ pub fn engine_config(cfg: &Config, shard: usize, shards: usize) -> EngineConfig 
         max_subscriptions: m.max_subscriptions,
         force_shutdown: parse_force_shutdown(&m.force_shutdown_policy).unwrap_or(None),
         max_mqueue_bytes_total: m.max_mqueue_bytes_total.as_usize(),
+        flapping: cfg.flapping.policy(),
         rate_limit: RateLimit {
             messages_per_sec: m.rate_limit.messages_in,
             bytes_per_sec: m.rate_limit.bytes_in.0,

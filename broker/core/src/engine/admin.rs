@@ -1,5 +1,6 @@
 //! What an operator asks of one shard: its part of the client, subscription and route
-//! listings, one client's details, kicking a client out, and publishing a message.
+//! listings, one client's details, kicking a client out, publishing a message, and its part
+//! of the banned list.
 //!
 //! A listing spans shards, and a shard may hold a million sessions, so each shard answers with
 //! one page of its own part ([`Page`]): the entries from `skip` on, at most `take` of them, in
@@ -8,6 +9,7 @@
 //! one scan per shard and never more memory than the page.
 
 use super::*;
+use crate::ban::{Ban, BanKind};
 use serde::Serialize;
 
 /// Which clients a listing includes (all when every field is `None`).
@@ -345,6 +347,74 @@ impl Engine {
         }
         self.drain_inbox();
         true
+    }
+
+    /// Adds a ban (see [`crate::ban`]): a client id ban is kept if this shard owns the client
+    /// id, a username or address ban on every shard. Either way the connections of this shard
+    /// that it matches are closed (their sessions stay, as a persistent one would after a
+    /// lost connection). Returns how many were closed; an invalid address is refused.
+    pub fn add_ban(&mut self, ban: Ban, now: Timestamp) -> Result<usize, String> {
+        self.now = now;
+        ban.validate()?;
+        let net = match ban.kind {
+            BanKind::PeerHost => Some(crate::acl::IpNet::parse(&ban.who)?),
+            _ => None,
+        };
+        let matching: Vec<ConnId> = match ban.kind {
+            BanKind::ClientId => {
+                let client_id = ByteStr::from(ban.who.as_str());
+                self.local_session(&client_id)
+                    .and_then(|k| match self.sessions.get(k) {
+                        Some(SessionSlot::Active(a)) => a.conn,
+                        _ => None,
+                    })
+                    .into_iter()
+                    .collect()
+            }
+            BanKind::Username | BanKind::PeerHost => self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.close)
+                .filter(|(_, c)| match net {
+                    Some(net) => net.contains(c.peer.ip),
+                    None => c
+                        .about
+                        .as_deref()
+                        .and_then(|a| a.username.as_deref())
+                        .is_some_and(|u| u == ban.who),
+                })
+                .map(|(idx, c)| ConnId {
+                    idx: idx as u32,
+                    gen: c.gen,
+                })
+                .collect(),
+        };
+        let keep =
+            ban.kind != BanKind::ClientId || self.owner(ban.who.as_bytes()) == self.cfg.shard;
+        if keep && ban.until > now {
+            tracing::info!(kind = ban.kind.as_str(), who = %ban.who, by = %ban.by, until_ms = ban.until.0, "ban added");
+            self.bans.purge(now);
+            self.bans.add(ban)?;
+        }
+        for &id in &matching {
+            self.end_connection(id, true, EndReason::Banned);
+        }
+        self.drain_inbox();
+        Ok(matching.len())
+    }
+
+    /// Lifts a ban; whether this shard had it in force.
+    pub fn remove_ban(&mut self, kind: BanKind, who: &str, now: Timestamp) -> bool {
+        let found = self.bans.remove(kind, who, now);
+        if found {
+            tracing::info!(kind = kind.as_str(), who, "ban lifted");
+        }
+        found
+    }
+
+    /// The bans in force on this shard.
+    pub fn list_bans(&self, now: Timestamp) -> Vec<Ban> {
+        self.bans.list(now)
     }
 
     /// Publishes a message for the operator, routed and retained as a client's would be.

@@ -35,6 +35,8 @@ pub enum EndReason {
     NotAuthorized,
     /// Too many deliveries waited for it (`mqtt.force_shutdown_policy`).
     ForceShutdown,
+    /// An operator banned its client id, username or address.
+    Banned,
 }
 
 impl EndReason {
@@ -51,6 +53,7 @@ impl EndReason {
             EndReason::Kicked => "kicked",
             EndReason::NotAuthorized => "not_authorized",
             EndReason::ForceShutdown => "force_shutdown",
+            EndReason::Banned => "banned",
         }
     }
 }

@@ -229,6 +229,7 @@ impl Engine {
             } => self.on_register(client_id, ticket, clean),
             Control::ConnectDone { client_id, epoch } => self.on_connect_done(client_id, epoch),
             Control::Unregister { client_id, epoch } => self.on_unregister(client_id, epoch),
+            Control::Banned { ticket } => self.on_banned(ticket),
             Control::Takeover {
                 client_id,
                 ticket,

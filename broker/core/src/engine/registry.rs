@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::auth::{AuthOutcome, AuthRequest, AuthStep};
+use crate::ban::{Ban, BanKind};
 
 /// The CONNACK code of a refusal.
 fn connack_code(outcome: AuthOutcome) -> ConnectReturnCode {
@@ -80,6 +81,22 @@ impl Engine {
         c.clean = clean_session;
         let from_transport = c.about.as_ref().is_some_and(|a| a.username_from_transport);
         let credentials = username.is_some() || password.is_some();
+        if !self.bans.is_empty() {
+            // Address and username bans are on every shard; client id bans on the owner.
+            let now = self.now;
+            let user = if from_transport {
+                c.about.as_deref().and_then(|a| a.username.as_deref())
+            } else {
+                username.as_deref()
+            };
+            if self.bans.bans_peer(c.peer.ip, now)
+                || user.is_some_and(|u| self.bans.bans(BanKind::Username, u, now))
+            {
+                self.metrics.connects_banned += 1;
+                debug!(peer = %c.peer, client_id = %client_id, "CONNECT refused: banned");
+                return self.refuse(id, ConnectReturnCode::NotAuthorized);
+            }
+        }
         if let Some(w) = &will {
             let name: Option<String> = if from_transport {
                 c.about
@@ -455,7 +472,51 @@ impl Engine {
 
     // ---------------------------------------------------------------- registry (owner side)
 
+    /// A CONNECT for a client id this shard owns: refused if the client id is banned, or
+    /// banned now for reconnecting too often (`flapping.*`); otherwise placed.
     pub(super) fn on_register(&mut self, client_id: ByteStr, ticket: Ticket, clean: bool) {
+        let now = self.now;
+        if self.bans.bans(BanKind::ClientId, client_id.as_str(), now) {
+            return self.send(ticket.shard(), Control::Banned { ticket });
+        }
+        if let Some(policy) = self.cfg.flapping {
+            if self.flapping.connect(&policy, client_id.as_str(), now) {
+                self.metrics.flapping_bans += 1;
+                tracing::warn!(client_id = %client_id, max_count = policy.max_count, window = ?policy.window, ban_time = ?policy.ban_time, "client id reconnects too often (flapping.*): banned");
+                self.bans.purge(now);
+                let _ = self.bans.add(Ban {
+                    kind: BanKind::ClientId,
+                    who: client_id.as_str().to_string(),
+                    reason: format!(
+                        "more than {} connects within {}s",
+                        policy.max_count,
+                        policy.window.as_secs()
+                    ),
+                    by: "flapping".into(),
+                    at: now,
+                    until: now.after(policy.ban_time),
+                });
+                return self.send(ticket.shard(), Control::Banned { ticket });
+            }
+        }
+        self.place(client_id, ticket, clean);
+    }
+
+    /// The owner's answer: the client id is banned.
+    pub(super) fn on_banned(&mut self, ticket: Ticket) {
+        let id = ticket.slot;
+        let connecting = self
+            .conns
+            .get(id.idx as usize)
+            .is_some_and(|c| c.gen == id.gen && c.phase == ConnPhase::Connecting && !c.close);
+        if connecting {
+            self.metrics.connects_banned += 1;
+            self.refuse(id, ConnectReturnCode::NotAuthorized);
+        }
+    }
+
+    /// Places a CONNECT for a client id this shard owns: after the one in progress, if any.
+    fn place(&mut self, client_id: ByteStr, ticket: Ticket, clean: bool) {
         let reg = self
             .registry
             .entry(client_id.clone())
@@ -498,15 +559,26 @@ impl Engine {
             return;
         }
         reg.busy = false;
-        let Some(queue) = self.reg_waiting.get_mut(&client_id) else {
-            return;
-        };
-        let next = queue.pop_front();
-        if queue.is_empty() {
-            self.reg_waiting.remove(&client_id);
-        }
-        if let Some((ticket, clean)) = next {
-            self.on_register(client_id, ticket, clean);
+        loop {
+            let Some(queue) = self.reg_waiting.get_mut(&client_id) else {
+                return;
+            };
+            let next = queue.pop_front();
+            if queue.is_empty() {
+                self.reg_waiting.remove(&client_id);
+            }
+            let Some((ticket, clean)) = next else {
+                return;
+            };
+            // Counted for flapping when it arrived; a ban made meanwhile applies.
+            if self
+                .bans
+                .bans(BanKind::ClientId, client_id.as_str(), self.now)
+            {
+                self.send(ticket.shard(), Control::Banned { ticket });
+                continue;
+            }
+            return self.place(client_id, ticket, clean);
         }
     }
 

@@ -60,6 +60,7 @@ fn config(shards: usize, shard: usize) -> EngineConfig {
         max_subscriptions: 0,
         force_shutdown: None,
         max_mqueue_bytes_total: 0,
+        flapping: None,
         rate_limit: crate::rate::RateLimit::default(),
         idle_timeout: Duration::from_secs(15),
         keepalive_multiplier: 1.5,
@@ -1683,6 +1684,23 @@ fn connection_and_session_slots_stay_small() {
 }
 
 /// A client id whose owner is `shard` of `shards`.
+/// A clean 3.1.1 CONNECT with these credentials.
+pub(super) fn credentials_connect(
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        level: ProtocolLevel::V311,
+        client_id: client_id.into(),
+        clean_session: true,
+        keep_alive: 10,
+        will: None,
+        username: username.map(str::to_string),
+        password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+    }))
+}
+
 pub(super) fn id_owned_by(prefix: &str, shard: usize, shards: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
@@ -1917,4 +1935,5 @@ fn client_events_tell_who_came_and_why_they_left() {
 mod access;
 mod admin;
 mod auth;
+mod bans;
 mod limits;

@@ -14,18 +14,6 @@ fn checked(anonymous: Anonymous) -> Cluster {
     })
 }
 
-fn connect_packet(client_id: &str, username: Option<&str>, password: Option<&str>) -> Packet {
-    Packet::Connect(Box::new(Connect {
-        level: ProtocolLevel::V311,
-        client_id: client_id.into(),
-        clean_session: true,
-        keep_alive: 10,
-        will: None,
-        username: username.map(str::to_string),
-        password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
-    }))
-}
-
 fn connack(out: &[Packet]) -> Option<ConnectReturnCode> {
     out.iter().find_map(|p| match p {
         Packet::Connack(c) => Some(c.code),
@@ -47,7 +35,7 @@ fn credentials_wait_for_the_check_and_its_answer_decides() {
             let mut cl = checked(Anonymous::Deny);
             let id = id_owned_by(&format!("auth{owner}"), owner, 2);
             let c = cl.open(0);
-            cl.send(c, connect_packet(&id, Some("alice"), Some("pw")));
+            cl.send(c, credentials_connect(&id, Some("alice"), Some("pw")));
             assert!(cl.recv(c).is_empty(), "no CONNACK before the check");
             let status = cl.engines[0].conn_status(c.id).unwrap();
             assert!(!status.readable, "not read while checked");
@@ -107,7 +95,7 @@ fn anonymous_clients_follow_the_policy() {
             cl.engines[1].open_conn(peer(), 0, now)
         };
         let c = Client { shard: 1, id };
-        cl.send(c, connect_packet("anon", None, None));
+        cl.send(c, credentials_connect("anon", None, None));
         assert_eq!(
             connack(&cl.recv(c)),
             Some(want),
@@ -130,7 +118,7 @@ fn anonymous_clients_follow_the_policy() {
         shard: 0,
         id: cl.engines[0].open_conn(remote, 0, now),
     };
-    cl.send(c, connect_packet("creds", Some("alice"), Some("pw")));
+    cl.send(c, credentials_connect("creds", Some("alice"), Some("pw")));
     assert_eq!(connack(&cl.recv(c)), Some(ConnectReturnCode::NotAuthorized));
 }
 
@@ -138,7 +126,7 @@ fn anonymous_clients_follow_the_policy() {
 fn a_connection_gone_during_the_check_is_forgotten() {
     let mut cl = checked(Anonymous::Deny);
     let c = cl.open(1);
-    cl.send(c, connect_packet("gone", Some("bob"), Some("pw")));
+    cl.send(c, credentials_connect("gone", Some("bob"), Some("pw")));
     let reqs = cl.engines[1].take_auth_requests();
     cl.drop_conn(c);
     assert!(cl.engines[1].pending_auth.is_empty());
@@ -149,7 +137,7 @@ fn a_connection_gone_during_the_check_is_forgotten() {
     assert!(cl.engines.iter().all(|e| e.registry.is_empty()));
     // A slot reused by a new connection is not confused with the old one.
     let d = cl.open(1);
-    cl.send(d, connect_packet("next", Some("bob"), Some("pw")));
+    cl.send(d, credentials_connect("next", Some("bob"), Some("pw")));
     let now = cl.now;
     cl.engines[1].auth_done(reqs[0].conn, AuthOutcome::Allow, now);
     assert!(
@@ -167,7 +155,7 @@ fn a_connection_gone_during_the_check_is_forgotten() {
 fn a_check_that_never_answers_times_out() {
     let mut cl = checked(Anonymous::Deny);
     let c = cl.open(0);
-    cl.send(c, connect_packet("slow", Some("bob"), Some("pw")));
+    cl.send(c, credentials_connect("slow", Some("bob"), Some("pw")));
     cl.advance(Duration::from_secs(16));
     assert!(cl.closing(c));
 }
