@@ -10,22 +10,62 @@ use std::sync::atomic::Ordering;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `--version` prints.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit:   ",
+    env!("BUILD_SHARDMQ_COMMIT"),
+    "\nbuild:    ",
+    env!("BUILD_SHARDMQ_PROFILE"),
+    ", ",
+    env!("BUILD_SHARDMQ_TARGET"),
+    ", ",
+    env!("BUILD_SHARDMQ_RUSTC"),
+    "\nfeatures: MQTT 3.1 and 3.1.1; TCP, TLS 1.2/1.3 (rustls, ring), WebSocket, WSS; \
+     $SYS, admin API, Prometheus; password file (Argon2id, mosquitto $7$), ACL file; \
+     glommio/io_uring shards (vendored, patched); mimalloc",
+);
+
+/// What `--help` adds at the end.
+const AFTER_HELP: &str = "\
+Configuration is layered: compiled defaults, then --config FILE, then --profile NAME, then \
+environment variables, then --bind/--port. Every key can be set from the environment as \
+SHARDMQ_ followed by its path in capitals with __ between the parts, e.g. \
+SHARDMQ_MQTT__MAX_INFLIGHT=64 or SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1:1883; \
+SHARDMQ_CONFIG and SHARDMQ_PROFILE stand for --config and --profile. Every key, its default and \
+its EMQX name: docs/configuration.md.
+
+By default the broker listens for MQTT on 0.0.0.0:1883 and MQTT over WebSocket on \
+0.0.0.0:8083, with the admin API on 127.0.0.1:18083; clients without credentials are let in \
+from this host only (auth.allow_anonymous = \"loopback\", docs/security.md).";
+
 /// ShardMQ, an MQTT broker on a sharded thread-per-core runtime.
 #[derive(Parser, Debug)]
-#[command(name = "shardmq", version, about)]
+#[command(name = "shardmq", version, long_version = LONG_VERSION, about, after_help = AFTER_HELP)]
 struct Cli {
     /// TOML configuration file, on top of the compiled defaults.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
     /// Per-core profile: configs/profiles/NAME.toml (or the built-in one of that name).
-    #[arg(long, short = 'p', value_name = "NAME")]
+    #[arg(long, value_name = "NAME")]
     profile: Option<String>,
     /// Directory of profiles.
     #[arg(long, value_name = "DIR")]
     profiles_dir: Option<PathBuf>,
-    /// Print the effective configuration as TOML and exit.
+    /// Port of the MQTT listener (listener.tcp.external), as with mosquitto -p.
+    #[arg(long, short = 'p', value_name = "PORT")]
+    port: Option<u16>,
+    /// Address of the MQTT listener (listener.tcp.external.bind): IP:PORT or HOST:PORT, or an
+    /// address alone (then with --port, or the configured port).
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// Print the effective configuration as TOML and exit (without checking this host's CPUs).
     #[arg(long)]
     print_config: bool,
+    /// Check the configuration for this host (CPUs, memory lock limit, certificates, password
+    /// and ACL files) and exit: 0 if the broker would start with it, 2 if not.
+    #[arg(long, conflicts_with = "print_config")]
+    check: bool,
     /// What to do instead of running the broker.
     #[command(subcommand)]
     command: Option<Command>,
@@ -133,6 +173,41 @@ fn ctl(args: &shardmq::ctl::CtlArgs, cfg: Result<config::Config, config::ConfigE
     }
 }
 
+/// `--bind` and `--port`: the default MQTT listener's address, over everything else.
+fn apply_listener_flags(
+    cfg: &mut config::Config,
+    bind: Option<&str>,
+    port: Option<u16>,
+) -> Result<(), config::ConfigError> {
+    if bind.is_none() && port.is_none() {
+        return Ok(());
+    }
+    let flag = if bind.is_some() { "--bind" } else { "--port" };
+    let invalid = |reason: String| config::ConfigError::Invalid {
+        key: "listener.tcp.external.bind".into(),
+        reason,
+        origin: format!(" (from {flag})"),
+    };
+    let Some(l) = cfg.listener.tcp.get_mut("external") else {
+        return Err(invalid(
+            "the configuration has no listener.tcp.external to set".into(),
+        ));
+    };
+    if let Some(b) = bind {
+        // An address alone keeps the port (or takes --port).
+        let addr = match b.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, l.bind.port()),
+            Err(_) => config::values::parse_bind(b).map_err(invalid)?,
+        };
+        l.bind = addr;
+    }
+    if let Some(p) = port {
+        l.bind.set_port(p);
+    }
+    l.enable = true;
+    Ok(())
+}
+
 /// Turns transparent huge pages off for this process (unless `MIMALLOC_ALLOW_THP=1` asks to
 /// keep them): with THP, mimalloc's sparse per-connection allocations are backed by 2 MiB
 /// pages and RSS grows several times faster than the memory in use.
@@ -159,24 +234,50 @@ fn main() -> ExitCode {
         return passwd(file, user, password.as_deref(), *delete);
     }
     let loaded = config::load(&LoadOptions {
-        config_file: cli.config,
-        profile: cli.profile,
-        profiles_dir: cli.profiles_dir,
+        config_file: cli.config.clone(),
+        profile: cli.profile.clone(),
+        profiles_dir: cli.profiles_dir.clone(),
         use_env: true,
+    })
+    .and_then(|mut l| {
+        apply_listener_flags(&mut l.config, cli.bind.as_deref(), cli.port)?;
+        Ok(l)
     });
     if let Some(Command::Ctl(args)) = &cli.command {
-        return ctl(args, loaded);
+        return ctl(args, loaded.map(|l| l.config));
     }
-    let cfg = match loaded {
-        Ok(c) => c,
+    let loaded = match loaded {
+        Ok(l) => {
+            for w in &l.warnings {
+                eprintln!("shardmq: warning: {w}");
+            }
+            l
+        }
         Err(e) => {
             eprintln!("shardmq: configuration error: {e}");
             return ExitCode::from(2);
         }
     };
+    let cfg = loaded.config.clone();
     if cli.print_config {
         print!("{}", cfg.to_toml());
         return ExitCode::SUCCESS;
+    }
+    if let Err(e) = loaded.check_host() {
+        eprintln!("shardmq: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    if cli.check {
+        return match shardmq::shard::runtime::check(&cfg) {
+            Ok(summary) => {
+                println!("configuration OK for this host: {summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shardmq: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        };
     }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log.level.clone());
     tracing_subscriber::fmt()

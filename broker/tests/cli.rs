@@ -566,3 +566,194 @@ fn passwd_writes_a_file_the_broker_reads() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Runs the binary with `args` and `env`; (exit code, stdout, stderr).
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = bin().args(args).envs(env.iter().copied()).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Arguments, environment, and the error line expected.
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, String);
+
+/// Each configuration mistake a new user makes is one line on stderr that says what is wrong
+/// and where it came from, and the exit code is 2.
+#[test]
+fn configuration_errors_are_one_line_saying_where_they_came_from() {
+    let dir = common::temp_dir("cfg-errors");
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let typo = write("typo.toml", "[mqtt]\nmax_infligt = 3\n");
+    let syntax = write("syntax.toml", "[mqtt]\nmax_inflight = = 3\n");
+    let badbind = write(
+        "bind.toml",
+        "[listener.tcp.external]\nbind = \"localhost1883\"\n",
+    );
+    let level = "\"verbose\" is not a log level (off, error, warn, info, debug, trace) or a list of TARGET=LEVEL directives such as \"info,shardmq::shard=debug\"";
+    let cases: Vec<Case> = vec![
+        (
+            vec!["--print-config"],
+            vec![("SHARDMQ_LOG__LEVEL", "verbose")],
+            format!("invalid value for `log.level` (from environment variable SHARDMQ_LOG__LEVEL): {level}"),
+        ),
+        (
+            vec!["--print-config"],
+            vec![("SHARDMQ_MQTT__MAX_INFLIGT", "3")],
+            "unknown key `mqtt.max_infligt` (from environment variable SHARDMQ_MQTT__MAX_INFLIGT); did you mean `mqtt.max_inflight` (SHARDMQ_MQTT__MAX_INFLIGHT)?".into(),
+        ),
+        (
+            vec!["-c", &typo],
+            vec![],
+            format!("unknown key `mqtt.max_infligt` (from config file {typo}); did you mean `mqtt.max_inflight`?"),
+        ),
+        (
+            vec!["--config", &syntax],
+            vec![],
+            format!("{syntax}:2:16: invalid TOML: invalid string; expected `\"`, `'`"),
+        ),
+        (
+            vec!["--config", &badbind],
+            vec![],
+            format!("invalid value for `listener.tcp.external.bind` (from config file {badbind}): \"localhost1883\" is not HOST:PORT (such as 0.0.0.0:1883, [::]:1883 or localhost:1883)"),
+        ),
+        (
+            vec!["--print-config"],
+            vec![("SHARDMQ_MQTT__MAX_INFLIGHT", "many")],
+            "invalid value for `mqtt.max_inflight` (from environment variable SHARDMQ_MQTT__MAX_INFLIGHT): invalid type: found string \"many\", expected a whole number".into(),
+        ),
+        (
+            vec!["--port", "1883", "--bind", "nowhere"],
+            vec![],
+            "invalid value for `listener.tcp.external.bind` (from --bind): \"nowhere\" is not HOST:PORT (such as 0.0.0.0:1883, [::]:1883 or localhost:1883)".into(),
+        ),
+    ];
+    for (args, env, want) in cases {
+        let (code, _, err) = run(&args, &env);
+        assert_eq!(
+            err.trim_end(),
+            format!("shardmq: configuration error: {want}"),
+            "{args:?} {env:?}"
+        );
+        assert_eq!(code, 2, "{args:?} {env:?}");
+    }
+    // A level list with known levels is fine; a word that is not a level is not.
+    assert_eq!(
+        run(
+            &["--print-config"],
+            &[("SHARDMQ_LOG__LEVEL", "warn,shardmq::shard=debug")]
+        )
+        .0,
+        0
+    );
+    assert_eq!(
+        run(&["--print-config"], &[("SHARDMQ_LOG__LEVEL", "inf")]).0,
+        2
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `SHARDMQ_CONFIG` names the file, a stray `SHARDMQ_*` variable is a warning, `localhost`
+/// is an address, and a profile for a bigger machine prints here but fails `--check`.
+#[test]
+fn the_environment_the_check_and_profiles_for_other_hosts() {
+    let dir = common::temp_dir("cfg-env");
+    let file = dir.join("local.toml");
+    std::fs::write(
+        &file,
+        "[listener.tcp.external]\nbind = \"localhost:11883\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = run(
+        &["--print-config"],
+        &[
+            ("SHARDMQ_CONFIG", file.to_str().unwrap()),
+            ("SHARDMQ_STRAY", "1"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "shardmq: warning: ignoring environment variable SHARDMQ_STRAY: not a configuration key (keys are SHARDMQ_<SECTION>__<KEY>, such as SHARDMQ_MQTT__MAX_INFLIGHT)"
+    );
+    let cfg = shardmq::config::from_toml_str(&out).unwrap();
+    assert!(cfg.listener.tcp["external"].bind.ip().is_loopback());
+    assert_eq!(cfg.listener.tcp["external"].bind.port(), 11883);
+
+    let (code, out, err) = run(&["--check"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("configuration OK for this host: "), "{out}");
+    assert!(out.contains("tcp.external 0.0.0.0:1883"), "{out}");
+
+    let (code, out, _) = run(&["--profile", "baremetal-16core", "--print-config"], &[]);
+    assert_eq!(code, 0, "printing needs no CPUs");
+    assert!(out.contains("[shards]"));
+    let fits = (0..16).all(|c| shardmq::config::available_cpus().contains(&c));
+    let (code, _, err) = run(&["--profile", "baremetal-16core", "--check"], &[]);
+    if fits {
+        assert_eq!(code, 0, "{err}");
+    } else {
+        assert_eq!(code, 2);
+        assert!(
+            err.starts_with("shardmq: configuration error: invalid value for `shards.cpus` (from built-in profile baremetal-16core): CPU "),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1);
+    }
+    let missing = dir.join("missing-passwd");
+    let (code, _, err) = run(
+        &["--check"],
+        &[("SHARDMQ_AUTH__PASSWORD_FILE", missing.to_str().unwrap())],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("auth.password_file"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `-p` and `--bind` set the default MQTT listener, as with mosquitto; `--version` names the
+/// commit and features; `--help` shows the environment form and where the keys are listed.
+#[test]
+fn port_and_bind_flags_version_and_help() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = bin()
+        .args(["-p", &port.to_string(), "--bind", "127.0.0.1"])
+        .env("SHARDMQ_LISTENER__WS__EXTERNAL__BIND", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (addr, _log) = listen_addr(&mut child);
+    assert_eq!(addr, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    common::Raw::ok(addr, "flag-port").ping();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_exit(&mut child, Duration::from_secs(5)).success());
+
+    let (code, out, _) = run(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("shardmq 0."), "{out}");
+    assert!(
+        out.contains("commit:") && out.contains("features:") && out.contains("rustc"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for want in [
+        "SHARDMQ_MQTT__MAX_INFLIGHT",
+        "docs/configuration.md",
+        "--port",
+        "--check",
+    ] {
+        assert!(out.contains(want), "--help lacks {want}: {out}");
+    }
+}

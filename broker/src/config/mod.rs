@@ -8,10 +8,10 @@
 //! Unknown keys and bad values are errors that name the key. Only [`load`] touches the file
 //! system; everything else is plain data.
 
+mod load;
 pub mod values;
 
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+pub use load::{env_var, from_toml_str, load, LoadOptions, Loaded, ENV_PREFIX};
 use serde::{Deserialize, Serialize};
 use shardmq_core::engine::EngineConfig;
 use shardmq_core::rate::RateLimit;
@@ -46,6 +46,39 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `flapping.*`: banning client ids that reconnect too often.
     pub flapping: FlappingConfig,
+}
+
+/// The log levels a filter may name.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// `log.level`: a level, or a comma-separated list of directives `LEVEL` or `TARGET=LEVEL`
+/// (`info,shardmq::shard=debug`) whose levels are all known. A bare word that is not a level
+/// (`verbose`, `inf`) is refused: the tracing grammar would take it for a target and log
+/// nothing else.
+pub fn check_log_filter(s: &str) -> Result<(), String> {
+    let expected = || {
+        format!(
+            "{s:?} is not a log level ({}) or a list of TARGET=LEVEL directives such as \"info,shardmq::shard=debug\"",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    if s.trim().is_empty() {
+        return Err(expected());
+    }
+    for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            Some(_) => return Err(expected()),
+            None => directive,
+        };
+        if !LOG_LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(expected());
+        }
+    }
+    if tracing_subscriber::EnvFilter::try_new(s).is_err() {
+        return Err(expected());
+    }
+    Ok(())
 }
 
 /// `mqtt.force_shutdown_policy`: `"MESSAGES|BYTES"` (`"8000|800MB"`), or `"off"`.
@@ -207,6 +240,7 @@ pub struct AdminConfig {
     /// Address of the admin API (REST under `/api/v1`, Prometheus at `/metrics`). A bind that
     /// is not a loopback address needs `username` and `password`, or `api_key`. EMQX:
     /// `dashboard.listeners.http.bind` (18083).
+    #[serde(deserialize_with = "values::bind_addr")]
     pub bind: SocketAddr,
     /// Basic-auth user name; requests must carry it when `password` is set.
     pub username: Option<String>,
@@ -615,6 +649,7 @@ tls_listener! {
         /// Whether the listener is started (once `certfile` is set).
         pub enable: bool = true,
         /// Address to listen on. EMQX: `listener.ssl.external`.
+        #[serde(deserialize_with = "values::bind_addr")]
         pub bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8883)),
         /// Listen backlog. EMQX: `listener.ssl.external.backlog`.
         pub backlog: u32 = 1024,
@@ -657,6 +692,7 @@ tls_listener! {
         /// Whether the listener is started (once `certfile` is set).
         pub enable: bool = true,
         /// Address to listen on. EMQX: `listener.wss.external`.
+        #[serde(deserialize_with = "values::bind_addr")]
         pub bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8084)),
         /// The HTTP path that upgrades to MQTT; other paths get 404. EMQX:
         /// `listener.wss.external.mqtt_path`.
@@ -713,6 +749,7 @@ pub struct WsListenerConfig {
     /// Whether the listener is started.
     pub enable: bool,
     /// Address to listen on. EMQX: `listener.ws.external`.
+    #[serde(deserialize_with = "values::bind_addr")]
     pub bind: SocketAddr,
     /// The HTTP path that upgrades to MQTT; other paths get 404. EMQX:
     /// `listener.ws.external.mqtt_path`.
@@ -834,6 +871,7 @@ pub struct TcpListenerConfig {
     pub enable: bool,
     /// Address to listen on; port 0 picks a free port (the log shows the real one).
     /// EMQX: `listener.tcp.external`.
+    #[serde(deserialize_with = "values::bind_addr")]
     pub bind: SocketAddr,
     /// Listen backlog. EMQX: `listener.tcp.external.backlog`.
     pub backlog: u32,
@@ -999,7 +1037,29 @@ impl Default for RetainerConfig {
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Parsing or merging failed (unknown key, wrong type, bad value).
+    /// A key that no section has: where it came from, and the closest known key.
+    #[error("unknown key `{key}`{origin}{hint}")]
+    UnknownKey {
+        /// Key path.
+        key: String,
+        /// ` (from …)`: the file, profile or environment variable; empty for the defaults.
+        origin: String,
+        /// `; did you mean …?`, or empty.
+        hint: String,
+    },
+    /// A TOML file that does not parse.
+    #[error("{file}:{line}:{column}: invalid TOML: {message}")]
+    Syntax {
+        /// The file as the user named it (or the profile).
+        file: String,
+        /// Line, from 1.
+        line: usize,
+        /// Column, from 1.
+        column: usize,
+        /// What the parser expected.
+        message: String,
+    },
+    /// Several errors, one line.
     #[error("{0}")]
     Figment(String),
     /// A file named on the command line does not exist or cannot be read.
@@ -1008,13 +1068,15 @@ pub enum ConfigError {
     /// `--profile NAME` names no file and no built-in profile.
     #[error("unknown profile {0:?}: no {1} and no built-in profile of that name")]
     UnknownProfile(String, PathBuf),
-    /// A value that parses but is not usable.
-    #[error("invalid value for `{key}`: {reason}")]
+    /// A value that does not parse, or parses but is not usable.
+    #[error("invalid value for `{key}`{origin}: {reason}")]
     Invalid {
         /// Key path.
         key: String,
         /// Why.
         reason: String,
+        /// ` (from …)`: the file, profile or environment variable; empty for the defaults.
+        origin: String,
     },
 }
 
@@ -1022,20 +1084,8 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         reason: reason.into(),
+        origin: String::new(),
     }
-}
-
-/// Where [`load`] looks.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    /// `--config FILE`.
-    pub config_file: Option<PathBuf>,
-    /// `--profile NAME`.
-    pub profile: Option<String>,
-    /// Directory of profiles; `configs/profiles` when not given.
-    pub profiles_dir: Option<PathBuf>,
-    /// Whether `SHARDMQ_*` environment variables are read.
-    pub use_env: bool,
 }
 
 /// The profiles shipped with the broker, used when `configs/profiles/NAME.toml` is not found.
@@ -1052,67 +1102,6 @@ pub const BUILTIN_PROFILES: &[(&str, &str)] = &[
 
 /// The documented default configuration file, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../../configs/default.toml");
-
-/// Loads, merges and validates the configuration.
-pub fn load(opts: &LoadOptions) -> Result<Config, ConfigError> {
-    let mut fig = Figment::from(Serialized::defaults(Config::default()));
-    if let Some(path) = &opts.config_file {
-        if let Err(e) = std::fs::metadata(path) {
-            return Err(ConfigError::File(path.clone(), e.to_string()));
-        }
-        fig = fig.merge(Toml::file(path));
-    }
-    if let Some(name) = &opts.profile {
-        let dir = opts
-            .profiles_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("configs/profiles"));
-        let path = dir.join(format!("{name}.toml"));
-        if path.is_file() {
-            fig = fig.merge(Toml::file(&path));
-        } else if let Some((_, text)) = BUILTIN_PROFILES.iter().find(|(n, _)| n == name) {
-            fig = fig.merge(Toml::string(text));
-        } else {
-            return Err(ConfigError::UnknownProfile(name.clone(), path));
-        }
-    }
-    if opts.use_env {
-        fig = fig.merge(Env::prefixed("SHARDMQ_").split("__"));
-    }
-    let cfg = from_figment(fig)?;
-    cfg.check_host()?;
-    Ok(cfg)
-}
-
-/// Parses one TOML document on top of the compiled defaults (used by tests and tools).
-pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-    from_figment(Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)))
-}
-
-fn from_figment(fig: Figment) -> Result<Config, ConfigError> {
-    let cfg: Config = fig.extract().map_err(|e| {
-        let msgs: Vec<String> = e
-            .into_iter()
-            .map(|e| {
-                let key = e.path.join(".");
-                let source = e
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.source.as_ref())
-                    .map(|s| format!(" (from {s})"))
-                    .unwrap_or_default();
-                if key.is_empty() {
-                    format!("{}{source}", e.kind)
-                } else {
-                    format!("invalid value for `{key}`: {}{source}", e.kind)
-                }
-            })
-            .collect();
-        ConfigError::Figment(msgs.join("; "))
-    })?;
-    cfg.validate()?;
-    Ok(cfg)
-}
 
 /// CPUs this process may run on.
 pub fn available_cpus() -> Vec<usize> {
@@ -1157,12 +1146,7 @@ impl Config {
         if self.node.name.trim().is_empty() {
             return Err(invalid("node.name", "must not be empty"));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!("{:?} is not a log filter", self.log.level),
-            ));
-        }
+        check_log_filter(&self.log.level).map_err(|e| invalid("log.level", e))?;
         let cpus = self.shard_cpus();
         if cpus.is_empty() {
             return Err(invalid("shards.cpus", "needs at least one CPU"));

@@ -155,7 +155,8 @@ fn layering_file_profile_env() {
             profiles_dir: Some(dir.join("profiles")),
             use_env: true,
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .config;
         assert_eq!(c.mqtt.max_inflight, 10);
         assert_eq!(c.mqtt.max_mqueue_len, 30);
         assert_eq!(c.mqtt.retry_interval, Duration::secs(5));

@@ -54,3 +54,55 @@ impl<'de> Deserialize<'de> for Selection {
         d.deserialize_any(V)
     }
 }
+
+/// Reads a listening address: `IP:PORT` (`0.0.0.0:1883`, `[::]:1883`) or `HOST:PORT` with a
+/// host name the system resolves (`localhost:1883`: its first address). A bad value is named
+/// in the error.
+pub fn bind_addr<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_bind(&s).map_err(de::Error::custom)
+}
+
+/// The address `s` names (see [`bind_addr`]).
+pub fn parse_bind(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let s = s.trim();
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let shape =
+        || format!("{s:?} is not HOST:PORT (such as 0.0.0.0:1883, [::]:1883 or localhost:1883)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(shape)?;
+    let port: u16 = port.parse().map_err(|_| shape())?;
+    if host.is_empty() || host.contains(['[', ']', ' ']) {
+        return Err(shape());
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?}: cannot resolve {host:?} ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?}: {host:?} has no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_addresses_take_ips_and_local_names() {
+        assert_eq!(parse_bind("0.0.0.0:1883").unwrap().port(), 1883);
+        assert!(parse_bind("[::1]:8883").unwrap().ip().is_loopback());
+        assert!(parse_bind("localhost:1883").unwrap().ip().is_loopback());
+        for bad in [
+            "localhost",
+            "1883",
+            ":1883",
+            "localhost:port",
+            "not an address",
+            "a:99999",
+        ] {
+            let e = parse_bind(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+}

@@ -339,19 +339,72 @@ fn debug_panic_after(shard: usize) -> Option<Duration> {
     (target == shard).then(|| Duration::from_millis(after))
 }
 
+/// Each executor locks its I/O buffer (`shards.io_memory`): the memory lock limit must allow
+/// all of them.
+fn check_memlock(cfg: &Config, shards: usize) -> Result<(), StartError> {
+    if let Some(have) = memlock_soft_limit() {
+        let need = cfg.shards.io_memory.0 * shards as u64;
+        if have < need {
+            return Err(StartError::Memlock { have, need, shards });
+        }
+    }
+    Ok(())
+}
+
+/// `shardmq --check`: what the start would refuse in `cfg` (already validated, its CPUs
+/// checked) short of binding ports: the memory lock limit, the TLS certificates and keys,
+/// the password and ACL files. Returns a one-line summary of what would run.
+pub fn check(cfg: &Config) -> Result<String, StartError> {
+    let cpus = cfg.shard_cpus();
+    check_memlock(cfg, cpus.len())?;
+    let mut listeners: Vec<String> = Vec::new();
+    for (name, l) in cfg.listener.tcp.iter().filter(|(_, l)| l.enable) {
+        listeners.push(format!("tcp.{name} {}", l.bind));
+    }
+    for (name, l) in cfg.listener.ws.iter().filter(|(_, l)| l.enable) {
+        listeners.push(format!("ws.{name} {}", l.bind));
+    }
+    for (name, l) in cfg.listener.ssl.iter().filter(|(_, l)| l.enable) {
+        if l.certfile.is_some() {
+            TlsSettings::load(&format!("listener.ssl.{name}"), &l.tls())
+                .map_err(StartError::Tls)?;
+            listeners.push(format!("ssl.{name} {}", l.bind));
+        }
+    }
+    for (name, l) in cfg.listener.wss.iter().filter(|(_, l)| l.enable) {
+        if l.certfile.is_some() {
+            TlsSettings::load(&format!("listener.wss.{name}"), &l.tls())
+                .map_err(StartError::Tls)?;
+            listeners.push(format!("wss.{name} {}", l.bind));
+        }
+    }
+    if listeners.is_empty() {
+        return Err(StartError::NoListener);
+    }
+    AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
+    if let Some(path) = &cfg.auth.acl_file {
+        crate::auth::acl::load(path, cfg.auth.nomatch())
+            .map_err(|e| StartError::Auth(format!("auth.acl_file: {e}")))?;
+    }
+    let admin = if cfg.admin.enable {
+        format!("admin API {}", cfg.admin.bind)
+    } else {
+        "admin API off".into()
+    };
+    Ok(format!(
+        "{} shards on CPUs {cpus:?}; listeners {}; {admin}",
+        cpus.len(),
+        listeners.join(", ")
+    ))
+}
+
 /// Starts the broker described by `cfg` (already validated).
 pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     abort_on_shard_panic();
     let cpus = cfg.shard_cpus();
     let shards = cpus.len();
     let mqtt_shards = cfg.mqtt_shards();
-    if let Some(have) = memlock_soft_limit() {
-        // Each executor locks its I/O buffer (`shards.io_memory`).
-        let need = cfg.shards.io_memory.0 * shards as u64;
-        if have < need {
-            return Err(StartError::Memlock { have, need, shards });
-        }
-    }
+    check_memlock(cfg, shards)?;
     let mut listeners: Vec<ListenerSpec> = Vec::new();
     let mut holders = Vec::new();
     let plain = cfg
