@@ -22,6 +22,11 @@ if ! command -v curl >/dev/null || ! command -v jq >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl jq >/dev/null
 fi
+if ! command -v dpkg-deb >/dev/null || ! command -v objdump >/dev/null; then
+  # scripts/package.sh builds the Debian package (dpkg-deb; objdump reads the glibc it needs).
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dpkg binutils >/dev/null
+fi
 if ! command -v openssl >/dev/null; then
   # scripts/gen-test-certs.sh makes the TLS tests' certificates with it.
   $SUDO apt-get update -qq

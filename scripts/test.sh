@@ -42,6 +42,9 @@ step "interop with mosquitto-clients and paho-mqtt"
 cargo build -q -p shardmq
 scripts/interop.sh target/debug/shardmq
 
+step "the Debian package: installed in a scratch root, checked, started"
+scripts/package-check.sh
+
 step "a real browser: headless Chromium with MQTT.js over WebSocket"
 scripts/browser-test.sh target/debug/shardmq
 
