@@ -24,9 +24,27 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `--help` says after the options.
+const AFTER_HELP: &str = "\
+A pubsub run connects the subscribers, then the publishers, publishes for --warmup (not
+measured: socket buffers, TCP windows and the broker's caches settle) and then for --duration
+(measured), then waits up to --drain for messages still in flight: the default run takes
+2 s + 10 s plus set-up and drain. Progress goes to stderr: one line redrawn on a terminal, a
+line every 5 s otherwise (--quiet for none). The summary's columns:
+
+in/s, out/s: messages published and received per second in the measured time (warm-up excluded)
+p50 … max µs: publish-to-receive latency of the messages sent in the measured time
+lost: messages a subscriber should have received and never did; dups: received more than once
+once: yes when every expected message arrived exactly once (nothing lost, nothing duplicated)
+errors: connection and protocol errors seen by the clients
+RSS MB: the broker's highest resident memory during the run (with --pid; n/a without)
+
+Topics are bench/<run>/p2p/<i>, bench/<run>/fanout and bench/<run>/fanin/<i>, <run> a hex id
+drawn for each run so that runs never see each other's messages.";
+
 /// Load generator and comparison tool for MQTT 3.1.1 brokers.
 #[derive(Parser, Debug)]
-#[command(name = "shardmq-bench", version, about)]
+#[command(name = "shardmq-bench", version, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -40,7 +58,7 @@ struct Common {
     /// Broker name in reports.
     #[arg(long, default_value = "broker")]
     broker_name: String,
-    /// Broker process id (for RSS per connection).
+    /// Broker process id: its RSS per connection (conn) or its peak RSS (pubsub) is reported.
     #[arg(long)]
     pid: Option<u32>,
     #[command(flatten)]
@@ -225,6 +243,8 @@ fn run_list(common: &Common, scenarios: Vec<Scenario>) -> Result<(), String> {
         reports.push(r);
     }
     print!("{}", report::summary(&reports));
+    println!();
+    print!("{}", report::LEGEND);
     Ok(())
 }
 
@@ -290,6 +310,8 @@ fn compare(targets: &[String], load: &Load, out: &Path, file: &Path) -> Result<(
     std::fs::write(out.join("comparison.md"), &md).map_err(|e| e.to_string())?;
     write_json(&out.join("all.json"), &reports)?;
     print!("{}", report::summary(&reports));
+    println!();
+    print!("{}", report::LEGEND);
     println!();
     print!("{md}");
     Ok(())

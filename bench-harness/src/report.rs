@@ -46,6 +46,10 @@ pub struct PubsubResult {
     pub errors: u64,
     /// The first few of them.
     pub error_samples: Vec<String>,
+    /// The broker's highest resident memory seen during the run, sampled every second (with
+    /// `--pid`).
+    #[serde(default)]
+    pub broker_rss_peak: Option<u64>,
 }
 
 /// What a conn run measured.
@@ -128,7 +132,7 @@ pub fn summary(reports: &[Report]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<22} {:<12} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>6} {:>5} {:>6}",
+        "{:<22} {:<12} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>6} {:>5} {:>6} {:>7}",
         "scenario",
         "broker",
         "in/s",
@@ -140,14 +144,15 @@ pub fn summary(reports: &[Report]) -> String {
         "lost",
         "dups",
         "once",
-        "errors"
+        "errors",
+        "RSS MB"
     );
     for r in reports {
         match &r.outcome {
             Outcome::Pubsub(p) => {
                 let _ = writeln!(
                     s,
-                    "{:<22} {:<12} {:>10} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>6} {:>5} {:>6}",
+                    "{:<22} {:<12} {:>10} {:>10} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>7} {:>6} {:>5} {:>6} {:>7}",
                     r.scenario.name(),
                     r.broker,
                     num(p.rate_in),
@@ -159,7 +164,9 @@ pub fn summary(reports: &[Report]) -> String {
                     p.delivery.lost,
                     p.delivery.duplicates,
                     if p.delivery.exactly_once { "yes" } else { "no" },
-                    p.errors
+                    p.errors,
+                    p.broker_rss_peak
+                        .map_or("n/a".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0))
                 );
             }
             Outcome::Conn(c) => {
@@ -184,6 +191,17 @@ pub fn summary(reports: &[Report]) -> String {
     }
     s
 }
+
+/// What the summary's columns mean (printed under it, and in `--help`).
+pub const LEGEND: &str = "\
+in/s, out/s: messages published and received per second in the measured time (warm-up excluded)
+p50 … max µs: publish-to-receive latency of the messages sent in the measured time
+lost: messages a subscriber should have received and never did; dups: received more than once
+once: yes when every expected message arrived exactly once (nothing lost, nothing duplicated)
+errors: connection and protocol errors seen by the clients
+RSS MB: the broker's highest resident memory during the run (with --pid; n/a without)
+conn rows: connections opened per second, CONNACK latency, broker memory per connection (--pid)
+";
 
 /// The headline figure of a report: messages/s out for pubsub, bytes per connection for conn.
 pub fn headline(r: &Report) -> Option<f64> {
@@ -339,6 +357,7 @@ mod tests {
                 },
                 errors: 0,
                 error_samples: vec![],
+                broker_rss_peak: None,
             }),
         }
     }

@@ -778,21 +778,53 @@ fn auto_sources(opts: &RunOptions, connections: usize) -> usize {
     }
 }
 
+/// Live progress on stderr: one line redrawn in place on a terminal; when stderr is a pipe or
+/// a file, a plain line every few seconds.
 struct Progress {
     on: bool,
+    tty: bool,
+    last: std::cell::Cell<Option<Instant>>,
 }
 
+/// How often progress is printed when stderr is not a terminal.
+const PIPED_PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 impl Progress {
-    fn show(&self, line: &str) {
+    fn new(on: bool) -> Progress {
+        Progress {
+            on,
+            tty: std::io::stderr().is_terminal(),
+            last: std::cell::Cell::new(None),
+        }
+    }
+
+    /// A line said once, before the progress (what the run will do).
+    fn note(&self, line: &str) {
         if self.on {
+            eprintln!("{line}");
+        }
+    }
+
+    fn show(&self, line: &str) {
+        if !self.on {
+            return;
+        }
+        if self.tty {
             let mut e = std::io::stderr();
             let _ = write!(e, "\r\x1b[2K{line}");
             let _ = e.flush();
+        } else if self
+            .last
+            .get()
+            .is_none_or(|t| t.elapsed() >= PIPED_PROGRESS_EVERY)
+        {
+            self.last.set(Some(Instant::now()));
+            eprintln!("{line}");
         }
     }
 
     fn end(&self) {
-        if self.on {
+        if self.on && self.tty {
             eprintln!();
         }
     }
@@ -817,9 +849,19 @@ pub fn run_pubsub(
         run_id: format!("{:x}", timestamp_ms() ^ u64::from(std::process::id())),
         qos: QoS::from_u8(sc.qos).ok_or("qos must be 0, 1 or 2")?,
     });
-    let progress = Progress {
-        on: opts.progress && std::io::stderr().is_terminal(),
-    };
+    let progress = Progress::new(opts.progress);
+    progress.note(&format!(
+        "{}: connecting {} subscribers and {} publishers, then {} s of warm-up (publishing, not \
+         measured: buffers, windows and caches settle), {} s measured, and up to {} s for \
+         messages still in flight",
+        sc.name,
+        sc.subscribers,
+        sc.publishers,
+        sc.warmup.0.as_secs_f64(),
+        sc.duration.0.as_secs_f64(),
+        sc.drain.0.as_secs_f64()
+    ));
+    let mut peak_rss = target.pid.and_then(rss_bytes);
     let workers = {
         let (plan, coord) = (plan.clone(), coord.clone());
         let opts = RunOptions {
@@ -904,8 +946,16 @@ pub fn run_pubsub(
             p99_us: p99,
             measured: run_start.elapsed() > sc.warmup.0 + Duration::from_millis(1),
         });
+        if let Some(pid) = target.pid {
+            peak_rss = peak_rss.max(rss_bytes(pid));
+        }
+        let phase = if second <= sc.warmup.0.as_secs() {
+            "warm-up"
+        } else {
+            "measured"
+        };
         progress.show(&format!(
-            "{}  {:>3}/{}s  in {:>10}/s  out {:>10}/s  p99 {:>9.1} µs  errors {}",
+            "{}  {:>3}/{}s {phase:<8}  in {:>10}/s  out {:>10}/s  p99 {:>9.1} µs  errors {}",
             sc.name,
             second,
             total.as_secs(),
@@ -970,6 +1020,7 @@ pub fn run_pubsub(
         delivery: Delivery::from_trackers(sent_total * plan.copies(), trackers.iter()),
         errors: coord.error_count.load(Ordering::Relaxed),
         error_samples: coord.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        broker_rss_peak: peak_rss,
     })
 }
 
@@ -1084,9 +1135,7 @@ pub fn run_conn(
     let sources = auto_sources(opts, sc.connections);
     let threads = opts.threads.max(1);
     let rss_before = target.pid.and_then(rss_bytes);
-    let progress = Progress {
-        on: opts.progress && std::io::stderr().is_terminal(),
-    };
+    let progress = Progress::new(opts.progress);
     let start = Instant::now();
     let workers = {
         let (coord, sc, addr) = (coord.clone(), sc.clone(), target.addr);

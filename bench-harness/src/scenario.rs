@@ -9,11 +9,11 @@ use shardmq_protocol::units::{ByteSize, Duration};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pattern {
-    /// Publisher i → subscriber i (`bench/p2p/<i>`); as many subscribers as publishers.
+    /// Publisher i → subscriber i (`bench/<run>/p2p/<i>`); as many subscribers as publishers.
     P2p,
-    /// Every publisher → every subscriber, one topic (`bench/fanout`).
+    /// Every publisher → every subscriber, one topic (`bench/<run>/fanout`).
     Fanout,
-    /// Publisher i on `bench/fanin/<i>` → every subscriber on `bench/fanin/+`.
+    /// Publisher i on `bench/<run>/fanin/<i>` → every subscriber on `bench/<run>/fanin/+`.
     Fanin,
 }
 
@@ -77,11 +77,12 @@ pub struct PubsubScenario {
     #[arg(long, default_value_t = 16)]
     #[serde(default = "default_inflight")]
     pub inflight: usize,
-    /// Measured time.
+    /// Measured time (the run takes the warm-up before it, plus set-up and drain).
     #[arg(long, default_value = "10s")]
     #[serde(default = "default_duration")]
     pub duration: Duration,
-    /// Unmeasured time before it.
+    /// Publishing before the measured time, not counted (buffers, TCP windows and the
+    /// broker's caches settle).
     #[arg(long, default_value = "2s")]
     #[serde(default = "default_warmup")]
     pub warmup: Duration,

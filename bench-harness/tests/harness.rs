@@ -170,3 +170,54 @@ fn every_transport_delivers_exactly_once() {
     }
     h.stop().unwrap();
 }
+
+/// With stderr a pipe, a run says what it will do (warm-up included) and prints a progress
+/// line every few seconds instead of redrawing one; `--pid` puts the broker's peak RSS in the
+/// report and the table, whose columns are explained under it.
+#[test]
+fn piped_progress_lines_and_the_brokers_rss() {
+    let (h, addr) = broker();
+    let out = Command::new(env!("CARGO_BIN_EXE_shardmq-bench"))
+        .arg("pubsub")
+        .args(["--broker", &addr.to_string(), "--broker-name", "shardmq"])
+        .args(["--threads", "1", "--publishers", "2", "--subscribers", "2"])
+        .args([
+            "--rate",
+            "100",
+            "--duration",
+            "8s",
+            "--warmup",
+            "2s",
+            "--drain",
+            "5s",
+        ])
+        // The broker runs in this test's process.
+        .args(["--pid", &std::process::id().to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines[0].contains("2 s of warm-up") && lines[0].contains("8 s measured"),
+        "{err}"
+    );
+    let progress: Vec<&&str> = lines.iter().filter(|l| l.contains("/10s")).collect();
+    // Every 5 s of a 10 s run: at the first second, then about every fifth.
+    assert!(
+        (2..=3).contains(&progress.len()),
+        "progress lines: {progress:?}"
+    );
+    assert!(
+        !err.contains('\r') && !err.contains("\x1b["),
+        "no terminal codes: {err:?}"
+    );
+    assert!(progress[0].contains("warm-up"), "{err}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("RSS MB"), "{table}");
+    let row = table.lines().nth(1).unwrap();
+    let rss: f64 = row.split_whitespace().last().unwrap().parse().expect(row);
+    assert!(rss > 1.0, "{row}");
+    assert!(table.contains("once: yes when every expected message arrived exactly once"));
+    drop(h);
+}
