@@ -11,4 +11,5 @@
 
 pub mod bytestr;
 pub mod mqtt;
+pub mod tcpgw;
 pub mod units;
