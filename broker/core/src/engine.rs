@@ -147,6 +147,18 @@ pub struct EngineConfig {
 
 pub use events::EndReason;
 
+/// A gateway listener's protocol, as the admin API and `$SYS` events name its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerProtocol {
+    /// `proto_name` (`tcp` for the TCP gateway).
+    pub name: &'static str,
+    /// `proto_ver`.
+    pub version: u8,
+    /// How long a connection of this listener may take to identify itself (its CONNECT),
+    /// instead of `mqtt.idle_timeout`.
+    pub idle_timeout: Duration,
+}
+
 /// A connection of this shard (its slot in the connection slab).
 pub type ConnId = SlotId;
 
@@ -388,6 +400,8 @@ pub struct Engine {
     conns: Slab<Conn>,
     /// Open connections per listener number.
     listener_conns: Vec<u32>,
+    /// What a listener speaks, when it is not MQTT (a gateway's), by listener number.
+    listener_protocols: Vec<Option<ListenerProtocol>>,
     sessions: Slab<SessionSlot>,
     next_gen: u32,
     /// Client id → key of its active session slot here.
@@ -519,6 +533,7 @@ impl Engine {
             cfg,
             conns: Slab::new(),
             listener_conns: Vec::new(),
+            listener_protocols: Vec::new(),
             sessions: Slab::new(),
             next_gen: 0,
             by_client: ClientIndex::default(),

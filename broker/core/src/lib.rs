@@ -9,6 +9,7 @@ pub mod acl;
 pub mod auth;
 pub mod ban;
 pub mod engine;
+pub mod gateway;
 pub mod index;
 pub mod message;
 pub mod metrics;

@@ -185,9 +185,8 @@ impl Engine {
             .conn
             .and_then(|id| self.conns.get(id.idx as usize).filter(|c| c.gen == id.gen))
             .filter(|c| matches!(c.phase, ConnPhase::Connected(_)));
-        let (proto_name, proto_ver) = match conn.map(|c| c.level) {
-            Some(ProtocolLevel::V31) => (Some("MQIsdp"), Some(3)),
-            Some(ProtocolLevel::V311) => (Some("MQTT"), Some(4)),
+        let (proto_name, proto_ver) = match conn.map(|c| self.proto_of(c)) {
+            Some((name, ver)) => (Some(name), Some(ver)),
             None => (None, None),
         };
         ClientInfo {

@@ -179,15 +179,68 @@ impl Engine {
                 .after(Duration::from_millis(u64::from(c.keepalive_ms)))
         });
         match c.phase {
-            ConnPhase::AwaitingConnect => Some(c.last_rx.after(self.cfg.idle_timeout)),
+            ConnPhase::AwaitingConnect => Some(c.last_rx.after(self.idle_timeout(c))),
             // The owner shard answers a CONNECT within `idle_timeout` or the client is let go.
             ConnPhase::Connecting => {
-                let limit = c.last_rx.after(self.cfg.idle_timeout);
+                let limit = c.last_rx.after(self.idle_timeout(c));
                 Some(keepalive.map_or(limit, |k| k.min(limit)))
             }
             ConnPhase::Connected(_) => keepalive,
             ConnPhase::Closed => None,
         }
+    }
+
+    /// `mqtt.idle_timeout`, or the gateway listener's own.
+    fn idle_timeout(&self, c: &Conn) -> Duration {
+        self.listener_protocol(c.listener)
+            .map_or(self.cfg.idle_timeout, |p| p.idle_timeout)
+    }
+
+    /// What listener `listener` speaks, if it is a gateway's.
+    pub(super) fn listener_protocol(&self, listener: u16) -> Option<&ListenerProtocol> {
+        self.listener_protocols
+            .get(usize::from(listener))
+            .and_then(Option::as_ref)
+    }
+
+    /// The protocol name and version of a connection, as the admin API and events show them.
+    pub(super) fn proto_of(&self, c: &Conn) -> (&'static str, u8) {
+        match (self.listener_protocol(c.listener), c.level) {
+            (Some(p), _) => (p.name, p.version),
+            (None, ProtocolLevel::V31) => ("MQIsdp", 3),
+            (None, ProtocolLevel::V311) => ("MQTT", 4),
+        }
+    }
+
+    /// Declares listener `listener` a gateway's: its clients show with the gateway's protocol
+    /// name and version, and identify themselves within its idle timeout.
+    pub fn set_listener_protocol(&mut self, listener: u16, protocol: ListenerProtocol) {
+        let l = usize::from(listener);
+        if self.listener_protocols.len() <= l {
+            self.listener_protocols.resize(l + 1, None);
+        }
+        self.listener_protocols[l] = Some(protocol);
+    }
+
+    /// A gateway closes one of its connections (its state machine found bad input, or the
+    /// device fell too far behind): counted by `reason` (`ProtocolError`, `MalformedPacket`,
+    /// `ForceShutdown`), the will published, the session detached as for a lost connection.
+    pub fn close_conn(&mut self, id: ConnId, reason: EndReason, now: Timestamp) {
+        self.now = now;
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.close {
+            return;
+        }
+        match reason {
+            EndReason::ProtocolError => self.metrics.protocol_errors += 1,
+            EndReason::MalformedPacket => self.metrics.malformed_packets += 1,
+            EndReason::ForceShutdown => self.metrics.force_shutdowns += 1,
+            _ => {}
+        }
+        self.end_connection(id, reason != EndReason::Normal, reason);
+        self.drain_inbox();
     }
 
     /// When an idle, connected client should be parked.
@@ -222,6 +275,15 @@ impl Engine {
             .filter(|c| c.gen == id.gen)
             .and_then(|c| c.about.as_deref())
             .and_then(|a| a.username.as_deref())
+    }
+
+    /// The client id of a connected connection (`None` before its CONNECT is accepted).
+    pub fn conn_client_id(&self, id: ConnId) -> Option<&str> {
+        self.conns
+            .get(id.idx as usize)
+            .filter(|c| c.gen == id.gen)
+            .map(|c| client_of(&self.sessions, c))
+            .filter(|s| !s.is_empty())
     }
 
     /// Bytes moved on the connection: it is not idle.
@@ -552,14 +614,14 @@ impl Engine {
             }
             return;
         }
+        let idle = self.idle_timeout(c);
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };
         if c.phase == ConnPhase::AwaitingConnect {
             self.metrics.connect_timeouts += 1;
             debug!(peer = %c.peer, "no CONNECT within idle_timeout, closing");
-        } else if c.phase == ConnPhase::Connecting && c.last_rx.after(self.cfg.idle_timeout) <= now
-        {
+        } else if c.phase == ConnPhase::Connecting && c.last_rx.after(idle) <= now {
             self.metrics.connect_timeouts += 1;
             debug!(peer = %c.peer, "CONNECT not answered within idle_timeout, closing");
         } else {

@@ -110,10 +110,7 @@ impl Engine {
         if !self.cfg.client_events {
             return;
         }
-        let (proto_name, proto_ver) = match c.level {
-            ProtocolLevel::V31 => ("MQIsdp", 3),
-            ProtocolLevel::V311 => ("MQTT", 4),
-        };
+        let (proto_name, proto_ver) = self.proto_of(c);
         let keepalive = self.keepalive_secs(c);
         let event = Event {
             clientid: client_id,

@@ -1937,3 +1937,4 @@ mod admin;
 mod auth;
 mod bans;
 mod limits;
+mod tcpgw;
