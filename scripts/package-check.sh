@@ -51,6 +51,7 @@ args=(--config "$root/etc/shardmq/shardmq.toml" --profiles-dir "$root/etc/shardm
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 env -u RUST_LOG SHARDMQ_LISTENER__WS__EXTERNAL__ENABLE=false SHARDMQ_ADMIN__BIND=127.0.0.1:0 \
+  SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0 \
   "$bin" "${args[@]}" --bind 127.0.0.1 -p "$port" 2>"$log" &
 pid=$!
 for _ in $(seq 100); do

@@ -12,6 +12,7 @@ fn broker() -> (shardmq::shard::BrokerHandle, std::net::SocketAddr) {
     c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.admin.enable = false;
+    c.gateway.tcp.enable = false;
     c.listener.ws.get_mut("external").unwrap().enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
@@ -132,6 +133,7 @@ fn every_transport_delivers_exactly_once() {
     c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.admin.enable = false;
+    c.gateway.tcp.enable = false;
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     let ssl = c.listener.ssl.get_mut("external").unwrap();
     ssl.bind = "127.0.0.1:0".parse().unwrap();

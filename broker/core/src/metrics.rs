@@ -169,6 +169,14 @@ metrics! {
     topic_levels_exceeded,
     /// Connections closed by `mqtt.force_shutdown_policy` (too many deliveries waiting).
     force_shutdowns,
+    /// TCP gateway frames read from devices (`tcp.proto.enable_stats`).
+    tcpgw_frames_received,
+    /// TCP gateway frames written to devices.
+    tcpgw_frames_sent,
+    /// TCP gateway bytes read from devices.
+    tcpgw_bytes_received,
+    /// TCP gateway bytes written to devices.
+    tcpgw_bytes_sent,
     /// CONNECTs refused because their client id, username or address is banned.
     connects_banned,
     /// Client ids banned for reconnecting too often (`flapping.*`).

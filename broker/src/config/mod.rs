@@ -8,9 +8,14 @@
 //! Unknown keys and bad values are errors that name the key. Only [`load`] touches the file
 //! system; everything else is plain data.
 
+mod gateway;
 mod load;
 pub mod values;
 
+pub use gateway::{
+    GatewaySlot, GatewaysConfig, TcpGatewayConfig, TcpGwListenerConfig, TcpGwListeners,
+    TcpProtoConfig,
+};
 pub use load::{env_var, from_toml_str, load, LoadOptions, Loaded, ENV_PREFIX};
 use serde::{Deserialize, Serialize};
 use shardmq_core::engine::EngineConfig;
@@ -46,6 +51,10 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `flapping.*`: banning client ids that reconnect too often.
     pub flapping: FlappingConfig,
+    /// `gateway.*`: which gateways run, on which shard.
+    pub gateway: GatewaysConfig,
+    /// `tcp.*`: the private TCP gateway.
+    pub tcp: TcpGatewayConfig,
 }
 
 /// The log levels a filter may name.
@@ -1309,11 +1318,23 @@ impl Config {
         parse_force_shutdown(&m.force_shutdown_policy)
             .map_err(|e| invalid("mqtt.force_shutdown_policy", e))?;
         self.flapping.validate()?;
+        self.tcp.validate()?;
         self.admin.validate()
     }
 
     /// Checks what depends on this machine: every CPU in `shards.cpus` must be available.
     pub fn check_host(&self) -> Result<(), ConfigError> {
+        let shards = self.shard_cpus().len();
+        if self.gateway.tcp.enable && self.gateway.tcp.shard >= shards {
+            return Err(invalid(
+                "gateway.tcp.shard",
+                format!(
+                    "shard {} does not exist: this configuration runs {shards} shards (0 to {})",
+                    self.gateway.tcp.shard,
+                    shards.saturating_sub(1)
+                ),
+            ));
+        }
         let available = available_cpus();
         for c in self.shard_cpus() {
             if !available.contains(&c) {

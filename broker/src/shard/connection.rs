@@ -12,7 +12,7 @@
 //! socket or the engine needs one.
 
 use super::park::ParkingLot;
-use crate::core::engine::{ConnId, Engine};
+use crate::core::engine::{ConnId, Engine, Input};
 use crate::core::time::Timestamp;
 use crate::shard::clock;
 use crate::transport::Transport;
@@ -209,25 +209,41 @@ impl<T: Transport> Driver<T> {
     /// Returns whether it made progress: handled a packet or met bad input (which closes the
     /// connection), so the caller must look at the connection's state again.
     fn process(&mut self, e: &mut Engine, fresh: Option<&[u8]>, now: Timestamp) -> bool {
-        let use_partial = !self.partial.is_empty();
-        if let (true, Some(f)) = (use_partial, fresh) {
-            self.partial.extend_from_slice(f);
-        }
-        let data: &[u8] = if use_partial {
-            &self.partial
-        } else {
-            fresh.unwrap_or(&[])
-        };
-        let input = e.handle_input(self.id, data, now);
-        let used = input.used;
-        if use_partial {
-            self.partial.advance(used);
-            if self.partial.is_empty() {
-                self.partial = BytesMut::new();
-            }
-        } else if let Some(rest) = fresh.and_then(|f| f.get(used..)).filter(|r| !r.is_empty()) {
-            self.partial.extend_from_slice(rest);
-        }
-        input.progressed
+        let id = self.id;
+        feed(&mut self.partial, fresh, |data| {
+            e.handle_input(id, data, now)
+        })
+        .progressed
     }
+}
+
+/// Offers `handle` the bytes of `partial` followed by `fresh` (or `fresh` alone, without a
+/// copy, when nothing is pending) and keeps what it does not use in `partial`, which is freed
+/// once it empties. Shared by the MQTT driver and the gateways' drivers.
+pub fn feed(
+    partial: &mut BytesMut,
+    fresh: Option<&[u8]>,
+    handle: impl FnOnce(&[u8]) -> Input,
+) -> Input {
+    let use_partial = !partial.is_empty();
+    if let (true, Some(f)) = (use_partial, fresh) {
+        partial.extend_from_slice(f);
+    }
+    let input = if use_partial {
+        handle(partial)
+    } else {
+        handle(fresh.unwrap_or(&[]))
+    };
+    if use_partial {
+        partial.advance(input.used);
+        if partial.is_empty() {
+            *partial = BytesMut::new();
+        }
+    } else if let Some(rest) = fresh
+        .and_then(|f| f.get(input.used..))
+        .filter(|r| !r.is_empty())
+    {
+        partial.extend_from_slice(rest);
+    }
+    input
 }

@@ -97,6 +97,20 @@ impl Gate {
         Some(Slot(Some(self.clone())))
     }
 
+    /// Admits a connection just accepted: a place in the gate, or `None` when the rate or
+    /// `max_connections` refuses it (counted in `metrics`; the caller drops the socket).
+    pub fn admit(self: &Arc<Self>, metrics: &mut crate::core::metrics::Metrics) -> Option<Slot> {
+        if !self.admit_rate() {
+            metrics.connections_rate_limited += 1;
+            return None;
+        }
+        let slot = self.reserve();
+        if slot.is_none() {
+            metrics.connections_refused += 1;
+        }
+        slot
+    }
+
     /// A connection of this listener ended (`Engine::conn_closed` named the listener). Never
     /// below zero, should a connection the gate did not admit name this listener.
     pub fn release(&self) {
@@ -113,10 +127,11 @@ impl Gate {
 
 /// A reserved place of a [`Gate`]: given back when dropped (a handshake that failed), unless
 /// kept by the connection opened in it, which gives it back when it closes.
-struct Slot(Option<Arc<Gate>>);
+pub struct Slot(Option<Arc<Gate>>);
 
 impl Slot {
-    fn keep(mut self) {
+    /// The connection opened in this place keeps it until it closes.
+    pub fn keep(mut self) {
         self.0 = None;
     }
 }
@@ -307,15 +322,9 @@ pub fn spawn_accept(
                 Ok(stream) => {
                     backoff = Duration::from_millis(10);
                     let mut e = ctx.engine.borrow_mut();
-                    if !gate.admit_rate() {
-                        e.metrics.connections_rate_limited += 1;
-                        drop(stream);
-                        continue;
-                    }
                     // Handshakes in progress hold a place too, so a flood of silent clients
                     // is bounded as well.
-                    let Some(slot) = gate.reserve() else {
-                        e.metrics.connections_refused += 1;
+                    let Some(slot) = gate.admit(&mut e.metrics) else {
                         drop(stream);
                         continue;
                     };

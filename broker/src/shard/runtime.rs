@@ -273,6 +273,8 @@ struct ShardCtx {
     gates: Arc<Vec<Arc<Gate>>>,
     /// The offline queues of all shards, against `mqtt.max_mqueue_bytes_total`.
     offline: Arc<OfflineQueues>,
+    /// The TCP gateway's address, on the shard that hosts it.
+    tcp_gateway: Option<SocketAddr>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -381,6 +383,12 @@ pub fn check(cfg: &Config) -> Result<String, StartError> {
     if listeners.is_empty() {
         return Err(StartError::NoListener);
     }
+    if cfg.gateway.tcp.enable {
+        listeners.push(format!(
+            "gateway.tcp {} (shard {})",
+            cfg.tcp.listener.external.bind, cfg.gateway.tcp.shard
+        ));
+    }
     AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
     if let Some(path) = &cfg.auth.acl_file {
         crate::auth::acl::load(path, cfg.auth.nomatch())
@@ -468,6 +476,31 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
         listeners.push((name, addr, l, ws));
     }
+    // The TCP gateway's listener, bound by its shard alone.
+    let tcp_gateway = if cfg.gateway.tcp.enable {
+        let bind = cfg.tcp.listener.external.bind;
+        let name = "gateway.tcp".to_string();
+        let addr = listener::probe(bind).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::AddrInUse {
+                StartError::PortInUse {
+                    name: name.clone(),
+                    addr: bind,
+                }
+            } else {
+                StartError::Bind {
+                    name: name.clone(),
+                    addr: bind,
+                    error,
+                }
+            }
+        })?;
+        if let Ok(h) = listener::hold(addr) {
+            holders.push(h);
+        }
+        Some((addr, cfg.gateway.tcp.shard))
+    } else {
+        None
+    };
     if listeners.is_empty() {
         return Err(StartError::NoListener);
     }
@@ -492,12 +525,14 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
         None => None,
     };
-    let gates: Arc<Vec<Arc<Gate>>> = Arc::new(
-        listeners
-            .iter()
-            .map(|(_, _, l, _)| Arc::new(Gate::new(l.max_connections, l.max_conn_rate)))
-            .collect(),
-    );
+    let mut gates: Vec<Arc<Gate>> = listeners
+        .iter()
+        .map(|(_, _, l, _)| Arc::new(Gate::new(l.max_connections, l.max_conn_rate)))
+        .collect();
+    // The gateway's gate comes after the MQTT listeners' (its listener number).
+    let gw = &cfg.tcp.listener.external;
+    gates.push(Arc::new(Gate::new(gw.max_connections, gw.max_conn_rate)));
+    let gates = Arc::new(gates);
     let offline = Arc::new(OfflineQueues::new(
         cfg.mqtt.max_mqueue_bytes_total.as_usize(),
     ));
@@ -530,6 +565,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             acl: acl.clone(),
             gates: gates.clone(),
             offline: offline.clone(),
+            tcp_gateway: tcp_gateway
+                .filter(|(_, on)| *on == shard)
+                .map(|(addr, _)| addr),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -577,10 +615,13 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
     }
     drop(holders);
-    let names = listeners
+    let mut names: Vec<(String, SocketAddr)> = listeners
         .iter()
         .map(|(n, a, _, _)| (n.clone(), *a))
         .collect();
+    if let Some((addr, _)) = tcp_gateway {
+        names.push(("gateway.tcp".into(), addr));
+    }
     let mut handle = BrokerHandle {
         listeners: names,
         shutdown,
@@ -642,6 +683,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
                 info!(listener = %name, %addr, path = %ws.path, shards, "listening for MQTT over WebSocket over TLS")
             }
         }
+    }
+    if let Some((addr, shard)) = tcp_gateway {
+        info!(listener = "gateway.tcp", %addr, shard, "listening for the TCP gateway");
     }
     log_access_policy(cfg, &listeners);
     if let Some(a) = &handle.admin {
@@ -828,6 +872,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         acl,
         gates,
         offline,
+        tcp_gateway,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -971,6 +1016,30 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                     let _ = report.send(Err(msg.clone()));
                     return Err(msg);
                 }
+            }
+        }
+    }
+    if let Some(addr) = tcp_gateway {
+        // Its listener number follows the MQTT listeners' (its gate's index).
+        let number = listeners.len() as u16;
+        engine
+            .borrow_mut()
+            .set_listener_protocol(number, crate::gateway::tcp::protocol(&cfg.tcp));
+        match listener::bind(addr, cfg.tcp.listener.external.backlog) {
+            Ok((l, fd)) => {
+                listening.push(fd);
+                let gw = Rc::new(crate::gateway::tcp::GwCtx::new(ctx.clone(), &cfg.tcp));
+                accept_tasks.extend(crate::gateway::tcp::spawn_acceptors(
+                    Rc::new(l),
+                    number,
+                    &cfg.tcp,
+                    gw,
+                ));
+            }
+            Err(e) => {
+                let msg = format!("listener gateway.tcp: cannot bind {addr}: {e}");
+                let _ = report.send(Err(msg.clone()));
+                return Err(msg);
             }
         }
     }

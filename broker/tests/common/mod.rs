@@ -33,6 +33,7 @@ pub fn config(shards: usize) -> Config {
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.admin.bind = "127.0.0.1:0".parse().unwrap();
+    c.tcp.listener.external.bind = "127.0.0.1:0".parse().unwrap();
     c.log.level = "warn".into();
     c
 }
@@ -550,6 +551,7 @@ pub mod process {
             }
         }
         c.env("SHARDMQ_ADMIN__BIND", "127.0.0.1:0");
+        c.env("SHARDMQ_TCP__LISTENER__EXTERNAL__BIND", "127.0.0.1:0");
         c
     }
 

@@ -81,6 +81,8 @@ pub struct TcpGwConn {
     frame_lens: VecDeque<usize>,
     /// Bytes of the front frame already written.
     front_written: usize,
+    /// Frames decoded from the device.
+    frames_in: u64,
 }
 
 impl TcpGwConn {
@@ -93,7 +95,13 @@ impl TcpGwConn {
             out: BytesMut::new(),
             frame_lens: VecDeque::new(),
             front_written: 0,
+            frames_in: 0,
         }
+    }
+
+    /// Frames decoded from the device so far.
+    pub fn frames_received(&self) -> u64 {
+        self.frames_in
     }
 
     /// The engine connection.
@@ -159,6 +167,7 @@ impl TcpGwConn {
                 Ok(Some((frame, n))) => {
                     input.used += n;
                     input.progressed = true;
+                    self.frames_in += 1;
                     let message = matches!(frame, Frame::Data(_));
                     self.handle_frame(e, s, frame, now);
                     e.charge_input(self.id, message, n, now);
