@@ -1,8 +1,8 @@
 # Sourced by the test scripts: start_broker BIN [ENV...] starts a ShardMQ on a free loopback port
 # and sets BROKER_PID, BROKER_PORT (MQTT over TCP), BROKER_WS_PORT (over WebSocket),
 # BROKER_TLS_PORT and BROKER_WSS_PORT (over TLS and WSS, which start only when ENV gives them
-# a certificate) — each empty when its listener is off — BROKER_ADMIN_PORT (the admin API) and
-# BROKER_LOG; stop_broker stops it
+# a certificate) — each empty when its listener is off — BROKER_ADMIN_PORT (the admin API),
+# BROKER_TCPGW_PORT (the TCP gateway) and BROKER_LOG; stop_broker stops it
 # (SIGTERM, then checks the exit status).
 
 # listener_port NAME: the port of listener NAME from the broker's "listening" line.
@@ -33,6 +33,7 @@ start_broker() {
       BROKER_TLS_PORT=$(listener_port ssl.external)
       BROKER_WSS_PORT=$(listener_port wss.external)
       BROKER_ADMIN_PORT=$(sed -n 's/.*admin API listening.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
+      BROKER_TCPGW_PORT=$(sed -n 's/.*listening for the TCP gateway.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
       [ -n "$BROKER_PORT" ] && return 0
     fi
     if ! kill -0 "$BROKER_PID" 2>/dev/null; then

@@ -42,6 +42,9 @@ step "interop with mosquitto-clients and paho-mqtt"
 cargo build -q -p shardmq
 scripts/interop.sh target/debug/shardmq
 
+step "the TCP gateway with an independent Python client"
+scripts/tcpgw-test.sh target/debug/shardmq
+
 step "the Debian package: installed in a scratch root, checked, started"
 scripts/package-check.sh
 
