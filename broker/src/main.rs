@@ -35,8 +35,8 @@ SHARDMQ_MQTT__MAX_INFLIGHT=64 or SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1
 SHARDMQ_CONFIG and SHARDMQ_PROFILE stand for --config and --profile. Every key, its default and \
 its EMQX name: docs/configuration.md.
 
-By default the broker listens for MQTT on 0.0.0.0:1883 and MQTT over WebSocket on \
-0.0.0.0:8083, with the admin API on 127.0.0.1:18083; clients without credentials are let in \
+By default the broker listens for MQTT on 0.0.0.0:1883, MQTT over WebSocket on \
+0.0.0.0:8083 and the TCP gateway on 0.0.0.0:8090, with the admin API on 127.0.0.1:18083; clients without credentials are let in \
 from this host only (auth.allow_anonymous = \"loopback\", docs/security.md).";
 
 /// ShardMQ, an MQTT broker on a sharded thread-per-core runtime.
