@@ -72,6 +72,12 @@ pub enum CtlCommand {
     },
     /// Broker-wide counts and their peaks, and each shard's.
     Stats,
+    /// Gateways: list, load, unload.
+    Gateways {
+        /// What to do with gateways.
+        #[command(subcommand)]
+        command: GatewaysCommand,
+    },
     /// Bans: list, add, delete.
     Banned {
         /// What to do with bans.
@@ -120,6 +126,23 @@ pub enum ClientsCommand {
     Kick {
         /// Client id.
         id: String,
+    },
+}
+
+/// `ctl gateways …`
+#[derive(Subcommand, Debug)]
+pub enum GatewaysCommand {
+    /// Each gateway: state, shard, address, connections.
+    List,
+    /// Starts a gateway on its shard.
+    Load {
+        /// The gateway (tcp).
+        name: String,
+    },
+    /// Stops a gateway: its listener closes and its devices are disconnected.
+    Unload {
+        /// The gateway (tcp).
+        name: String,
     },
 }
 
@@ -549,6 +572,23 @@ fn human(cmd: &CtlCommand, v: &Value) -> String {
         CtlCommand::Publish { topic, qos, .. } => {
             format!("published to {topic} at QoS {qos}\n")
         }
+        CtlCommand::Gateways {
+            command: GatewaysCommand::List,
+        } => table(
+            &["NAME", "STATE", "SHARD", "BIND", "CONNECTIONS", "ERROR"],
+            &rows(
+                v,
+                &["name", "state", "shard", "bind", "connections", "error"],
+            ),
+        ),
+        CtlCommand::Gateways {
+            command: GatewaysCommand::Load { name } | GatewaysCommand::Unload { name },
+        } => format!(
+            "gateway {name} {} (shard {}, {})\n",
+            cell(&v["state"]),
+            cell(&v["shard"]),
+            cell(&v["bind"])
+        ),
         CtlCommand::Banned {
             command: BannedCommand::List,
         } => {
@@ -652,6 +692,19 @@ fn request(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
                 ("limit", Some(limit.to_string())),
             ])
         )),
+        CtlCommand::Gateways { command } => match command {
+            GatewaysCommand::List => get("/api/v1/gateways".into()),
+            GatewaysCommand::Load { name } => (
+                Method::POST,
+                format!("/api/v1/gateways/{}/load", segment(name)),
+                None,
+            ),
+            GatewaysCommand::Unload { name } => (
+                Method::POST,
+                format!("/api/v1/gateways/{}/unload", segment(name)),
+                None,
+            ),
+        },
         CtlCommand::Banned { command } => match command {
             BannedCommand::List => get("/api/v1/banned".into()),
             BannedCommand::Add {

@@ -462,6 +462,17 @@ fn ctl_talks_to_a_running_broker() {
     let gone = ctl(&["banned", "del", "clientid", "ctl-banned"]);
     assert!(!gone.status.success());
 
+    let gateways = ok(&["gateways", "list"]);
+    assert!(
+        gateways.starts_with("NAME") && gateways.contains("tcp") && gateways.contains("running"),
+        "{gateways}"
+    );
+    assert!(ok(&["gateways", "unload", "tcp"]).contains("gateway tcp stopped"));
+    assert!(ok(&["gateways", "list"]).contains("stopped"));
+    assert!(ok(&["gateways", "load", "tcp"]).contains("gateway tcp running"));
+    let unknown = ctl(&["gateways", "load", "lwm2m"]);
+    assert!(!unknown.status.success());
+
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(wait_exit(&mut child, Duration::from_secs(5)).success());

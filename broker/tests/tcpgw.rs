@@ -280,3 +280,67 @@ fn the_same_client_id_takes_over_and_a_device_that_stops_reading_is_shut_down() 
         assert!(start.elapsed() < WAIT);
     }
 }
+
+/// `/api/v1/gateways`: the list shows the gateway; unloading closes its listener and its
+/// devices (their wills published, as after a network error); loading binds again, on the same
+/// port; a port taken meanwhile makes the load fail with the reason.
+#[test]
+fn unload_and_load_through_the_admin_api() {
+    let b = Broker::start(config(2));
+    let admin = b.handle().admin_addr().unwrap();
+    let gw = gateway(&b);
+    let list = http(admin, "GET", "/api/v1/gateways", &[], "").json();
+    assert_eq!(list["data"][0]["name"], "tcp", "{list}");
+    assert_eq!(list["data"][0]["state"], "running");
+    assert_eq!(list["data"][0]["bind"], gw.to_string());
+    let mut d = Device::ok(gw, "unloaded-dev");
+    let deadline = Instant::now() + WAIT;
+    while http(admin, "GET", "/api/v1/gateways", &[], "").json()["data"][0]["connections"] != 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = http(admin, "POST", "/api/v1/gateways/tcp/unload", &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "stopped");
+    d.expect_closed();
+    assert!(TcpStream::connect(gw).is_err(), "the listener is closed");
+    let r = http(admin, "POST", "/api/v1/gateways/tcp/load", &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "running");
+    Device::ok(gw, "reloaded-dev");
+    // Loading a running gateway changes nothing; unknown names and actions are refused.
+    assert_eq!(
+        http(admin, "POST", "/api/v1/gateways/tcp/load", &[], "").status,
+        200
+    );
+    assert_eq!(
+        http(admin, "POST", "/api/v1/gateways/mqttsn/load", &[], "").status,
+        404
+    );
+    assert_eq!(
+        http(admin, "POST", "/api/v1/gateways/tcp/restart", &[], "").status,
+        400
+    );
+    // A port another process took while the gateway was down: the load fails, saying why.
+    assert_eq!(
+        http(admin, "POST", "/api/v1/gateways/tcp/unload", &[], "").status,
+        200
+    );
+    let squatter = std::net::TcpListener::bind(gw).unwrap();
+    let r = http(admin, "POST", "/api/v1/gateways/tcp/load", &[], "");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("cannot bind"));
+    assert_eq!(
+        http(admin, "GET", "/api/v1/gateways", &[], "").json()["data"][0]["state"],
+        "failed"
+    );
+    drop(squatter);
+    assert_eq!(
+        http(admin, "POST", "/api/v1/gateways/tcp/load", &[], "").status,
+        200
+    );
+    Device::ok(gw, "after-failure");
+}

@@ -13,6 +13,8 @@
 //! | `GET /api/v1/routes` | (filter, shard) routes, paged, filtered (`topic`) |
 //! | `POST /api/v1/publish` | publishes `{"topic", "payload", "qos", "retain", "encoding"}` |
 //! | `POST /api/v1/auth/reload` | re-reads the password file (as SIGHUP does) |
+//! | `GET /api/v1/gateways` | the gateways: name, state, shard, bind, connections |
+//! | `POST /api/v1/gateways/{name}/load`, `/unload` | starts or stops a gateway on its shard |
 //! | `GET /api/v1/banned` | the bans in force |
 //! | `POST /api/v1/banned` | bans `{"as", "who", "reason", "until" or "duration"}`; closes what it matches |
 //! | `DELETE /api/v1/banned/{as}/{who}` | lifts a ban; 204, or 404 |
@@ -99,6 +101,10 @@ pub async fn route(ctx: &Ctx, method: &Method, path: &str, query: &str, body: By
         (&Method::GET, ["api", "v1", "subscriptions"]) => subscriptions(ctx, &params).await,
         (&Method::GET, ["api", "v1", "routes"]) => routes(ctx, &params).await,
         (&Method::POST, ["api", "v1", "publish"]) => publish(ctx, &body).await,
+        (&Method::GET, ["api", "v1", "gateways"]) => super::gateways::list(ctx),
+        (&Method::POST, ["api", "v1", "gateways", name, action]) => {
+            super::gateways::set(ctx, name, action).await
+        }
         (&Method::GET, ["api", "v1", "banned"]) => super::banned::list(ctx).await,
         (&Method::POST, ["api", "v1", "banned"]) => super::banned::add(ctx, &body).await,
         (&Method::DELETE, ["api", "v1", "banned", kind, who]) => {
@@ -130,6 +136,8 @@ fn not_routed(method: &Method, path: &[&str]) -> ApiError {
         ["api", "v1", "clients", _] => Some("GET, DELETE"),
         ["api", "v1", "clients", _, "subscriptions"] => Some("GET"),
         ["api", "v1", "banned"] => Some("GET, POST"),
+        ["api", "v1", "gateways"] => Some("GET"),
+        ["api", "v1", "gateways", _, _] => Some("POST"),
         ["api", "v1", "banned", _, _] => Some("DELETE"),
         ["api", "v1", "publish"] | ["api", "v1", "auth", "reload"] => Some("POST"),
         _ => None,

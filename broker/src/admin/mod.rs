@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod banned;
+pub mod gateways;
 pub mod prometheus;
 
 use crate::config::AdminConfig;

@@ -1325,7 +1325,7 @@ impl Config {
     /// Checks what depends on this machine: every CPU in `shards.cpus` must be available.
     pub fn check_host(&self) -> Result<(), ConfigError> {
         let shards = self.shard_cpus().len();
-        if self.gateway.tcp.enable && self.gateway.tcp.shard >= shards {
+        if self.gateway.tcp.shard >= shards {
             return Err(invalid(
                 "gateway.tcp.shard",
                 format!(

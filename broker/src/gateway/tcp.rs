@@ -6,8 +6,10 @@ use crate::config::{parse_force_shutdown, TcpGatewayConfig};
 use crate::core::engine::{ConnId, ListenerProtocol};
 use crate::core::gateway::tcp::{TcpGwConn, TcpGwSettings};
 use crate::core::sink::Sink;
+use crate::gateway::{GatewayCtl, GatewayState};
 use crate::shard::clock;
 use crate::shard::connection::{feed, ConnCtx};
+use crate::shard::listener;
 use crate::transport::tcp::Tcp;
 use crate::transport::Transport;
 use bytes::BytesMut;
@@ -15,10 +17,12 @@ use glommio::net::TcpListener;
 use glommio::{spawn_local, Task};
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Reads handled per wake-up before yielding to the other tasks of the shard.
 const READS_PER_POLL: usize = 8;
@@ -101,6 +105,49 @@ async fn accept_loop(listener: Rc<TcpListener>, number: u16, nodelay: bool, ctx:
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Starts and stops the gateway on its shard as `ctl` asks (`running`: what the start
+/// already bound), until the shard stops. Unloading stops the listener and closes the
+/// gateway's connections: their sessions end as after a network error (wills published).
+pub async fn supervise(
+    ctl: Arc<GatewayCtl>,
+    number: u16,
+    cfg: TcpGatewayConfig,
+    gw: Rc<GwCtx>,
+    mut running: Option<(Vec<Task<()>>, OwnedFd)>,
+) {
+    loop {
+        let want = poll_fn(|cx| ctl.poll_change(cx, running.is_some())).await;
+        if want {
+            match listener::bind(ctl.bind, cfg.listener.external.backlog) {
+                Ok((l, fd)) => {
+                    let addr = l.local_addr().unwrap_or(ctl.bind);
+                    let tasks = spawn_acceptors(Rc::new(l), number, &cfg, gw.clone());
+                    running = Some((tasks, fd));
+                    info!(listener = "gateway.tcp", %addr, "TCP gateway loaded");
+                    ctl.settle(GatewayState::Running(addr));
+                }
+                Err(e) => {
+                    warn!(listener = "gateway.tcp", addr = %ctl.bind, error = %e, "TCP gateway cannot load");
+                    ctl.settle(GatewayState::Failed(format!(
+                        "cannot bind {}: {e}",
+                        ctl.bind
+                    )));
+                }
+            }
+        } else if let Some((tasks, fd)) = running.take() {
+            drop(tasks);
+            listener::stop_listening(fd);
+            let closed = gw
+                .conn
+                .engine
+                .borrow_mut()
+                .close_listener_conns(number, clock::now());
+            info!(listener = "gateway.tcp", closed, "TCP gateway unloaded");
+            ctl.settle(GatewayState::Stopped);
         }
     }
 }

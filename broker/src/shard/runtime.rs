@@ -20,6 +20,7 @@ use crate::core::engine::Engine;
 use crate::core::metrics::Metrics;
 use crate::core::session::OfflineQueues;
 use crate::core::time::Timestamp;
+use crate::gateway::GatewayCtl;
 use crate::shard::clock;
 use crate::shard::listener::Setup;
 use crate::transport::tls::TlsSettings;
@@ -167,6 +168,8 @@ pub struct Shards {
     auth: Option<Arc<AuthChain>>,
     /// The ACL file and `acl_nomatch`, to read again on reload.
     acl_file: Option<(std::path::PathBuf, Permission)>,
+    /// The gateways' lifecycles.
+    gateways: Arc<Vec<Arc<GatewayCtl>>>,
 }
 
 impl Shards {
@@ -183,6 +186,11 @@ impl Shards {
     /// The shards that serve MQTT listeners.
     pub fn mqtt(&self) -> &[usize] {
         &self.mqtt
+    }
+
+    /// The gateways, running or not.
+    pub fn gateways(&self) -> &[Arc<GatewayCtl>] {
+        &self.gateways
     }
 
     /// The node name (`node.name`).
@@ -273,8 +281,8 @@ struct ShardCtx {
     gates: Arc<Vec<Arc<Gate>>>,
     /// The offline queues of all shards, against `mqtt.max_mqueue_bytes_total`.
     offline: Arc<OfflineQueues>,
-    /// The TCP gateway's address, on the shard that hosts it.
-    tcp_gateway: Option<SocketAddr>,
+    /// The TCP gateway's lifecycle, on the shard that hosts it.
+    tcp_gateway: Option<Arc<GatewayCtl>>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -476,7 +484,8 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
         listeners.push((name, addr, l, ws));
     }
-    // The TCP gateway's listener, bound by its shard alone.
+    // The TCP gateway's listener, bound by its shard alone (probed now when it starts with
+    // the broker, so a port in use fails the start).
     let tcp_gateway = if cfg.gateway.tcp.enable {
         let bind = cfg.tcp.listener.external.bind;
         let name = "gateway.tcp".to_string();
@@ -497,7 +506,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         if let Ok(h) = listener::hold(addr) {
             holders.push(h);
         }
-        Some((addr, cfg.gateway.tcp.shard))
+        Some(addr)
     } else {
         None
     };
@@ -531,8 +540,16 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .collect();
     // The gateway's gate comes after the MQTT listeners' (its listener number).
     let gw = &cfg.tcp.listener.external;
-    gates.push(Arc::new(Gate::new(gw.max_connections, gw.max_conn_rate)));
+    let gw_gate = Arc::new(Gate::new(gw.max_connections, gw.max_conn_rate));
+    gates.push(gw_gate.clone());
     let gates = Arc::new(gates);
+    let tcp_ctl = Arc::new(GatewayCtl::new(
+        "tcp",
+        cfg.gateway.tcp.shard,
+        tcp_gateway.unwrap_or(gw.bind),
+        gw_gate,
+        cfg.gateway.tcp.enable,
+    ));
     let offline = Arc::new(OfflineQueues::new(
         cfg.mqtt.max_mqueue_bytes_total.as_usize(),
     ));
@@ -565,9 +582,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             acl: acl.clone(),
             gates: gates.clone(),
             offline: offline.clone(),
-            tcp_gateway: tcp_gateway
-                .filter(|(_, on)| *on == shard)
-                .map(|(addr, _)| addr),
+            tcp_gateway: (shard == cfg.gateway.tcp.shard).then(|| tcp_ctl.clone()),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -619,7 +634,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .iter()
         .map(|(n, a, _, _)| (n.clone(), *a))
         .collect();
-    if let Some((addr, _)) = tcp_gateway {
+    if let Some(addr) = tcp_gateway {
         names.push(("gateway.tcp".into(), addr));
     }
     let mut handle = BrokerHandle {
@@ -634,6 +649,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             started: SystemTime::now(),
             auth,
             acl_file: cfg.auth.acl_file.clone().map(|p| (p, cfg.auth.nomatch())),
+            gateways: Arc::new(vec![tcp_ctl]),
         },
         admin: None,
     };
@@ -684,7 +700,8 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
-    if let Some((addr, shard)) = tcp_gateway {
+    if let Some(addr) = tcp_gateway {
+        let shard = cfg.gateway.tcp.shard;
         info!(listener = "gateway.tcp", %addr, shard, "listening for the TCP gateway");
     }
     log_access_policy(cfg, &listeners);
@@ -1019,33 +1036,43 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
             }
         }
     }
-    if let Some(addr) = tcp_gateway {
+    let mut gateway_task = None;
+    if let Some(ctl) = tcp_gateway {
+        use crate::gateway::tcp as tcpgw;
         // Its listener number follows the MQTT listeners' (its gate's index).
         let number = listeners.len() as u16;
         engine
             .borrow_mut()
-            .set_listener_protocol(number, crate::gateway::tcp::protocol(&cfg.tcp));
-        match listener::bind(addr, cfg.tcp.listener.external.backlog) {
-            Ok((l, fd)) => {
-                listening.push(fd);
-                let gw = Rc::new(crate::gateway::tcp::GwCtx::new(ctx.clone(), &cfg.tcp));
-                accept_tasks.extend(crate::gateway::tcp::spawn_acceptors(
-                    Rc::new(l),
-                    number,
-                    &cfg.tcp,
-                    gw,
-                ));
-            }
-            Err(e) => {
-                let msg = format!("listener gateway.tcp: cannot bind {addr}: {e}");
-                let _ = report.send(Err(msg.clone()));
-                return Err(msg);
+            .set_listener_protocol(number, tcpgw::protocol(&cfg.tcp));
+        let gw = Rc::new(tcpgw::GwCtx::new(ctx.clone(), &cfg.tcp));
+        let mut running = None;
+        if ctl.wanted() {
+            match listener::bind(ctl.bind, cfg.tcp.listener.external.backlog) {
+                Ok((l, fd)) => {
+                    let addr = l.local_addr().unwrap_or(ctl.bind);
+                    let tasks = tcpgw::spawn_acceptors(Rc::new(l), number, &cfg.tcp, gw.clone());
+                    running = Some((tasks, fd));
+                    ctl.settle(crate::gateway::GatewayState::Running(addr));
+                }
+                Err(e) => {
+                    let msg = format!("listener gateway.tcp: cannot bind {}: {e}", ctl.bind);
+                    let _ = report.send(Err(msg.clone()));
+                    return Err(msg);
+                }
             }
         }
+        gateway_task = Some(spawn_local(tcpgw::supervise(
+            ctl,
+            number,
+            cfg.tcp.clone(),
+            gw,
+            running,
+        )));
     }
     let _ = report.send(Ok(()));
     wait_for_shutdown(&shutdown).await;
     drop(accept_tasks);
+    drop(gateway_task);
     listening.into_iter().for_each(listener::stop_listening);
     engine.borrow_mut().close_all(clock::now());
     let started = Instant::now();

@@ -243,6 +243,26 @@ impl Engine {
         self.drain_inbox();
     }
 
+    /// Closes every connection that came through `listener` (its gateway is unloaded): their
+    /// sessions end as after a lost connection, wills published. Returns how many.
+    pub fn close_listener_conns(&mut self, listener: u16, now: Timestamp) -> usize {
+        self.now = now;
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.listener == listener && !c.close)
+            .map(|(idx, c)| ConnId {
+                idx: idx as u32,
+                gen: c.gen,
+            })
+            .collect();
+        for &id in &ids {
+            self.end_connection(id, true, EndReason::Closed);
+        }
+        self.drain_inbox();
+        ids.len()
+    }
+
     /// When an idle, connected client should be parked.
     pub(super) fn park_deadline(&self, c: &Conn) -> Option<Timestamp> {
         let idle = matches!(c.phase, ConnPhase::Connected(_))
