@@ -148,3 +148,44 @@ mod tests {
         assert_eq!(b.len(), 1);
     }
 }
+
+/// The TCP gateway's frames for devices (`--tcpgw`): what arrives, read into the same
+/// [`Incoming`] as MQTT (a DATATRANS is a QoS 0 publish of its payload).
+pub fn next_device_incoming(buf: &mut BytesMut) -> Result<Option<Incoming>, String> {
+    use shardmq_protocol::tcpgw::{decode, Frame};
+    Ok(decode(buf, usize::from(u16::MAX))
+        .map_err(|e| e.to_string())?
+        .map(|f| match f {
+            Frame::Connack { code, .. } => Incoming::Connack(code),
+            Frame::Data(payload) => Incoming::Publish {
+                qos: QoS::AtMostOnce,
+                packet_id: 0,
+                header: crate::stats::read_header(&payload),
+            },
+            Frame::Pong => Incoming::Pingresp,
+            _ => Incoming::Other,
+        }))
+}
+
+/// A device's CONNECT to the TCP gateway.
+pub fn device_connect_frame(client_id: &str, keepalive: u16) -> BytesMut {
+    let mut out = BytesMut::new();
+    shardmq_protocol::tcpgw::encode(
+        &shardmq_protocol::tcpgw::Frame::Connect {
+            keepalive: keepalive.min(255) as u8,
+            client_id: client_id.into(),
+            username: None,
+            password: None,
+        },
+        &mut out,
+    );
+    out
+}
+
+/// A device's DATATRANS carrying `payload`.
+pub fn device_data_frame(payload: &[u8], out: &mut BytesMut) {
+    use bytes::BufMut;
+    out.put_u8(0x30);
+    out.put_u16(payload.len().min(usize::from(u16::MAX)) as u16);
+    out.put_slice(&payload[..payload.len().min(usize::from(u16::MAX))]);
+}

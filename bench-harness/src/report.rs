@@ -333,6 +333,8 @@ mod tests {
                 drain: Duration::secs(1),
                 keepalive: 60,
                 raw: false,
+                tcpgw: None,
+                tcpgw_port: 8090,
             }),
             threads: 1,
             cpus: None,

@@ -5,10 +5,13 @@
 //! (publishing, not measured) → measurement → stop (publishers stop, subscribers keep reading
 //! until every expected message arrived or the drain time ran out) → done.
 
-use crate::client::{ack, connect_packet, next_incoming, subscribe_packet, Incoming};
+use crate::client::{
+    ack, connect_packet, device_connect_frame, device_data_frame, next_device_incoming,
+    next_incoming, subscribe_packet, Incoming,
+};
 use crate::net::{self, Shared};
 use crate::report::{ConnResult, PubsubResult, Second};
-use crate::scenario::{ConnScenario, Pattern, PubsubScenario};
+use crate::scenario::{ConnScenario, GatewayDirection, Pattern, PubsubScenario};
 use crate::stats::{self, new_histogram, Delivery, LatencySummary, SeqTracker};
 use crate::transport::{self, ClientTransport};
 use bytes::BytesMut;
@@ -161,7 +164,27 @@ struct Plan {
 }
 
 impl Plan {
+    /// Whether clients in `role` are TCP gateway devices (`--tcpgw`).
+    fn device(&self, role: Role) -> bool {
+        matches!(
+            (self.sc.tcpgw, role),
+            (Some(GatewayDirection::Up), Role::Publisher)
+                | (Some(GatewayDirection::Down), Role::Subscriber)
+        )
+    }
+
+    fn client_id(&self, role: Role, idx: usize) -> String {
+        let tag = match role {
+            Role::Publisher => 'p',
+            Role::Subscriber => 's',
+        };
+        format!("b{}-{tag}{idx}", self.run_id)
+    }
+
     fn topic(&self, publisher: usize) -> String {
+        if self.sc.tcpgw == Some(GatewayDirection::Down) {
+            return format!("tcp/{}/dn", self.client_id(Role::Subscriber, publisher));
+        }
         match self.sc.pattern {
             Pattern::P2p => format!("bench/{}/p2p/{publisher}", self.run_id),
             Pattern::Fanout => format!("bench/{}/fanout", self.run_id),
@@ -170,6 +193,9 @@ impl Plan {
     }
 
     fn filter(&self, subscriber: usize) -> String {
+        if self.sc.tcpgw == Some(GatewayDirection::Up) {
+            return format!("tcp/{}/up", self.client_id(Role::Publisher, subscriber));
+        }
         match self.sc.pattern {
             Pattern::P2p => format!("bench/{}/p2p/{subscriber}", self.run_id),
             Pattern::Fanout => format!("bench/{}/fanout", self.run_id),
@@ -222,6 +248,8 @@ struct Endpoint<'a> {
     keepalive: u16,
     /// (role, pair index) for a raw forwarder instead of MQTT.
     raw: Option<(u8, u32)>,
+    /// A TCP gateway device instead of an MQTT client.
+    device: bool,
     transport: &'a ClientTransport,
 }
 
@@ -238,6 +266,7 @@ async fn open(
         client_id,
         keepalive,
         raw,
+        device,
         transport,
     } = *ep;
     let t0 = coord.now_ns();
@@ -255,9 +284,16 @@ async fn open(
         s.write_all(&p).await?;
         return Ok(s);
     }
-    s.write_all(&connect_packet(client_id, keepalive)).await?;
+    let parse = if device {
+        s.write_all(&device_connect_frame(client_id, keepalive))
+            .await?;
+        next_device_incoming
+    } else {
+        s.write_all(&connect_packet(client_id, keepalive)).await?;
+        next_incoming
+    };
     loop {
-        match next_incoming(buf).map_err(io::Error::other)? {
+        match parse(buf).map_err(io::Error::other)? {
             Some(Incoming::Connack(0)) => break,
             Some(Incoming::Connack(code)) => {
                 return Err(io::Error::other(format!("CONNACK {code}")))
@@ -313,13 +349,19 @@ async fn connect_client(
     local: &Local,
     buf: &mut BytesMut,
 ) -> Option<Rc<Shared>> {
-    let (name, tag, raw_role, n) = match role {
-        Role::Publisher => ("publisher", 'p', 0u8, plan.sc.subscribers + idx),
-        Role::Subscriber => ("subscriber", 's', 1u8, idx),
+    let (name, raw_role, n) = match role {
+        Role::Publisher => ("publisher", 0u8, plan.sc.subscribers + idx),
+        Role::Subscriber => ("subscriber", 1u8, idx),
     };
-    let id = format!("b{}-{tag}{idx}", plan.run_id);
+    let id = plan.client_id(role, idx);
+    let device = plan.device(role);
     let ep = Endpoint {
-        addr: plan.addr,
+        addr: if device {
+            SocketAddr::new(plan.addr.ip(), plan.sc.tcpgw_port)
+        } else {
+            plan.addr
+        },
+        device,
         source: net::source_for(n, plan.sources, plan.addr),
         client_id: &id,
         keepalive: plan.sc.keepalive,
@@ -343,7 +385,14 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
     else {
         return tracker;
     };
-    if !plan.sc.raw {
+    let device = plan.device(Role::Subscriber);
+    let parse = if device {
+        next_device_incoming
+    } else {
+        next_incoming
+    };
+    // A device is subscribed by the gateway when it connects.
+    if !plan.sc.raw && !device {
         let r: io::Result<()> = async {
             s.write_all(&subscribe_packet(&plan.filter(idx), plan.qos))
                 .await?;
@@ -380,7 +429,7 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
         let measuring = coord.phase() == MEASURE;
         let mut got = 0u64;
         loop {
-            match next_incoming(&mut buf) {
+            match parse(&mut buf) {
                 Ok(Some(Incoming::Publish {
                     qos,
                     packet_id,
@@ -448,7 +497,9 @@ async fn subscriber(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loc
         }
     }
     if !plan.sc.raw {
-        let _ = s.write_all(&[0xE0, 0]).await;
+        let _ = s
+            .write_all(if device { &[0x60][..] } else { &[0xE0, 0][..] })
+            .await;
     }
     tracker
 }
@@ -494,6 +545,7 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
         })
     });
     wait_phase(&coord, WARMUP).await;
+    let device = plan.device(Role::Publisher);
     let topic = plan.topic(idx);
     let mut payload = vec![0u8; plan.sc.payload.as_usize()];
     let mut out = BytesMut::new();
@@ -557,15 +609,19 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
             if plan.qos != QoS::AtMostOnce {
                 packet_id = packet_id.wrapping_add(1).max(1);
             }
-            encode_publish(
-                false,
-                plan.qos,
-                false,
-                topic.as_bytes(),
-                packet_id,
-                &payload,
-                &mut out,
-            );
+            if device {
+                device_data_frame(&payload, &mut out);
+            } else {
+                encode_publish(
+                    false,
+                    plan.qos,
+                    false,
+                    topic.as_bytes(),
+                    packet_id,
+                    &payload,
+                    &mut out,
+                );
+            }
             seq = seq.wrapping_add(1);
         }
         if let Err(e) = s.write_all(&out).await {
@@ -585,7 +641,9 @@ async fn publisher(idx: usize, plan: Rc<Plan>, coord: Arc<Coord>, local: Rc<Loca
         r.await;
     }
     if !plan.sc.raw {
-        let _ = s.write_all(&[0xE0, 0]).await;
+        let _ = s
+            .write_all(if device { &[0x60][..] } else { &[0xE0, 0][..] })
+            .await;
     }
     seq as u64
 }
@@ -1082,6 +1140,7 @@ async fn conn_worker(
                 client_id: &id,
                 keepalive: ka,
                 raw: None,
+                device: false,
                 transport: &transport,
             };
             let s = match open(&coord, &local, &ep, &mut buf).await {

@@ -99,6 +99,30 @@ pub struct PubsubScenario {
     #[arg(long)]
     #[serde(default)]
     pub raw: bool,
+    /// Through ShardMQ's private TCP gateway: `up` makes the publishers devices (their
+    /// DATATRANS frames reach MQTT subscribers on `tcp/<device>/up`), `down` the subscribers
+    /// (MQTT publishers send on `tcp/<device>/dn`). p2p, QoS 0.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub tcpgw: Option<GatewayDirection>,
+    /// The TCP gateway's port, on the broker's host.
+    #[arg(long, default_value_t = 8090)]
+    #[serde(default = "default_tcpgw_port")]
+    pub tcpgw_port: u16,
+}
+
+/// Which side of a `--tcpgw` run the devices are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayDirection {
+    /// Devices publish (uplink).
+    Up,
+    /// Devices receive (downlink).
+    Down,
+}
+
+fn default_tcpgw_port() -> u16 {
+    8090
 }
 
 fn default_conn_name() -> String {
@@ -166,6 +190,12 @@ impl Scenario {
                 }
                 if p.pattern == Pattern::P2p && p.publishers != p.subscribers {
                     return fail("p2p needs as many subscribers as publishers");
+                }
+                if p.tcpgw.is_some() && (p.pattern != Pattern::P2p || p.qos != 0 || p.raw) {
+                    return fail("--tcpgw runs p2p at QoS 0 (the gateway's data is QoS 0)");
+                }
+                if p.tcpgw.is_some() && p.payload.0 > 65_535 {
+                    return fail("--tcpgw payloads are at most 65535 bytes (one DATATRANS)");
                 }
                 if p.qos > 2 {
                     return fail("qos must be 0, 1 or 2");

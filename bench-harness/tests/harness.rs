@@ -223,3 +223,37 @@ fn piped_progress_lines_and_the_brokers_rss() {
     assert!(table.contains("once: yes when every expected message arrived exactly once"));
     drop(h);
 }
+
+/// `--tcpgw up` and `--tcpgw down`: devices of the private TCP gateway as the publishers or
+/// the subscribers of a p2p run, every message delivered once.
+#[test]
+fn tcp_gateway_runs_deliver_every_message_both_ways() {
+    let mut c = Config::default();
+    c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
+    c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.listener.ws.get_mut("external").unwrap().enable = false;
+    c.admin.enable = false;
+    c.tcp.listener.external.bind = "127.0.0.1:0".parse().unwrap();
+    c.tcp.listener.external.max_conn_rate = 0;
+    let h = shardmq::shard::start(&c).expect("broker starts");
+    let addr = h.addr("external").unwrap();
+    let gw = h.addr("gateway.tcp").unwrap();
+    for dir in ["up", "down"] {
+        let v = run(
+            addr,
+            &[
+                "--tcpgw",
+                dir,
+                "--tcpgw-port",
+                &gw.port().to_string(),
+                "--publishers",
+                "4",
+                "--subscribers",
+                "4",
+            ],
+        );
+        assert_exactly_once(&v);
+        assert_eq!(v["scenario"]["tcpgw"], dir);
+    }
+    drop(h);
+}
