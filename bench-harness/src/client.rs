@@ -122,33 +122,6 @@ pub fn ack(packet: Packet, out: &mut BytesMut) {
     mqtt::encode(&packet, out);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shardmq_protocol::mqtt::encode_publish;
-
-    #[test]
-    fn parses_publish_in_place_and_acks() {
-        let mut payload = [0u8; 32];
-        crate::stats::write_header(&mut payload, 3, 4, 5);
-        let mut b = BytesMut::new();
-        encode_publish(false, QoS::AtLeastOnce, false, b"t/1", 9, &payload, &mut b);
-        ack(Packet::Pubcomp(7), &mut b);
-        b.extend_from_slice(&[0x30]); // start of the next packet
-        assert_eq!(
-            next_incoming(&mut b).unwrap(),
-            Some(Incoming::Publish {
-                qos: QoS::AtLeastOnce,
-                packet_id: 9,
-                header: Some((3, 4, 5))
-            })
-        );
-        assert_eq!(next_incoming(&mut b).unwrap(), Some(Incoming::Pubcomp(7)));
-        assert_eq!(next_incoming(&mut b).unwrap(), None);
-        assert_eq!(b.len(), 1);
-    }
-}
-
 /// The TCP gateway's frames for devices (`--tcpgw`): what arrives, read into the same
 /// [`Incoming`] as MQTT (a DATATRANS is a QoS 0 publish of its payload).
 pub fn next_device_incoming(buf: &mut BytesMut) -> Result<Option<Incoming>, String> {
@@ -188,4 +161,31 @@ pub fn device_data_frame(payload: &[u8], out: &mut BytesMut) {
     out.put_u8(0x30);
     out.put_u16(payload.len().min(usize::from(u16::MAX)) as u16);
     out.put_slice(&payload[..payload.len().min(usize::from(u16::MAX))]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardmq_protocol::mqtt::encode_publish;
+
+    #[test]
+    fn parses_publish_in_place_and_acks() {
+        let mut payload = [0u8; 32];
+        crate::stats::write_header(&mut payload, 3, 4, 5);
+        let mut b = BytesMut::new();
+        encode_publish(false, QoS::AtLeastOnce, false, b"t/1", 9, &payload, &mut b);
+        ack(Packet::Pubcomp(7), &mut b);
+        b.extend_from_slice(&[0x30]); // start of the next packet
+        assert_eq!(
+            next_incoming(&mut b).unwrap(),
+            Some(Incoming::Publish {
+                qos: QoS::AtLeastOnce,
+                packet_id: 9,
+                header: Some((3, 4, 5))
+            })
+        );
+        assert_eq!(next_incoming(&mut b).unwrap(), Some(Incoming::Pubcomp(7)));
+        assert_eq!(next_incoming(&mut b).unwrap(), None);
+        assert_eq!(b.len(), 1);
+    }
 }
