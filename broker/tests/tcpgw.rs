@@ -344,3 +344,66 @@ fn unload_and_load_through_the_admin_api() {
     );
     Device::ok(gw, "after-failure");
 }
+
+/// `tcp.listener.ssl.external`: devices over TLS, authenticated as any client; a client that
+/// does not speak TLS is refused and counted; the gateways list shows the TLS address.
+#[test]
+fn devices_connect_over_tls() {
+    let mut cfg = config(2);
+    let dir = test_certs();
+    let ssl = &mut cfg.tcp.listener.ssl.external;
+    ssl.bind = "127.0.0.1:0".parse().unwrap();
+    ssl.certfile = Some(dir.join("server.crt"));
+    ssl.keyfile = Some(dir.join("server.key"));
+    let b = Broker::start(cfg);
+    let tls_addr = b
+        .handle()
+        .addr("gateway.tcp.ssl")
+        .expect("the TLS gateway listens");
+    let mut watcher = Raw::ok(b.addr, "tls-watch");
+    watcher.subscribe(&[("tcp/tls-dev/up", QoS::AtMostOnce)]);
+    let tcp = TcpStream::connect(tls_addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let conn = rustls::ClientConnection::new(
+        tls_client_config("ca.crt", None),
+        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut out = BytesMut::new();
+    tcpgw::encode(
+        &Frame::Connect {
+            keepalive: 60,
+            client_id: "tls-dev".into(),
+            username: None,
+            password: None,
+        },
+        &mut out,
+    );
+    tcpgw::encode(&Frame::Data(Bytes::from_static(b"over tls")), &mut out);
+    s.write_all(&out).unwrap();
+    let mut buf = BytesMut::new();
+    let ack = loop {
+        if let Some(f) = tcpgw::decode(&mut buf, 1 << 16).unwrap() {
+            break f;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before CONNACK");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert!(matches!(ack, Frame::Connack { code: 0, .. }), "{ack:?}");
+    assert_eq!(&watcher.next_publish().payload[..], b"over tls");
+    // Plain bytes on the TLS port.
+    let mut plain = Device::open(tls_addr);
+    plain.send_raw(&[0x11, 0x00, 0x07, 0x3c, 0x00, 0x04, b'a', b'b', b'c', b'd']);
+    // The broker answers with a TLS alert, not a frame, and closes.
+    let mut sink = Vec::new();
+    let _ = plain.stream.read_to_end(&mut sink);
+    b.wait_metrics("handshake failure counted", |m| {
+        m.tls_handshake_failures >= 1
+    });
+    let admin = b.handle().admin_addr().unwrap();
+    let v = http(admin, "GET", "/api/v1/gateways", &[], "").json();
+    assert_eq!(v["data"][0]["tls_bind"], tls_addr.to_string(), "{v}");
+}

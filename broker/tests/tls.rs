@@ -11,38 +11,19 @@ mod common;
 
 use bytes::BytesMut;
 use common::*;
+use common::{test_certs as certs, tls_client_config as client_config};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use shardmq::config::{Config, PeerCertAsUsername, TlsVerify};
 use shardmq::protocol::mqtt::{self, DecodeOptions, Packet, ProtocolLevel, QoS, Subscribe};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::Message;
-
-/// The test certificates, made once per test binary.
-fn certs() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("shardmq-tls-tests-{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-test-certs.sh");
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .arg(&dir)
-            .output()
-            .expect("run scripts/gen-test-certs.sh");
-        assert!(
-            out.status.success(),
-            "gen-test-certs.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
-}
 
 /// `config(shards)` with the TLS and WSS listeners on free loopback ports.
 fn tls_config(shards: usize) -> Config {
@@ -68,33 +49,6 @@ fn mutual_config(fail_if_no_peer_cert: bool) -> Config {
     ssl.fail_if_no_peer_cert = fail_if_no_peer_cert;
     ssl.peer_cert_as_username = Some(PeerCertAsUsername::Cn);
     c
-}
-
-/// A client configuration trusting `ca` (a file in the certificate directory), presenting
-/// the certificate `client` (`client` or `other-client`) if given.
-fn client_config(ca: &str, client: Option<&str>) -> Arc<ClientConfig> {
-    let dir = certs();
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join(ca)).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-    let config = match client {
-        None => builder.with_no_client_auth(),
-        Some(name) => {
-            let chain = CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-    };
-    Arc::new(config)
 }
 
 fn ssl_addr(b: &Broker) -> SocketAddr {

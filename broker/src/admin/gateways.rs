@@ -10,17 +10,18 @@ use serde_json::{json, Value};
 
 fn gateway_json(g: &GatewayCtl) -> Value {
     let state = g.state();
-    let (bind, error) = match &state {
-        GatewayState::Running(addr) => (addr.to_string(), None),
-        GatewayState::Stopped => (g.bind.to_string(), None),
-        GatewayState::Failed(e) => (g.bind.to_string(), Some(e.clone())),
+    let (binds, error) = match &state {
+        GatewayState::Running(addrs) => (addrs.clone(), None),
+        GatewayState::Stopped => (g.binds.clone(), None),
+        GatewayState::Failed(e) => (g.binds.clone(), Some(e.clone())),
     };
     json!({
         "name": g.name,
         "state": state.name(),
         "shard": g.shard,
-        "bind": bind,
-        "connections": g.gate.open(),
+        "bind": binds.first().map(ToString::to_string),
+        "tls_bind": binds.get(1).map(ToString::to_string),
+        "connections": g.connections(),
         "error": error,
     })
 }

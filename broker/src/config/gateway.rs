@@ -85,6 +85,16 @@ impl Default for TcpProtoConfig {
 pub struct TcpGwListeners {
     /// `tcp.listener.external.*`
     pub external: TcpGwListenerConfig,
+    /// `tcp.listener.ssl.*`
+    pub ssl: TcpGwSslListeners,
+}
+
+/// `tcp.listener.ssl.*`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpGwSslListeners {
+    /// `tcp.listener.ssl.external.*`
+    pub external: super::TcpGwSslListenerConfig,
 }
 
 /// `tcp.listener.external.*`
@@ -158,6 +168,19 @@ impl TcpGatewayConfig {
         if l.max_connections == 0 {
             return Err(invalid(
                 "tcp.listener.external.max_connections",
+                "must be at least 1",
+            ));
+        }
+        let s = &self.listener.ssl.external;
+        if s.acceptors == 0 || s.acceptors > 1024 {
+            return Err(invalid(
+                "tcp.listener.ssl.external.acceptors",
+                "must be between 1 and 1024",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid(
+                "tcp.listener.ssl.external.max_connections",
                 "must be at least 1",
             ));
         }

@@ -8,13 +8,12 @@
 //! Unknown keys and bad values are errors that name the key. Only [`load`] touches the file
 //! system; everything else is plain data.
 
-mod gateway;
 mod load;
 pub mod values;
 
 pub use gateway::{
     GatewaySlot, GatewaysConfig, TcpGatewayConfig, TcpGwListenerConfig, TcpGwListeners,
-    TcpProtoConfig,
+    TcpGwSslListeners, TcpProtoConfig,
 };
 pub use load::{env_var, from_toml_str, load, LoadOptions, Loaded, ENV_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -729,6 +728,31 @@ tls_listener! {
         pub recbuf: ByteSize = ByteSize(0),
     }
 }
+
+tls_listener! {
+    /// `tcp.listener.ssl.external.*`: the TCP gateway over TLS (started once `certfile` is
+    /// set).
+    pub struct TcpGwSslListenerConfig {
+        /// Whether the listener is started (once `certfile` is set).
+        pub enable: bool = true,
+        /// Address devices connect to. EMQX: `tcp.listener.ssl.external`.
+        #[serde(deserialize_with = "values::bind_addr")]
+        pub bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 8091)),
+        /// Accept operations kept in flight on the gateway's shard.
+        pub acceptors: usize = 8,
+        /// Devices connected at once over TLS (handshakes in progress included).
+        pub max_connections: usize = 1_024_000,
+        /// New connections accepted per second; 0 = no limit.
+        pub max_conn_rate: u32 = 1000,
+        /// Listen backlog.
+        pub backlog: u32 = 1024,
+        /// TCP_NODELAY on accepted sockets.
+        pub nodelay: bool = true,
+    }
+}
+
+// Declared after the macro, which it uses.
+mod gateway;
 
 impl WssListenerConfig {
     /// The WebSocket settings (the handshake timeout covers TLS and the upgrade together).

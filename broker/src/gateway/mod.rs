@@ -13,8 +13,8 @@ use std::task::{Context, Poll, Waker};
 /// A gateway's state as `shardmq ctl gateways list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayState {
-    /// Listening on this address.
-    Running(SocketAddr),
+    /// Listening on these addresses (plain first, then TLS when configured).
+    Running(Vec<SocketAddr>),
     /// Not started, or unloaded.
     Stopped,
     /// The last load failed (the port is taken, say).
@@ -40,10 +40,10 @@ pub struct GatewayCtl {
     pub name: &'static str,
     /// The shard that hosts it.
     pub shard: usize,
-    /// The configured address.
-    pub bind: SocketAddr,
-    /// Its listener's gate (connections open).
-    pub gate: Arc<crate::shard::listener::Gate>,
+    /// The addresses its listeners bind (plain first, then TLS when configured).
+    pub binds: Vec<SocketAddr>,
+    /// Their gates (connections open), in the same order.
+    pub gates: Vec<Arc<crate::shard::listener::Gate>>,
     inner: Mutex<CtlInner>,
 }
 
@@ -61,15 +61,15 @@ impl GatewayCtl {
     pub fn new(
         name: &'static str,
         shard: usize,
-        bind: SocketAddr,
-        gate: Arc<crate::shard::listener::Gate>,
+        binds: Vec<SocketAddr>,
+        gates: Vec<Arc<crate::shard::listener::Gate>>,
         wanted: bool,
     ) -> GatewayCtl {
         GatewayCtl {
             name,
             shard,
-            bind,
-            gate,
+            binds,
+            gates,
             inner: Mutex::new(CtlInner {
                 wanted,
                 state: GatewayState::Stopped,
@@ -86,6 +86,11 @@ impl GatewayCtl {
     /// Whether it is wanted running.
     pub fn wanted(&self) -> bool {
         self.lock().wanted
+    }
+
+    /// Connections open through its listeners.
+    pub fn connections(&self) -> usize {
+        self.gates.iter().map(|g| g.open()).sum()
     }
 
     /// The current state.

@@ -11,6 +11,7 @@ use crate::shard::clock;
 use crate::shard::connection::{feed, ConnCtx};
 use crate::shard::listener;
 use crate::transport::tcp::Tcp;
+use crate::transport::tls::{Tls, TlsSettings};
 use crate::transport::Transport;
 use bytes::BytesMut;
 use glommio::net::TcpListener;
@@ -66,8 +67,8 @@ pub fn protocol(cfg: &TcpGatewayConfig) -> ListenerProtocol {
     }
 }
 
-/// Starts the accept tasks of listener `number` (the gateway's gate) on this shard.
-pub fn spawn_acceptors(
+/// Starts the accept tasks of the plain listener `number` (the gateway's gate) on this shard.
+fn spawn_acceptors(
     listener: Rc<TcpListener>,
     number: u16,
     cfg: &TcpGatewayConfig,
@@ -75,11 +76,27 @@ pub fn spawn_acceptors(
 ) -> Vec<Task<()>> {
     let nodelay = cfg.listener.external.nodelay;
     (0..cfg.listener.external.acceptors)
-        .map(|_| spawn_local(accept_loop(listener.clone(), number, nodelay, ctx.clone())))
+        .map(|_| {
+            spawn_local(accept_loop(
+                listener.clone(),
+                number,
+                nodelay,
+                ctx.clone(),
+                None,
+            ))
+        })
         .collect()
 }
 
-async fn accept_loop(listener: Rc<TcpListener>, number: u16, nodelay: bool, ctx: Rc<GwCtx>) {
+/// Accepts devices on `listener` (its gate is `number`'s); with `tls`, each goes through the
+/// TLS handshake first (within its timeout; a verified certificate may name the user).
+async fn accept_loop(
+    listener: Rc<TcpListener>,
+    number: u16,
+    nodelay: bool,
+    ctx: Rc<GwCtx>,
+    tls: Option<Rc<TlsSettings>>,
+) {
     let mut backoff = Duration::from_millis(10);
     let gate = ctx.conn.gates[usize::from(number)].clone();
     loop {
@@ -94,10 +111,39 @@ async fn accept_loop(listener: Rc<TcpListener>, number: u16, nodelay: bool, ctx:
                 let peer = stream
                     .peer_addr()
                     .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                let id = e.open_conn_with(peer, number, Sink::packets(), clock::now());
+                let Some(tls) = tls.clone() else {
+                    let id = e.open_conn_with(peer, number, Sink::packets(), clock::now());
+                    drop(e);
+                    slot.keep();
+                    spawn_local(drive(ctx.clone(), Tcp::new(stream), id)).detach();
+                    continue;
+                };
                 drop(e);
-                slot.keep();
-                spawn_local(drive(ctx.clone(), Tcp::new(stream), id)).detach();
+                let ctx = ctx.clone();
+                spawn_local(async move {
+                    let deadline = std::time::Instant::now() + tls.handshake_timeout;
+                    match listener::before(deadline, "TLS", Tls::accept(stream, &tls)).await {
+                        Ok(t) => {
+                            let user = tls.peer_cert_as_username.and_then(|w| t.peer_username(w));
+                            let id = {
+                                let mut e = ctx.conn.engine.borrow_mut();
+                                let id =
+                                    e.open_conn_with(peer, number, Sink::packets(), clock::now());
+                                if let Some(name) = user {
+                                    e.set_conn_username(id, &name);
+                                }
+                                id
+                            };
+                            slot.keep();
+                            spawn_local(drive(ctx, t, id)).detach();
+                        }
+                        Err(error) => {
+                            ctx.conn.engine.borrow_mut().metrics.tls_handshake_failures += 1;
+                            debug!(%peer, %error, "TCP gateway TLS handshake failed");
+                        }
+                    }
+                })
+                .detach();
             }
             Err(err) => {
                 ctx.conn.engine.borrow_mut().metrics.accept_errors += 1;
@@ -109,43 +155,85 @@ async fn accept_loop(listener: Rc<TcpListener>, number: u16, nodelay: bool, ctx:
     }
 }
 
+/// What a running gateway holds: its accept tasks and a descriptor of each listening socket.
+pub type Running = (Vec<Task<()>>, Vec<OwnedFd>);
+
+/// Binds the gateway's listeners (`ctl.binds`: plain, then TLS with `tls`) and starts their
+/// accept tasks; listener `number` is the plain one, `number + 1` the TLS one. Returns what
+/// runs and the bound addresses, or why a listener could not bind.
+pub fn bind_all(
+    ctl: &GatewayCtl,
+    number: u16,
+    cfg: &TcpGatewayConfig,
+    gw: &Rc<GwCtx>,
+    tls: Option<&Rc<TlsSettings>>,
+) -> Result<(Running, Vec<SocketAddr>), String> {
+    let mut tasks = Vec::new();
+    let mut fds = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, bind) in ctl.binds.iter().enumerate() {
+        let backlog = match i {
+            0 => cfg.listener.external.backlog,
+            _ => cfg.listener.ssl.external.backlog,
+        };
+        let (l, fd) =
+            listener::bind(*bind, backlog).map_err(|e| format!("cannot bind {bind}: {e}"))?;
+        addrs.push(l.local_addr().unwrap_or(*bind));
+        fds.push(fd);
+        let l = Rc::new(l);
+        match (i, tls) {
+            (0, _) => tasks.extend(spawn_acceptors(l, number, cfg, gw.clone())),
+            (_, Some(tls)) => {
+                let s = &cfg.listener.ssl.external;
+                tasks.extend((0..s.acceptors).map(|_| {
+                    spawn_local(accept_loop(
+                        l.clone(),
+                        number + 1,
+                        s.nodelay,
+                        gw.clone(),
+                        Some(tls.clone()),
+                    ))
+                }));
+            }
+            (_, None) => {}
+        }
+    }
+    Ok(((tasks, fds), addrs))
+}
+
 /// Starts and stops the gateway on its shard as `ctl` asks (`running`: what the start
-/// already bound), until the shard stops. Unloading stops the listener and closes the
+/// already bound), until the shard stops. Unloading stops the listeners and closes the
 /// gateway's connections: their sessions end as after a network error (wills published).
 pub async fn supervise(
     ctl: Arc<GatewayCtl>,
     number: u16,
     cfg: TcpGatewayConfig,
     gw: Rc<GwCtx>,
-    mut running: Option<(Vec<Task<()>>, OwnedFd)>,
+    tls: Option<Rc<TlsSettings>>,
+    mut running: Option<Running>,
 ) {
     loop {
         let want = poll_fn(|cx| ctl.poll_change(cx, running.is_some())).await;
         if want {
-            match listener::bind(ctl.bind, cfg.listener.external.backlog) {
-                Ok((l, fd)) => {
-                    let addr = l.local_addr().unwrap_or(ctl.bind);
-                    let tasks = spawn_acceptors(Rc::new(l), number, &cfg, gw.clone());
-                    running = Some((tasks, fd));
-                    info!(listener = "gateway.tcp", %addr, "TCP gateway loaded");
-                    ctl.settle(GatewayState::Running(addr));
+            match bind_all(&ctl, number, &cfg, &gw, tls.as_ref()) {
+                Ok((r, addrs)) => {
+                    running = Some(r);
+                    info!(listener = "gateway.tcp", addrs = ?addrs, "TCP gateway loaded");
+                    ctl.settle(GatewayState::Running(addrs));
                 }
                 Err(e) => {
-                    warn!(listener = "gateway.tcp", addr = %ctl.bind, error = %e, "TCP gateway cannot load");
-                    ctl.settle(GatewayState::Failed(format!(
-                        "cannot bind {}: {e}",
-                        ctl.bind
-                    )));
+                    warn!(listener = "gateway.tcp", error = %e, "TCP gateway cannot load");
+                    ctl.settle(GatewayState::Failed(e));
                 }
             }
-        } else if let Some((tasks, fd)) = running.take() {
+        } else if let Some((tasks, fds)) = running.take() {
             drop(tasks);
-            listener::stop_listening(fd);
-            let closed = gw
-                .conn
-                .engine
-                .borrow_mut()
-                .close_listener_conns(number, clock::now());
+            fds.into_iter().for_each(listener::stop_listening);
+            let mut e = gw.conn.engine.borrow_mut();
+            let now = clock::now();
+            let closed =
+                e.close_listener_conns(number, now) + e.close_listener_conns(number + 1, now);
+            drop(e);
             info!(listener = "gateway.tcp", closed, "TCP gateway unloaded");
             ctl.settle(GatewayState::Stopped);
         }

@@ -145,7 +145,7 @@ impl Drop for Slot {
 }
 
 /// `fut`, unless `deadline` comes first.
-async fn before<T>(
+pub(crate) async fn before<T>(
     deadline: Instant,
     what: &str,
     fut: impl Future<Output = io::Result<T>>,

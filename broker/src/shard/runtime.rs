@@ -281,8 +281,8 @@ struct ShardCtx {
     gates: Arc<Vec<Arc<Gate>>>,
     /// The offline queues of all shards, against `mqtt.max_mqueue_bytes_total`.
     offline: Arc<OfflineQueues>,
-    /// The TCP gateway's lifecycle, on the shard that hosts it.
-    tcp_gateway: Option<Arc<GatewayCtl>>,
+    /// The TCP gateway's lifecycle (and its TLS settings), on the shard that hosts it.
+    tcp_gateway: Option<(Arc<GatewayCtl>, Option<TlsSettings>)>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -396,6 +396,11 @@ pub fn check(cfg: &Config) -> Result<String, StartError> {
             "gateway.tcp {} (shard {})",
             cfg.tcp.listener.external.bind, cfg.gateway.tcp.shard
         ));
+        let ssl = &cfg.tcp.listener.ssl.external;
+        if ssl.enable && ssl.certfile.is_some() {
+            TlsSettings::load("tcp.listener.ssl.external", &ssl.tls()).map_err(StartError::Tls)?;
+            listeners.push(format!("gateway.tcp.ssl {}", ssl.bind));
+        }
     }
     AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
     if let Some(path) = &cfg.auth.acl_file {
@@ -412,6 +417,24 @@ pub fn check(cfg: &Config) -> Result<String, StartError> {
         cpus.len(),
         listeners.join(", ")
     ))
+}
+
+/// Whether `bind` is free to listen on (port 0: a free port is picked and returned).
+fn probe_listener(name: &str, bind: SocketAddr) -> Result<SocketAddr, StartError> {
+    listener::probe(bind).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::AddrInUse {
+            StartError::PortInUse {
+                name: name.to_string(),
+                addr: bind,
+            }
+        } else {
+            StartError::Bind {
+                name: name.to_string(),
+                addr: bind,
+                error,
+            }
+        }
+    })
 }
 
 /// Starts the broker described by `cfg` (already validated).
@@ -463,20 +486,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
     }
     for (name, l, ws) in plain.chain(ws).chain(tls) {
-        let addr = listener::probe(l.bind).map_err(|error| {
-            if error.kind() == std::io::ErrorKind::AddrInUse {
-                StartError::PortInUse {
-                    name: name.clone(),
-                    addr: l.bind,
-                }
-            } else {
-                StartError::Bind {
-                    name: name.clone(),
-                    addr: l.bind,
-                    error,
-                }
-            }
-        })?;
+        let addr = probe_listener(&name, l.bind)?;
         // Held (bound with SO_REUSEPORT, not listening) until the shards have bound it: no
         // other process probing for a free port can be given this one in the meantime.
         if let Ok(h) = listener::hold(addr) {
@@ -484,32 +494,31 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         }
         listeners.push((name, addr, l, ws));
     }
-    // The TCP gateway's listener, bound by its shard alone (probed now when it starts with
-    // the broker, so a port in use fails the start).
-    let tcp_gateway = if cfg.gateway.tcp.enable {
-        let bind = cfg.tcp.listener.external.bind;
-        let name = "gateway.tcp".to_string();
-        let addr = listener::probe(bind).map_err(|error| {
-            if error.kind() == std::io::ErrorKind::AddrInUse {
-                StartError::PortInUse {
-                    name: name.clone(),
-                    addr: bind,
-                }
-            } else {
-                StartError::Bind {
-                    name: name.clone(),
-                    addr: bind,
-                    error,
-                }
-            }
-        })?;
-        if let Ok(h) = listener::hold(addr) {
-            holders.push(h);
-        }
-        Some(addr)
+    // The TCP gateway's listeners, bound by its shard alone (probed now when it starts with
+    // the broker, so a port in use fails the start); the TLS one once a certificate is set.
+    let ssl = &cfg.tcp.listener.ssl.external;
+    let gw_tls = if ssl.enable && ssl.certfile.is_some() {
+        Some(TlsSettings::load("tcp.listener.ssl.external", &ssl.tls()).map_err(StartError::Tls)?)
     } else {
         None
     };
+    let mut gw_binds = vec![cfg.tcp.listener.external.bind];
+    if gw_tls.is_some() {
+        gw_binds.push(ssl.bind);
+    }
+    if cfg.gateway.tcp.enable {
+        for (i, bind) in gw_binds.iter_mut().enumerate() {
+            let name = if i == 0 {
+                "gateway.tcp"
+            } else {
+                "gateway.tcp.ssl"
+            };
+            *bind = probe_listener(name, *bind)?;
+            if let Ok(h) = listener::hold(*bind) {
+                holders.push(h);
+            }
+        }
+    }
     if listeners.is_empty() {
         return Err(StartError::NoListener);
     }
@@ -538,16 +547,19 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .iter()
         .map(|(_, _, l, _)| Arc::new(Gate::new(l.max_connections, l.max_conn_rate)))
         .collect();
-    // The gateway's gate comes after the MQTT listeners' (its listener number).
+    // The gateway's gates come after the MQTT listeners' (their listener numbers).
     let gw = &cfg.tcp.listener.external;
-    let gw_gate = Arc::new(Gate::new(gw.max_connections, gw.max_conn_rate));
-    gates.push(gw_gate.clone());
+    let gw_gates = [
+        Arc::new(Gate::new(gw.max_connections, gw.max_conn_rate)),
+        Arc::new(Gate::new(ssl.max_connections, ssl.max_conn_rate)),
+    ];
+    gates.extend(gw_gates.iter().cloned());
     let gates = Arc::new(gates);
     let tcp_ctl = Arc::new(GatewayCtl::new(
         "tcp",
         cfg.gateway.tcp.shard,
-        tcp_gateway.unwrap_or(gw.bind),
-        gw_gate,
+        gw_binds.clone(),
+        gw_gates[..gw_binds.len()].to_vec(),
         cfg.gateway.tcp.enable,
     ));
     let offline = Arc::new(OfflineQueues::new(
@@ -582,7 +594,8 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             acl: acl.clone(),
             gates: gates.clone(),
             offline: offline.clone(),
-            tcp_gateway: (shard == cfg.gateway.tcp.shard).then(|| tcp_ctl.clone()),
+            tcp_gateway: (shard == cfg.gateway.tcp.shard)
+                .then(|| (tcp_ctl.clone(), gw_tls.clone())),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -634,8 +647,11 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         .iter()
         .map(|(n, a, _, _)| (n.clone(), *a))
         .collect();
-    if let Some(addr) = tcp_gateway {
-        names.push(("gateway.tcp".into(), addr));
+    if cfg.gateway.tcp.enable {
+        names.push(("gateway.tcp".into(), gw_binds[0]));
+        if let Some(&tls) = gw_binds.get(1) {
+            names.push(("gateway.tcp.ssl".into(), tls));
+        }
     }
     let mut handle = BrokerHandle {
         listeners: names,
@@ -700,9 +716,11 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
-    if let Some(addr) = tcp_gateway {
+    if cfg.gateway.tcp.enable {
         let shard = cfg.gateway.tcp.shard;
-        info!(listener = "gateway.tcp", %addr, shard, "listening for the TCP gateway");
+        for (name, addr) in ["gateway.tcp", "gateway.tcp.ssl"].iter().zip(&gw_binds) {
+            info!(listener = name, %addr, shard, "listening for the TCP gateway");
+        }
     }
     log_access_policy(cfg, &listeners);
     if let Some(a) = &handle.admin {
@@ -1037,25 +1055,26 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         }
     }
     let mut gateway_task = None;
-    if let Some(ctl) = tcp_gateway {
+    if let Some((ctl, tls)) = tcp_gateway {
         use crate::gateway::tcp as tcpgw;
-        // Its listener number follows the MQTT listeners' (its gate's index).
+        // Its listener numbers follow the MQTT listeners' (their gates' indexes): plain, TLS.
         let number = listeners.len() as u16;
-        engine
-            .borrow_mut()
-            .set_listener_protocol(number, tcpgw::protocol(&cfg.tcp));
+        for n in [number, number + 1] {
+            engine
+                .borrow_mut()
+                .set_listener_protocol(n, tcpgw::protocol(&cfg.tcp));
+        }
         let gw = Rc::new(tcpgw::GwCtx::new(ctx.clone(), &cfg.tcp));
+        let tls = tls.map(Rc::new);
         let mut running = None;
         if ctl.wanted() {
-            match listener::bind(ctl.bind, cfg.tcp.listener.external.backlog) {
-                Ok((l, fd)) => {
-                    let addr = l.local_addr().unwrap_or(ctl.bind);
-                    let tasks = tcpgw::spawn_acceptors(Rc::new(l), number, &cfg.tcp, gw.clone());
-                    running = Some((tasks, fd));
-                    ctl.settle(crate::gateway::GatewayState::Running(addr));
+            match tcpgw::bind_all(&ctl, number, &cfg.tcp, &gw, tls.as_ref()) {
+                Ok((r, addrs)) => {
+                    running = Some(r);
+                    ctl.settle(crate::gateway::GatewayState::Running(addrs));
                 }
                 Err(e) => {
-                    let msg = format!("listener gateway.tcp: cannot bind {}: {e}", ctl.bind);
+                    let msg = format!("listener gateway.tcp: {e}");
                     let _ = report.send(Err(msg.clone()));
                     return Err(msg);
                 }
@@ -1066,6 +1085,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
             number,
             cfg.tcp.clone(),
             gw,
+            tls,
             running,
         )));
     }

@@ -623,3 +623,56 @@ pub mod process {
         kb * 1024
     }
 }
+
+/// The test certificates, made once per test binary.
+pub fn test_certs() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("shardmq-tls-tests-{}", std::process::id()));
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gen-test-certs.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .arg(&dir)
+            .output()
+            .expect("run scripts/gen-test-certs.sh");
+        assert!(
+            out.status.success(),
+            "gen-test-certs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+/// A TLS client configuration trusting `ca` (a file in the certificate directory), presenting
+/// the certificate `client` (`client` or `other-client`) if given.
+pub fn tls_client_config(ca: &str, client: Option<&str>) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let dir = test_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join(ca)).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(name) => {
+            let chain =
+                rustls::pki_types::CertificateDer::pem_file_iter(dir.join(format!("{name}.crt")))
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key")))
+                    .unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    std::sync::Arc::new(config)
+}
