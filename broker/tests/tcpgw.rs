@@ -106,7 +106,18 @@ fn devices_exchange_data_with_mqtt_clients_wherever_their_id_is_owned() {
         let cid = id_owned_by(&format!("dev{owner}"), owner, shards);
         let mut watcher = Raw::ok(b.addr, &format!("watch{owner}"));
         watcher.subscribe(&[(format!("tcp/{cid}/up").as_str(), QoS::AtMostOnce)]);
+        let mut events = Raw::ok(b.addr, &format!("events{owner}"));
+        events.subscribe(&[(
+            format!("$SYS/broker/clients/{cid}/connected").as_str(),
+            QoS::AtMostOnce,
+        )]);
         let mut d = Device::ok(gw, &cid);
+        let event: serde_json::Value =
+            serde_json::from_slice(&events.next_publish().payload).unwrap();
+        assert_eq!(
+            (event["proto_name"].as_str(), event["proto_ver"].as_u64()),
+            (Some("tcp"), Some(1))
+        );
         d.send(&Frame::Data(Bytes::from_static(b"temperature=21")));
         let up = watcher.next_publish();
         assert_eq!(&up.payload[..], b"temperature=21");
