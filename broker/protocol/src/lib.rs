@@ -11,5 +11,6 @@
 
 pub mod bytestr;
 pub mod mqtt;
+pub mod mqttsn;
 pub mod tcpgw;
 pub mod units;
