@@ -14,7 +14,8 @@
 //! [`TcpGwConn::outbox`] to the socket and reports what it wrote with
 //! [`TcpGwConn::written`]. Frames wait in that outbox, not in the engine, so the engine never
 //! drops a downlink message for a slow device; [`TcpGwSettings::force_shutdown`] bounds them
-//! instead: a device with more waiting is disconnected and counted.
+//! instead: a device with more waiting is disconnected and counted. With no such policy the
+//! outbox is refilled only once written, and the engine's write-buffer limits apply.
 
 use crate::engine::{ConnId, EndReason, Engine, Input};
 use crate::time::Timestamp;
@@ -276,8 +277,14 @@ impl TcpGwConn {
     }
 
     /// Takes what the engine has for the device and turns it into frames in the outbox.
+    /// Without `force_shutdown` nothing is taken while the outbox still has bytes: what waits
+    /// stays in the engine's sink, under its write-buffer limits (QoS 0 beyond them dropped
+    /// and counted as for a slow MQTT consumer), so the outbox never grows without bound.
     pub fn poll_engine(&mut self, e: &mut Engine, s: &TcpGwSettings, now: Timestamp) -> Polled {
         let mut polled = Polled::default();
+        if s.force_shutdown.is_none() && !self.out.is_empty() {
+            return polled;
+        }
         let Some(packets) = e.take_packets(self.id, now) else {
             return polled;
         };

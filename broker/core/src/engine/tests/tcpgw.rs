@@ -296,3 +296,33 @@ fn a_device_that_does_not_read_is_shut_down() {
         assert!(d.gw.outbox().is_empty(), "what waited is dropped");
     }
 }
+
+/// Without a force-shutdown policy the gateway's outbox is not refilled until it is written:
+/// what a device does not read stays under the engine's write-buffer limits, where QoS 0
+/// beyond them is dropped and counted as for a slow MQTT consumer.
+#[test]
+fn without_a_policy_the_engines_write_buffer_bounds_a_slow_device() {
+    for owner in 0..2 {
+        let mut cl = Cluster::with(2, |c| c.max_write_buffer = 4096);
+        let cid = id_owned_by(&format!("unbounded{owner}-"), owner, 2);
+        let mut d = cl.connected_device(0, &cid, 60);
+        let p = cl.connect(1, "flood-off", true);
+        let s = TcpGwSettings {
+            force_shutdown: None,
+            ..settings()
+        };
+        let payload = "x".repeat(512);
+        for _ in 0..100 {
+            cl.publish(p, &format!("tcp/{cid}/dn"), &payload, QoS::AtMostOnce, false, 0);
+            d.gw.poll_engine(&mut cl.engines[0], &s, cl.now);
+            cl.settle();
+        }
+        assert!(!cl.closing(d.client), "owner {owner}");
+        assert!(
+            d.gw.outbox().len() < 2 * 4096,
+            "owner {owner}: {} bytes wait",
+            d.gw.outbox().len()
+        );
+        assert!(cl.engines[0].metrics.dropped_slow_consumer > 0, "owner {owner}");
+    }
+}
