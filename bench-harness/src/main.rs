@@ -25,22 +25,20 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// What `--help` says after the options.
-const AFTER_HELP: &str = "\
+const AFTER_HELP: &str = concat!(
+    "\
 A pubsub run connects the subscribers, then the publishers, publishes for --warmup (not
 measured: socket buffers, TCP windows and the broker's caches settle) and then for --duration
 (measured), then waits up to --drain for messages still in flight: the default run takes
 2 s + 10 s plus set-up and drain. Progress goes to stderr: one line redrawn on a terminal, a
 line every 5 s otherwise (--quiet for none). The summary's columns:
 
-in/s, out/s: messages published and received per second in the measured time (warm-up excluded)
-p50 … max µs: publish-to-receive latency of the messages sent in the measured time
-lost: messages a subscriber should have received and never did; dups: received more than once
-once: yes when every expected message arrived exactly once (nothing lost, nothing duplicated)
-errors: connection and protocol errors seen by the clients
-RSS MB: the broker's highest resident memory during the run (with --pid; n/a without)
-
+",
+    report::legend!(),
+    "
 Topics are bench/<run>/p2p/<i>, bench/<run>/fanout and bench/<run>/fanin/<i>, <run> a hex id
-drawn for each run so that runs never see each other's messages.";
+drawn for each run so that runs never see each other's messages."
+);
 
 /// Load generator and comparison tool for MQTT 3.1.1 brokers.
 #[derive(Parser, Debug)]

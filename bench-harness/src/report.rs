@@ -192,8 +192,10 @@ pub fn summary(reports: &[Report]) -> String {
     s
 }
 
-/// What the summary's columns mean (printed under it, and in `--help`).
-pub const LEGEND: &str = "\
+/// What the summary's columns mean, as a literal (for `--help`, built with `concat!`).
+macro_rules! legend {
+    () => {
+        "\
 in/s, out/s: messages published and received per second in the measured time (warm-up excluded)
 p50 … max µs: publish-to-receive latency of the messages sent in the measured time
 lost: messages a subscriber should have received and never did; dups: received more than once
@@ -201,7 +203,13 @@ once: yes when every expected message arrived exactly once (nothing lost, nothin
 errors: connection and protocol errors seen by the clients
 RSS MB: the broker's highest resident memory during the run (with --pid; n/a without)
 conn rows: connections opened per second, CONNACK latency, broker memory per connection (--pid)
-";
+"
+    };
+}
+pub(crate) use legend;
+
+/// What the summary's columns mean (printed under it, and in `--help`).
+pub const LEGEND: &str = legend!();
 
 /// The headline figure of a report: messages/s out for pubsub, bytes per connection for conn.
 pub fn headline(r: &Report) -> Option<f64> {

@@ -7,9 +7,10 @@
 //! This is the engine's share of a connection's memory; sockets, driver tasks and parking
 //! come on top (see docs/benchmarks.md, memory per connection).
 
+mod common;
+
 use shardmq::config::{engine_config, Config};
 use shardmq::core::engine::Engine;
-use shardmq::protocol::mqtt::{Connect, Packet, ProtocolLevel};
 use shardmq::shard::clock;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -53,17 +54,7 @@ fn main() {
     let peer = "127.0.0.1:40000".parse().expect("address");
     let (before, count_before) = (LIVE.load(Ordering::Relaxed), COUNT.load(Ordering::Relaxed));
     for i in 0..n {
-        let id = engine.open_conn(peer, 0, now);
-        let connect = Connect {
-            level: ProtocolLevel::V311,
-            client_id: format!("bench-conn-{i}"),
-            clean_session: true,
-            keep_alive: 60,
-            will: None,
-            username: None,
-            password: None,
-        };
-        engine.handle_packet(id, Packet::Connect(Box::new(connect)), now);
+        let id = common::connect(&mut engine, peer, format!("bench-conn-{i}"), now);
         if let Some(out) = engine.conn_outbox(id) {
             out.clear();
         }

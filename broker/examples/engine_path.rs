@@ -9,10 +9,12 @@
 //! `cargo build --release -p shardmq --example engine_path`, then
 //! `scripts/engine-path-instructions.sh` (which does both runs).
 
+mod common;
+
 use shardmq::config::{engine_config, Config};
 use shardmq::core::engine::Engine;
 use shardmq::core::time::Timestamp;
-use shardmq::protocol::mqtt::{self, Connect, Packet, ProtocolLevel, Publish, QoS, Subscribe};
+use shardmq::protocol::mqtt::{self, Packet, Publish, QoS, Subscribe};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -29,24 +31,10 @@ fn main() {
     let now = Timestamp(1_700_000_000_000);
     let mut engine = Engine::new(engine_config(&Config::default(), 0, 1), now);
     let peer = "127.0.0.1:40000".parse().expect("address");
-    let open = |engine: &mut Engine, client_id: String| {
-        let id = engine.open_conn(peer, 0, now);
-        let connect = Connect {
-            level: ProtocolLevel::V311,
-            client_id,
-            clean_session: true,
-            keep_alive: 60,
-            will: None,
-            username: None,
-            password: None,
-        };
-        engine.handle_packet(id, Packet::Connect(Box::new(connect)), now);
-        id
-    };
     let topic = |i: usize| format!("bench/19ad0c0ffee/p2p/{i}");
     let subs: Vec<_> = (0..PAIRS)
         .map(|i| {
-            let id = open(&mut engine, format!("bsub{i}"));
+            let id = common::connect(&mut engine, peer, format!("bsub{i}"), now);
             let subscribe = Subscribe {
                 packet_id: 1,
                 filters: vec![(topic(i), QoS::AtMostOnce)],
@@ -56,7 +44,7 @@ fn main() {
         })
         .collect();
     let pubs: Vec<_> = (0..PAIRS)
-        .map(|i| open(&mut engine, format!("bpub{i}")))
+        .map(|i| common::connect(&mut engine, peer, format!("bpub{i}"), now))
         .collect();
     // Each publisher's reads: PER_READ PUBLISH packets back to back.
     let reads: Vec<Vec<u8>> = (0..PAIRS)

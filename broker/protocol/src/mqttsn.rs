@@ -245,39 +245,81 @@ pub enum Message {
     },
 }
 
+/// Every message type: its code and name.
+const TYPES: [(u8, &str); 28] = [
+    (0x00, "ADVERTISE"),
+    (0x01, "SEARCHGW"),
+    (0x02, "GWINFO"),
+    (0x04, "CONNECT"),
+    (0x05, "CONNACK"),
+    (0x06, "WILLTOPICREQ"),
+    (0x07, "WILLTOPIC"),
+    (0x08, "WILLMSGREQ"),
+    (0x09, "WILLMSG"),
+    (0x0A, "REGISTER"),
+    (0x0B, "REGACK"),
+    (0x0C, "PUBLISH"),
+    (0x0D, "PUBACK"),
+    (0x0E, "PUBCOMP"),
+    (0x0F, "PUBREC"),
+    (0x10, "PUBREL"),
+    (0x12, "SUBSCRIBE"),
+    (0x13, "SUBACK"),
+    (0x14, "UNSUBSCRIBE"),
+    (0x15, "UNSUBACK"),
+    (0x16, "PINGREQ"),
+    (0x17, "PINGRESP"),
+    (0x18, "DISCONNECT"),
+    (0x1A, "WILLTOPICUPD"),
+    (0x1B, "WILLTOPICRESP"),
+    (0x1C, "WILLMSGUPD"),
+    (0x1D, "WILLMSGRESP"),
+    (0xFE, "ENCAPSULATED"),
+];
+
+/// The name of message type `kind`, if it is one.
+fn type_name(kind: u8) -> Option<&'static str> {
+    TYPES.iter().find(|(k, _)| *k == kind).map(|(_, n)| *n)
+}
+
 impl Message {
+    /// The message's type code.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::Advertise { .. } => 0x00,
+            Message::SearchGw { .. } => 0x01,
+            Message::GwInfo { .. } => 0x02,
+            Message::Connect { .. } => 0x04,
+            Message::Connack { .. } => 0x05,
+            Message::WillTopicReq => 0x06,
+            Message::WillTopic(_) => 0x07,
+            Message::WillMsgReq => 0x08,
+            Message::WillMsg(_) => 0x09,
+            Message::Register { .. } => 0x0A,
+            Message::Regack { .. } => 0x0B,
+            Message::Publish { .. } => 0x0C,
+            Message::Puback { .. } => 0x0D,
+            Message::Pubcomp(_) => 0x0E,
+            Message::Pubrec(_) => 0x0F,
+            Message::Pubrel(_) => 0x10,
+            Message::Subscribe { .. } => 0x12,
+            Message::Suback { .. } => 0x13,
+            Message::Unsubscribe { .. } => 0x14,
+            Message::Unsuback(_) => 0x15,
+            Message::Pingreq(_) => 0x16,
+            Message::Pingresp => 0x17,
+            Message::Disconnect(_) => 0x18,
+            Message::WillTopicUpd(_) => 0x1A,
+            Message::WillTopicResp(_) => 0x1B,
+            Message::WillMsgUpd(_) => 0x1C,
+            Message::WillMsgResp(_) => 0x1D,
+            Message::Encapsulated { .. } => 0xFE,
+        }
+    }
+
     /// The message's name, for logs.
     pub fn name(&self) -> &'static str {
-        match self {
-            Message::Advertise { .. } => "ADVERTISE",
-            Message::SearchGw { .. } => "SEARCHGW",
-            Message::GwInfo { .. } => "GWINFO",
-            Message::Connect { .. } => "CONNECT",
-            Message::Connack { .. } => "CONNACK",
-            Message::WillTopicReq => "WILLTOPICREQ",
-            Message::WillTopic(_) => "WILLTOPIC",
-            Message::WillMsgReq => "WILLMSGREQ",
-            Message::WillMsg(_) => "WILLMSG",
-            Message::Register { .. } => "REGISTER",
-            Message::Regack { .. } => "REGACK",
-            Message::Publish { .. } => "PUBLISH",
-            Message::Puback { .. } => "PUBACK",
-            Message::Pubrec(_) => "PUBREC",
-            Message::Pubrel(_) => "PUBREL",
-            Message::Pubcomp(_) => "PUBCOMP",
-            Message::Subscribe { .. } => "SUBSCRIBE",
-            Message::Suback { .. } => "SUBACK",
-            Message::Unsubscribe { .. } => "UNSUBSCRIBE",
-            Message::Unsuback(_) => "UNSUBACK",
-            Message::Pingreq(_) => "PINGREQ",
-            Message::Pingresp => "PINGRESP",
-            Message::Disconnect(_) => "DISCONNECT",
-            Message::WillTopicUpd(_) => "WILLTOPICUPD",
-            Message::WillTopicResp(_) => "WILLTOPICRESP",
-            Message::WillMsgUpd(_) => "WILLMSGUPD",
-            Message::WillMsgResp(_) => "WILLMSGRESP",
-            Message::Encapsulated { .. } => "ENCAPSULATED",
-        }
+        type_name(self.kind()).unwrap_or("?")
     }
 }
 
@@ -411,36 +453,9 @@ fn topic(r: &mut Reader<'_>, id_type: u8, by_name: bool) -> Result<Topic, Decode
 }
 
 fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
-    let name = match kind {
-        0x00 => "ADVERTISE",
-        0x01 => "SEARCHGW",
-        0x02 => "GWINFO",
-        0x04 => "CONNECT",
-        0x05 => "CONNACK",
-        0x06 => "WILLTOPICREQ",
-        0x07 => "WILLTOPIC",
-        0x08 => "WILLMSGREQ",
-        0x09 => "WILLMSG",
-        0x0A => "REGISTER",
-        0x0B => "REGACK",
-        0x0C => "PUBLISH",
-        0x0D => "PUBACK",
-        0x0E => "PUBCOMP",
-        0x0F => "PUBREC",
-        0x10 => "PUBREL",
-        0x12 => "SUBSCRIBE",
-        0x13 => "SUBACK",
-        0x14 => "UNSUBSCRIBE",
-        0x15 => "UNSUBACK",
-        0x16 => "PINGREQ",
-        0x17 => "PINGRESP",
-        0x18 => "DISCONNECT",
-        0x1A => "WILLTOPICUPD",
-        0x1B => "WILLTOPICRESP",
-        0x1C => "WILLMSGUPD",
-        0x1D => "WILLMSGRESP",
-        other => return Err(DecodeError::UnknownType(other)),
-    };
+    let name = type_name(kind)
+        .filter(|_| kind != 0xFE)
+        .ok_or(DecodeError::UnknownType(kind))?;
     let mut r = Reader {
         b: body,
         what: name,
@@ -545,13 +560,6 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Message, DecodeError> {
     Ok(m)
 }
 
-fn put_will(body: &mut BytesMut, w: &Option<WillTopic>) {
-    if let Some(w) = w {
-        body.put_u8((w.qos.bits() << 5) | if w.retain { 0x10 } else { 0 });
-        body.put_slice(w.topic.as_bytes());
-    }
-}
-
 fn put_topic(body: &mut BytesMut, t: &Topic) {
     match t {
         Topic::Name(n) => body.put_slice(n.as_bytes()),
@@ -563,20 +571,15 @@ fn put_topic(body: &mut BytesMut, t: &Topic) {
 /// Appends `m` to `out` (the short length form when the message is under 256 bytes).
 pub fn encode(m: &Message, out: &mut BytesMut) {
     let mut body = BytesMut::new();
-    let kind: u8 = match m {
+    match m {
         Message::Advertise { gw_id, duration } => {
             body.put_u8(*gw_id);
             body.put_u16(*duration);
-            0x00
         }
-        Message::SearchGw { radius } => {
-            body.put_u8(*radius);
-            0x01
-        }
+        Message::SearchGw { radius } => body.put_u8(*radius),
         Message::GwInfo { gw_id, gw_add } => {
             body.put_u8(*gw_id);
             body.put_slice(gw_add);
-            0x02
         }
         Message::Connect {
             will,
@@ -589,22 +592,18 @@ pub fn encode(m: &Message, out: &mut BytesMut) {
             body.put_u8(*protocol_id);
             body.put_u16(*duration);
             body.put_slice(client_id.as_bytes());
-            0x04
         }
-        Message::Connack { rc } => {
-            body.put_u8(*rc);
-            0x05
+        Message::Connack { rc } | Message::WillTopicResp(rc) | Message::WillMsgResp(rc) => {
+            body.put_u8(*rc)
         }
-        Message::WillTopicReq => 0x06,
-        Message::WillTopic(w) => {
-            put_will(&mut body, w);
-            0x07
+        Message::WillTopicReq | Message::WillMsgReq | Message::Pingresp => {}
+        Message::WillTopic(w) | Message::WillTopicUpd(w) => {
+            if let Some(w) = w {
+                body.put_u8((w.qos.bits() << 5) | if w.retain { 0x10 } else { 0 });
+                body.put_slice(w.topic.as_bytes());
+            }
         }
-        Message::WillMsgReq => 0x08,
-        Message::WillMsg(m) => {
-            body.put_slice(m);
-            0x09
-        }
+        Message::WillMsg(m) | Message::WillMsgUpd(m) => body.put_slice(m),
         Message::Register {
             topic_id,
             msg_id,
@@ -613,9 +612,13 @@ pub fn encode(m: &Message, out: &mut BytesMut) {
             body.put_u16(*topic_id);
             body.put_u16(*msg_id);
             body.put_slice(topic_name.as_bytes());
-            0x0A
         }
         Message::Regack {
+            topic_id,
+            msg_id,
+            rc,
+        }
+        | Message::Puback {
             topic_id,
             msg_id,
             rc,
@@ -623,7 +626,6 @@ pub fn encode(m: &Message, out: &mut BytesMut) {
             body.put_u16(*topic_id);
             body.put_u16(*msg_id);
             body.put_u8(*rc);
-            0x0B
         }
         Message::Publish {
             dup,
@@ -646,30 +648,11 @@ pub fn encode(m: &Message, out: &mut BytesMut) {
             }
             body.put_u16(*msg_id);
             body.put_slice(data);
-            0x0C
         }
-        Message::Puback {
-            topic_id,
-            msg_id,
-            rc,
-        } => {
-            body.put_u16(*topic_id);
-            body.put_u16(*msg_id);
-            body.put_u8(*rc);
-            0x0D
-        }
-        Message::Pubcomp(id) => {
-            body.put_u16(*id);
-            0x0E
-        }
-        Message::Pubrec(id) => {
-            body.put_u16(*id);
-            0x0F
-        }
-        Message::Pubrel(id) => {
-            body.put_u16(*id);
-            0x10
-        }
+        Message::Pubcomp(id)
+        | Message::Pubrec(id)
+        | Message::Pubrel(id)
+        | Message::Unsuback(id) => body.put_u16(*id),
         Message::Subscribe {
             dup,
             qos,
@@ -679,7 +662,6 @@ pub fn encode(m: &Message, out: &mut BytesMut) {
             body.put_u8(if *dup { 0x80 } else { 0 } | (qos.bits() << 5) | topic.id_type());
             body.put_u16(*msg_id);
             put_topic(&mut body, topic);
-            0x12
         }
         Message::Suback {
             qos,
@@ -691,62 +673,36 @@ pub fn encode(m: &Message, out: &mut BytesMut) {
             body.put_u16(*topic_id);
             body.put_u16(*msg_id);
             body.put_u8(*rc);
-            0x13
         }
         Message::Unsubscribe { msg_id, topic } => {
             body.put_u8(topic.id_type());
             body.put_u16(*msg_id);
             put_topic(&mut body, topic);
-            0x14
-        }
-        Message::Unsuback(id) => {
-            body.put_u16(*id);
-            0x15
         }
         Message::Pingreq(id) => {
             if let Some(id) = id {
                 body.put_slice(id.as_bytes());
             }
-            0x16
         }
-        Message::Pingresp => 0x17,
         Message::Disconnect(d) => {
             if let Some(d) = d {
                 body.put_u16(*d);
             }
-            0x18
-        }
-        Message::WillTopicUpd(w) => {
-            put_will(&mut body, w);
-            0x1A
-        }
-        Message::WillTopicResp(rc) => {
-            body.put_u8(*rc);
-            0x1B
-        }
-        Message::WillMsgUpd(m) => {
-            body.put_slice(m);
-            0x1C
-        }
-        Message::WillMsgResp(rc) => {
-            body.put_u8(*rc);
-            0x1D
         }
         Message::Encapsulated {
             radius,
             node_id,
             inner,
         } => {
-            let header = 3 + node_id.len();
-            put_len(out, header);
+            put_len(out, 3 + node_id.len());
             out.put_u8(0xFE);
             out.put_u8(radius & 3);
             out.put_slice(node_id);
             return encode(inner, out);
         }
-    };
+    }
     put_len(out, 2 + body.len());
-    out.put_u8(kind);
+    out.put_u8(m.kind());
     out.put_slice(&body);
 }
 

@@ -1418,13 +1418,11 @@ proptest! {
     }
 }
 
-/// The case: a publisher on shard 0, a session moving from shard 1 to shard 2. The
-/// first message goes through shard 1 (shard 0 does not route to shard 2 yet) and is forwarded;
-/// the second goes to shard 2 directly and gets there first. The new holder must still deliver
-/// them in order.
-#[test]
-fn a_direct_message_does_not_overtake_a_forwarded_one() {
-    let mut cl = Cluster::new(3);
+/// Client `mv` (persistent, subscribed to `o/#`) moves from shard 1 to shard 2 while shard 0
+/// does not yet route to shard 2 (shard 2's route to it is held back), and the first message,
+/// `m1` from a publisher on shard 0, waits on the wire from shard 1 to shard 2 as a forward.
+/// Returns (the old connection, the publisher, the new connection).
+fn move_with_m1_forwarded(cl: &mut Cluster) -> (Client, Client, Client) {
     let old = cl.connect(1, "mv", false);
     cl.subscribe(old, &[("o/#", QoS::AtLeastOnce)]);
     let p = cl.connect(0, "p", true);
@@ -1434,12 +1432,23 @@ fn a_direct_message_does_not_overtake_a_forwarded_one() {
         from == 2 && to == 0 && matches!(control(m), Some(Control::Route { .. }))
     };
     cl.settle_holding(route_to_0);
-    assert!(cl.closing(old), "taken over");
     cl.publish_unsettled(p, "o/t", "m1", QoS::AtLeastOnce, 1);
     cl.settle_holding(|from, to, m| {
         route_to_0(from, to, m)
             || (from == 1 && to == 2 && matches!(control(m), Some(Control::Forward { .. })))
     });
+    (old, p, newc)
+}
+
+/// The case: a publisher on shard 0, a session moving from shard 1 to shard 2. The
+/// first message goes through shard 1 (shard 0 does not route to shard 2 yet) and is forwarded;
+/// the second goes to shard 2 directly and gets there first. The new holder must still deliver
+/// them in order.
+#[test]
+fn a_direct_message_does_not_overtake_a_forwarded_one() {
+    let mut cl = Cluster::new(3);
+    let (old, p, newc) = move_with_m1_forwarded(&mut cl);
+    assert!(cl.closing(old), "taken over");
     // Shard 0 learns that shard 2 subscribes; m2 goes there directly, and arrives first.
     while cl.deliver_one(2, 0) {}
     cl.publish_unsettled(p, "o/t", "m2", QoS::AtLeastOnce, 2);

@@ -165,21 +165,7 @@ fn a_gateway_client_gets_retained_messages_and_leaves_a_will() {
 #[test]
 fn messages_held_for_an_arriving_session_are_capped() {
     let mut cl = Cluster::with(3, |c| c.limits.max_mqueue_len = 5);
-    let old = cl.connect(1, "mv", false);
-    cl.subscribe(old, &[("o/#", QoS::AtLeastOnce)]);
-    let p = cl.connect(0, "p", true);
-    let newc = cl.open(2);
-    cl.connect_unsettled(newc, "mv", false, 0);
-    let route_to_0 = |from: usize, to: usize, m: &ShardMsg| {
-        from == 2 && to == 0 && matches!(control(m), Some(Control::Route { .. }))
-    };
-    cl.settle_holding(route_to_0);
-    cl.publish_unsettled(p, "o/t", "m1", QoS::AtLeastOnce, 1);
-    let forward_held = |from: usize, to: usize, m: &ShardMsg| {
-        route_to_0(from, to, m)
-            || (from == 1 && to == 2 && matches!(control(m), Some(Control::Forward { .. })))
-    };
-    cl.settle_holding(forward_held);
+    let (_, p, newc) = move_with_m1_forwarded(&mut cl);
     while cl.deliver_one(2, 0) {}
     let before = cl.engines[2].metrics.dropped_queue_full;
     for i in 2..=20u16 {

@@ -313,7 +313,14 @@ fn without_a_policy_the_engines_write_buffer_bounds_a_slow_device() {
         };
         let payload = "x".repeat(512);
         for _ in 0..100 {
-            cl.publish(p, &format!("tcp/{cid}/dn"), &payload, QoS::AtMostOnce, false, 0);
+            cl.publish(
+                p,
+                &format!("tcp/{cid}/dn"),
+                &payload,
+                QoS::AtMostOnce,
+                false,
+                0,
+            );
             d.gw.poll_engine(&mut cl.engines[0], &s, cl.now);
             cl.settle();
         }
@@ -323,6 +330,9 @@ fn without_a_policy_the_engines_write_buffer_bounds_a_slow_device() {
             "owner {owner}: {} bytes wait",
             d.gw.outbox().len()
         );
-        assert!(cl.engines[0].metrics.dropped_slow_consumer > 0, "owner {owner}");
+        assert!(
+            cl.engines[0].metrics.dropped_slow_consumer > 0,
+            "owner {owner}"
+        );
     }
 }
