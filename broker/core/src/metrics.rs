@@ -177,6 +177,26 @@ metrics! {
     tcpgw_bytes_received,
     /// TCP gateway bytes written to devices.
     tcpgw_bytes_sent,
+    /// MQTT-SN datagrams received (`mqtt.sn.enable_stats`).
+    mqttsn_datagrams_received,
+    /// MQTT-SN datagrams sent (`mqtt.sn.enable_stats`).
+    mqttsn_datagrams_sent,
+    /// MQTT-SN datagrams that did not decode (dropped).
+    mqttsn_bad_datagrams,
+    /// MQTT-SN messages dropped: from an unknown address, for an unknown topic id at QoS 0,
+    /// QoS -1 while `mqtt.sn.enable_qos3` is off, or while the client's input is held back.
+    mqttsn_dropped,
+    /// MQTT-SN messages and registrations sent again for want of an acknowledgement.
+    mqttsn_retransmits,
+    /// MQTT-SN clients given up on after `mqtt.sn.max_retries` unanswered sends.
+    mqttsn_retries_exhausted,
+    /// MQTT-SN CONNECTs refused because `mqtt.sn.max_clients` clients are known.
+    mqttsn_clients_refused,
+    /// MQTT-SN messages published at QoS -1 (without a connection).
+    mqttsn_qos_minus_one,
+    /// Deliveries an MQTT-SN client could not be given (its REGISTER refused, the datagram
+    /// too large, its topic registry full).
+    mqttsn_undeliverable,
     /// CONNECTs refused because their client id, username or address is banned.
     connects_banned,
     /// Client ids banned for reconnecting too often (`flapping.*`).

@@ -306,6 +306,66 @@ impl Engine {
             .filter(|s| !s.is_empty())
     }
 
+    /// A gateway heard from its client without a packet for the engine (an MQTT-SN REGACK,
+    /// say): its keepalive starts over, as on any packet.
+    pub fn conn_heard(&mut self, id: ConnId, now: Timestamp) {
+        if let Some(c) = conn_mut(&mut self.conns, id) {
+            if !c.close {
+                c.last_rx = now;
+            }
+        }
+    }
+
+    /// A gateway gives a connected client a new keepalive of `secs` seconds from `now` (an
+    /// MQTT-SN client going to sleep for that long, or waking): past it, times
+    /// `keepalive_multiplier`, the connection ends as on any keepalive timeout (will
+    /// published). 0 turns the keepalive off.
+    pub fn set_conn_keepalive(&mut self, id: ConnId, secs: u16, now: Timestamp) {
+        self.now = now;
+        let ka = self.keepalive_ms(secs);
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return;
+        };
+        if c.close {
+            return;
+        }
+        c.keepalive_ms = ka;
+        c.last_rx = now;
+        self.arm_conn(id);
+    }
+
+    /// A gateway's client changes its will (MQTT-SN WILLTOPICUPD and WILLMSGUPD); `None`
+    /// removes it. `false` (the will unchanged) when the access rules deny the client to
+    /// publish on the new topic.
+    pub fn set_conn_will(&mut self, id: ConnId, will: Option<LastWill>) -> bool {
+        let Some(c) = self
+            .conns
+            .get(id.idx as usize)
+            .filter(|c| c.gen == id.gen && !c.close)
+        else {
+            return false;
+        };
+        if let Some(w) = &will {
+            let client_id = client_of(&self.sessions, c);
+            let user = c.about.as_deref().and_then(|a| a.username.as_deref());
+            if !self.will_allowed(client_id, user, c.peer.ip, &w.topic) {
+                self.metrics.acl_denied_publish += 1;
+                debug!(peer = %c.peer, client_id, topic = &*w.topic, "will topic denied by the access rules");
+                return false;
+            }
+        }
+        let Some(c) = conn_mut(&mut self.conns, id) else {
+            return false;
+        };
+        match will {
+            Some(w) => c.about_mut().will = Some(w),
+            None => {
+                c.take_will();
+            }
+        }
+        true
+    }
+
     /// Bytes moved on the connection: it is not idle.
     pub fn note_io(&mut self, id: ConnId, now: Timestamp) {
         if let Some(c) = conn_mut(&mut self.conns, id) {

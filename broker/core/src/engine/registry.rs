@@ -30,6 +30,17 @@ impl Engine {
         }
     }
 
+    /// The allowance of a keepalive of `secs` seconds (times `keepalive_multiplier`), in
+    /// whole milliseconds: at least 1 for a non-zero keepalive, saturating at `u32::MAX`.
+    pub(super) fn keepalive_ms(&self, secs: u16) -> u32 {
+        if secs == 0 {
+            0
+        } else {
+            (f64::from(secs) * self.cfg.keepalive_multiplier * 1000.0)
+                .clamp(1.0, f64::from(u32::MAX)) as u32
+        }
+    }
+
     pub(super) fn on_connect(&mut self, id: ConnId, connect: Connect) {
         let Connect {
             level,
@@ -67,13 +78,7 @@ impl Engine {
             client_id
         };
         let client_id = ByteStr::from(client_id);
-        // Whole milliseconds, at least 1 for a non-zero keepalive, saturating at u32::MAX.
-        let ka = if keep_alive == 0 {
-            0
-        } else {
-            (f64::from(keep_alive) * self.cfg.keepalive_multiplier * 1000.0)
-                .clamp(1.0, f64::from(u32::MAX)) as u32
-        };
+        let ka = self.keepalive_ms(keep_alive);
         let Some(c) = conn_mut(&mut self.conns, id) else {
             return;
         };

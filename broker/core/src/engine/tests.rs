@@ -1946,4 +1946,5 @@ mod admin;
 mod auth;
 mod bans;
 mod limits;
+mod mqttsn;
 mod tcpgw;

@@ -2,4 +2,5 @@
 //! for a connection with a packet sink, and the packets the engine has for it back into frames.
 //! Their drivers (sockets, timers) live in the runtime, on the shard a profile pins them to.
 
+pub mod mqttsn;
 pub mod tcp;
