@@ -1,9 +1,11 @@
-//! `gateway.*` (which gateways run, on which shard) and `tcp.*` (the private TCP gateway:
-//! the seed document's `tcp.proto.*` and `tcp.listener.*` keys).
+//! `gateway.*` (which gateways run, on which shard), `tcp.*` (the private TCP gateway: the
+//! seed document's `tcp.proto.*` and `tcp.listener.*` keys) and `mqtt.sn.*` (the MQTT-SN
+//! gateway, the seed document's keys and a few of ShardMQ's).
 
 use super::{invalid, parse_force_shutdown, values, ByteSize, ConfigError, Duration};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 /// `gateway.*`
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -11,6 +13,8 @@ use std::net::SocketAddr;
 pub struct GatewaysConfig {
     /// `gateway.tcp.*`: the private TCP gateway.
     pub tcp: GatewaySlot,
+    /// `gateway.mqttsn.*`: the MQTT-SN gateway (its settings are `mqtt.sn.*`).
+    pub mqttsn: GatewaySlot,
 }
 
 /// Whether a gateway runs, and where.
@@ -181,6 +185,141 @@ impl TcpGatewayConfig {
         if s.max_connections == 0 {
             return Err(invalid(
                 "tcp.listener.ssl.external.max_connections",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `mqtt.sn.*`: the MQTT-SN gateway (EMQX's emqx-sn, `mqtt.sn.*` there too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSnConfig {
+    /// UDP port. EMQX: `mqtt.sn.port`.
+    pub port: u16,
+    /// The IP address the socket binds (the seed's `mqtt.sn.port` has the port only).
+    pub bind: IpAddr,
+    /// Seconds between two ADVERTISE messages (and the duration they announce). EMQX:
+    /// `mqtt.sn.advertise_duration`.
+    pub advertise_duration: Duration,
+    /// Where ADVERTISE goes: `IP:PORT` (a broadcast address such as `192.168.1.255:1884`, or
+    /// a unicast one); `""` = never advertise (the default: a broadcast leaves the machine).
+    pub advertise_address: String,
+    /// The gateway id in ADVERTISE and GWINFO. EMQX: `mqtt.sn.gateway_id`.
+    pub gateway_id: u8,
+    /// The username every MQTT-SN client connects with (MQTT-SN has no credentials of its
+    /// own); `""` = none. EMQX: `mqtt.sn.username`.
+    pub username: String,
+    /// The password that goes with it; `""` = none. EMQX: `mqtt.sn.password`.
+    pub password: String,
+    /// Publish QoS −1 messages (sent without a connection, to a predefined id or a short
+    /// name). EMQX: `mqtt.sn.enable_qos3`.
+    pub enable_qos3: bool,
+    /// A client that starts a CONNECT (the will dialogue) must finish it within this time.
+    /// EMQX: `mqtt.sn.idle_timeout`.
+    pub idle_timeout: Duration,
+    /// Count the gateway's datagrams in the metrics (`mqttsn_datagrams_*`). EMQX:
+    /// `mqtt.sn.enable_stats`.
+    pub enable_stats: bool,
+    /// T_retry: a downlink QoS 1/2 message or REGISTER not acknowledged within it is sent
+    /// again.
+    pub retry_interval: Duration,
+    /// N_retry: sends after the first before an unanswering client is taken for lost (its
+    /// session ends as after a network error, will published).
+    pub max_retries: u32,
+    /// Clients known at once (connected, connecting or asleep); further CONNECTs get CONNACK
+    /// 0x01 (congestion) and are counted.
+    pub max_clients: usize,
+    /// Topic ids one client may register (REGISTER, SUBSCRIBE by name, the gateway's own
+    /// registrations); beyond it REGISTER gets 0x03 and SUBSCRIBE 0x02.
+    pub max_registered_topics: usize,
+    /// Predefined topics: id (1–65534) → topic name. EMQX: `mqtt.sn.predefined.topic.N`.
+    pub predefined: BTreeMap<String, String>,
+}
+
+impl Default for MqttSnConfig {
+    fn default() -> Self {
+        MqttSnConfig {
+            port: 1884,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            advertise_duration: Duration::secs(900),
+            advertise_address: String::new(),
+            gateway_id: 1,
+            username: String::new(),
+            password: String::new(),
+            enable_qos3: false,
+            idle_timeout: Duration::secs(30),
+            enable_stats: false,
+            retry_interval: Duration::secs(10),
+            max_retries: 5,
+            max_clients: 100_000,
+            max_registered_topics: 1000,
+            predefined: BTreeMap::new(),
+        }
+    }
+}
+
+impl MqttSnConfig {
+    /// The address the socket binds.
+    pub fn bind_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    /// Where ADVERTISE goes, if anywhere.
+    pub fn advertise_to(&self) -> Option<SocketAddr> {
+        values::parse_bind(&self.advertise_address).ok()
+    }
+
+    /// The predefined topics by id.
+    pub fn predefined_topics(&self) -> Result<Vec<(u16, String)>, ConfigError> {
+        let mut v = Vec::new();
+        for (id, name) in &self.predefined {
+            let key = format!("mqtt.sn.predefined.{id}");
+            let n: u16 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..0xFFFF).contains(n))
+                .ok_or_else(|| invalid(&key, "the topic id must be a number from 1 to 65534"))?;
+            if name.is_empty() || name.contains(['+', '#', '\0']) {
+                return Err(invalid(&key, format!("{name:?} is not a topic name")));
+            }
+            if v.iter().any(|(_, other)| other == name) {
+                return Err(invalid(&key, format!("{name:?} has another id already")));
+            }
+            v.push((n, name.clone()));
+        }
+        Ok(v)
+    }
+
+    /// Checks the values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.predefined_topics()?;
+        if !self.advertise_address.trim().is_empty() {
+            values::parse_bind(&self.advertise_address)
+                .map_err(|e| invalid("mqtt.sn.advertise_address", e))?;
+            if self.advertise_duration.enabled().is_none()
+                || self.advertise_duration.0.as_secs() > u64::from(u16::MAX)
+            {
+                return Err(invalid(
+                    "mqtt.sn.advertise_duration",
+                    "must be between 1s and 65535s",
+                ));
+            }
+        }
+        if self.idle_timeout.enabled().is_none() {
+            return Err(invalid("mqtt.sn.idle_timeout", "must be more than 0s"));
+        }
+        if self.retry_interval.enabled().is_none() {
+            return Err(invalid("mqtt.sn.retry_interval", "must be more than 0s"));
+        }
+        if self.max_clients == 0 {
+            return Err(invalid("mqtt.sn.max_clients", "must be at least 1"));
+        }
+        if self.max_registered_topics == 0 {
+            return Err(invalid(
+                "mqtt.sn.max_registered_topics",
                 "must be at least 1",
             ));
         }

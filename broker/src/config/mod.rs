@@ -12,8 +12,8 @@ mod load;
 pub mod values;
 
 pub use gateway::{
-    GatewaySlot, GatewaysConfig, TcpGatewayConfig, TcpGwListenerConfig, TcpGwListeners,
-    TcpGwSslListeners, TcpProtoConfig,
+    GatewaySlot, GatewaysConfig, MqttSnConfig, TcpGatewayConfig, TcpGwListenerConfig,
+    TcpGwListeners, TcpGwSslListeners, TcpProtoConfig,
 };
 pub use load::{env_var, from_toml_str, load, LoadOptions, Loaded, ENV_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -998,6 +998,8 @@ pub struct MqttConfig {
     /// How long a connection the broker is closing may take to write its last bytes (a CONNACK
     /// refusal, say) before its socket is reset.
     pub close_timeout: Duration,
+    /// `mqtt.sn.*`: the MQTT-SN gateway.
+    pub sn: MqttSnConfig,
 }
 
 impl Default for MqttConfig {
@@ -1022,6 +1024,7 @@ impl Default for MqttConfig {
             session_expiry_interval: Duration::secs(7200),
             max_write_buffer: ByteSize(256 << 10),
             close_timeout: Duration::secs(5),
+            sn: MqttSnConfig::default(),
         }
     }
 }
@@ -1343,21 +1346,26 @@ impl Config {
             .map_err(|e| invalid("mqtt.force_shutdown_policy", e))?;
         self.flapping.validate()?;
         self.tcp.validate()?;
+        self.mqtt.sn.validate()?;
         self.admin.validate()
     }
 
     /// Checks what depends on this machine: every CPU in `shards.cpus` must be available.
     pub fn check_host(&self) -> Result<(), ConfigError> {
         let shards = self.shard_cpus().len();
-        if self.gateway.tcp.shard >= shards {
-            return Err(invalid(
-                "gateway.tcp.shard",
-                format!(
-                    "shard {} does not exist: this configuration runs {shards} shards (0 to {})",
-                    self.gateway.tcp.shard,
-                    shards.saturating_sub(1)
-                ),
-            ));
+        for (key, shard) in [
+            ("gateway.tcp.shard", self.gateway.tcp.shard),
+            ("gateway.mqttsn.shard", self.gateway.mqttsn.shard),
+        ] {
+            if shard >= shards {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "shard {shard} does not exist: this configuration runs {shards} shards (0 to {})",
+                        shards.saturating_sub(1)
+                    ),
+                ));
+            }
         }
         let available = available_cpus();
         for c in self.shard_cpus() {

@@ -4,6 +4,7 @@
 //! so routing, retained, wills, authentication, ACL, takeover, metrics and `$SYS` events treat
 //! them as any client.
 
+pub mod mqttsn;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -36,7 +37,7 @@ impl GatewayState {
 /// admin API (which asks for it): the operator sets whether it is wanted, the shard's
 /// supervisor task brings it there and records the state.
 pub struct GatewayCtl {
-    /// `tcp`.
+    /// `tcp`, `mqttsn`.
     pub name: &'static str,
     /// The shard that hosts it.
     pub shard: usize,

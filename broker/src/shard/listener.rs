@@ -119,6 +119,12 @@ impl Gate {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
+    /// Sets the count of what is open: for a datagram gateway, whose state machine admits and
+    /// counts its clients itself (`mqtt.sn.max_clients`).
+    pub fn set_open(&self, n: usize) {
+        self.open.store(n, Ordering::Release);
+    }
+
     /// Connections open (or in their handshake) through this listener, all shards together.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)

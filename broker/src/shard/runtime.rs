@@ -283,6 +283,8 @@ struct ShardCtx {
     offline: Arc<OfflineQueues>,
     /// The TCP gateway's lifecycle (and its TLS settings), on the shard that hosts it.
     tcp_gateway: Option<(Arc<GatewayCtl>, Option<TlsSettings>)>,
+    /// The MQTT-SN gateway's lifecycle, on the shard that hosts it.
+    sn_gateway: Option<Arc<GatewayCtl>>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -401,6 +403,13 @@ pub fn check(cfg: &Config) -> Result<String, StartError> {
             TlsSettings::load("tcp.listener.ssl.external", &ssl.tls()).map_err(StartError::Tls)?;
             listeners.push(format!("gateway.tcp.ssl {}", ssl.bind));
         }
+    }
+    if cfg.gateway.mqttsn.enable {
+        listeners.push(format!(
+            "gateway.mqttsn udp {} (shard {})",
+            cfg.mqtt.sn.bind_addr(),
+            cfg.gateway.mqttsn.shard
+        ));
     }
     AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
     if let Some(path) = &cfg.auth.acl_file {
@@ -554,7 +563,17 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         Arc::new(Gate::new(ssl.max_connections, ssl.max_conn_rate)),
     ];
     gates.extend(gw_gates.iter().cloned());
+    // Then the MQTT-SN gateway's, which counts its clients itself.
+    let sn_gate = Arc::new(Gate::new(usize::MAX, 0));
+    gates.push(sn_gate.clone());
     let gates = Arc::new(gates);
+    let sn_ctl = Arc::new(GatewayCtl::new(
+        "mqttsn",
+        cfg.gateway.mqttsn.shard,
+        vec![cfg.mqtt.sn.bind_addr()],
+        vec![sn_gate],
+        cfg.gateway.mqttsn.enable,
+    ));
     let tcp_ctl = Arc::new(GatewayCtl::new(
         "tcp",
         cfg.gateway.tcp.shard,
@@ -596,6 +615,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             offline: offline.clone(),
             tcp_gateway: (shard == cfg.gateway.tcp.shard)
                 .then(|| (tcp_ctl.clone(), gw_tls.clone())),
+            sn_gateway: (shard == cfg.gateway.mqttsn.shard).then(|| sn_ctl.clone()),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -665,7 +685,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             started: SystemTime::now(),
             auth,
             acl_file: cfg.auth.acl_file.clone().map(|p| (p, cfg.auth.nomatch())),
-            gateways: Arc::new(vec![tcp_ctl]),
+            gateways: Arc::new(vec![tcp_ctl, sn_ctl]),
         },
         admin: None,
     };
@@ -713,6 +733,19 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             Setup::Tls(_) => info!(listener = %name, %addr, shards, "listening for MQTT over TLS"),
             Setup::Wss(_, ws) => {
                 info!(listener = %name, %addr, path = %ws.path, shards, "listening for MQTT over WebSocket over TLS")
+            }
+        }
+    }
+    for ctl in handle
+        .shards
+        .gateways()
+        .iter()
+        .filter(|g| g.name == "mqttsn")
+    {
+        if let crate::gateway::GatewayState::Running(addrs) = ctl.state() {
+            let shard = ctl.shard;
+            for addr in addrs {
+                info!(listener = "gateway.mqttsn", %addr, shard, "listening for MQTT-SN over UDP");
             }
         }
     }
@@ -908,6 +941,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         gates,
         offline,
         tcp_gateway,
+        sn_gateway,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -1089,12 +1123,48 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
             running,
         )));
     }
+    let mut sn_task = None;
+    let mut sn_ctx = None;
+    if let Some(ctl) = sn_gateway {
+        use crate::gateway::mqttsn;
+        // Its listener number follows the TCP gateway's two.
+        let number = listeners.len() as u16 + 2;
+        engine
+            .borrow_mut()
+            .set_listener_protocol(number, mqttsn::protocol(&cfg.mqtt.sn));
+        let sn = Rc::new(mqttsn::SnCtx::new(
+            ctx.clone(),
+            &cfg.mqtt.sn,
+            number,
+            ctl.gates[0].clone(),
+        ));
+        let mut running = None;
+        if ctl.wanted() {
+            match mqttsn::bind(&ctl, &sn) {
+                Ok((r, addrs)) => {
+                    running = Some(r);
+                    ctl.settle(crate::gateway::GatewayState::Running(addrs));
+                }
+                Err(e) => {
+                    let msg = format!("listener gateway.mqttsn: {e}");
+                    let _ = report.send(Err(msg.clone()));
+                    return Err(msg);
+                }
+            }
+        }
+        sn_task = Some(spawn_local(mqttsn::supervise(ctl, sn.clone(), running)));
+        sn_ctx = Some(sn);
+    }
     let _ = report.send(Ok(()));
     wait_for_shutdown(&shutdown).await;
     drop(accept_tasks);
     drop(gateway_task);
+    drop(sn_task);
     listening.into_iter().for_each(listener::stop_listening);
     engine.borrow_mut().close_all(clock::now());
+    if let Some(sn) = sn_ctx.take() {
+        sn.forget_all();
+    }
     let started = Instant::now();
     while engine.borrow().connection_count() > 0 && started.elapsed() < DRAIN_TIMEOUT {
         sleep(Duration::from_millis(10)).await;

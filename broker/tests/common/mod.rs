@@ -34,6 +34,8 @@ pub fn config(shards: usize) -> Config {
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.admin.bind = "127.0.0.1:0".parse().unwrap();
     c.tcp.listener.external.bind = "127.0.0.1:0".parse().unwrap();
+    c.mqtt.sn.bind = [127, 0, 0, 1].into();
+    c.mqtt.sn.port = 0;
     c.log.level = "warn".into();
     c
 }
@@ -552,6 +554,8 @@ pub mod process {
         }
         c.env("SHARDMQ_ADMIN__BIND", "127.0.0.1:0");
         c.env("SHARDMQ_TCP__LISTENER__EXTERNAL__BIND", "127.0.0.1:0");
+        c.env("SHARDMQ_MQTT__SN__BIND", "127.0.0.1");
+        c.env("SHARDMQ_MQTT__SN__PORT", "0");
         c
     }
 

@@ -1,0 +1,344 @@
+//! The MQTT-SN gateway's driver: one UDP socket on the gateway's shard (`mqtt.sn.bind`,
+//! `mqtt.sn.port`), and three tasks around the [`SnGateway`] state machine: one receives
+//! datagrams, one polls the clients the engine woke and runs the retransmission timer, one
+//! sends ADVERTISE when `mqtt.sn.advertise_address` is set. Each task sends what the state
+//! machine has for the clients after its step.
+
+use crate::config::MqttSnConfig;
+use crate::core::engine::{ConnId, Engine, ListenerProtocol};
+use crate::core::gateway::mqttsn::{SnGateway, SnSettings};
+use crate::gateway::{GatewayCtl, GatewayState};
+use crate::shard::clock;
+use crate::shard::connection::ConnCtx;
+use crate::shard::listener::Gate;
+use bytes::Bytes;
+use futures_lite::future;
+use glommio::net::UdpSocket;
+use glommio::{spawn_local, Task};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Wake, Waker};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// The largest datagram read (a UDP payload cannot be larger).
+const RECV_BUFFER: usize = 65_536;
+
+/// How the engine names the gateway's clients, and how long they may take to CONNECT.
+pub fn protocol(cfg: &MqttSnConfig) -> ListenerProtocol {
+    ListenerProtocol {
+        name: "MQTT-SN",
+        version: 1,
+        idle_timeout: cfg.idle_timeout.0,
+    }
+}
+
+/// The state machine's settings from `mqtt.sn.*`; its clients count under engine listener
+/// `listener`.
+pub fn settings(cfg: &MqttSnConfig, listener: u16) -> SnSettings {
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    SnSettings {
+        listener,
+        gateway_id: cfg.gateway_id,
+        username: non_empty(&cfg.username),
+        password: non_empty(&cfg.password).map(Bytes::from),
+        enable_qos3: cfg.enable_qos3,
+        // Checked when the configuration was validated.
+        predefined: cfg.predefined_topics().unwrap_or_default(),
+        retry_interval: cfg.retry_interval.0,
+        max_retries: cfg.max_retries,
+        max_clients: cfg.max_clients,
+        max_registered_topics: cfg.max_registered_topics,
+        stats: cfg.enable_stats,
+    }
+}
+
+/// Connections the engine woke, for the polling task.
+#[derive(Default)]
+struct Ready {
+    ids: Mutex<Vec<ConnId>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Ready {
+    fn take(&self) -> Vec<ConnId> {
+        let mut ids = std::mem::take(&mut *self.ids.lock().unwrap_or_else(|e| e.into_inner()));
+        ids.sort_unstable_by_key(|id| (id.idx, id.gen));
+        ids.dedup();
+        ids
+    }
+}
+
+/// The waker the engine holds for one client's connection: files it as ready.
+struct ConnWake {
+    ready: Arc<Ready>,
+    id: ConnId,
+}
+
+impl Wake for ConnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.id);
+        if let Some(w) = self
+            .ready
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            w.wake();
+        }
+    }
+}
+
+/// What the gateway's tasks share.
+pub struct SnCtx {
+    conn: Rc<ConnCtx>,
+    gw: RefCell<SnGateway>,
+    ready: Arc<Ready>,
+    /// The waker of each client's connection (the engine takes it when it wakes one).
+    wakers: RefCell<HashMap<ConnId, Waker>>,
+    gate: Arc<Gate>,
+    /// `mqtt.sn.advertise_address` and `advertise_duration`, when set.
+    advertise: Option<(SocketAddr, Duration)>,
+}
+
+impl SnCtx {
+    /// The gateway of `cfg`, its clients counted under listener `listener` (whose gate is
+    /// `gate`).
+    pub fn new(conn: Rc<ConnCtx>, cfg: &MqttSnConfig, listener: u16, gate: Arc<Gate>) -> SnCtx {
+        SnCtx {
+            conn,
+            gw: RefCell::new(SnGateway::new(settings(cfg, listener))),
+            ready: Arc::new(Ready::default()),
+            wakers: RefCell::new(HashMap::new()),
+            gate,
+            advertise: cfg
+                .advertise_to()
+                .filter(|_| !cfg.advertise_address.trim().is_empty())
+                .map(|to| (to, cfg.advertise_duration.0)),
+        }
+    }
+
+    /// After a step: wakers for the connections it opened, the client count for the gate.
+    fn settle(&self, e: &mut Engine, gw: &mut SnGateway) {
+        let mut wakers = self.wakers.borrow_mut();
+        for id in gw.take_opened() {
+            let waker = Waker::from(Arc::new(ConnWake {
+                ready: self.ready.clone(),
+                id,
+            }));
+            e.set_conn_waker(id, &waker);
+            wakers.insert(id, waker);
+        }
+        self.gate.set_open(gw.client_count());
+    }
+
+    /// Registers again the wakers of connections the engine woke (it takes them), and
+    /// forgets those of connections that are gone.
+    fn rearm(&self, e: &mut Engine, woken: &[ConnId]) {
+        let mut wakers = self.wakers.borrow_mut();
+        for id in woken {
+            if e.conn_status(*id).is_none() {
+                wakers.remove(id);
+            } else if let Some(w) = wakers.get(id) {
+                e.set_conn_waker(*id, w);
+            }
+        }
+    }
+
+    /// The broker stops: the engine closed every connection; the gateway forgets its clients.
+    pub fn forget_all(&self) {
+        let mut e = self.conn.engine.borrow_mut();
+        let mut gw = self.gw.borrow_mut();
+        gw.forget_all(&mut e, clock::now());
+        self.wakers.borrow_mut().clear();
+        self.gate.set_open(0);
+    }
+}
+
+/// Sends what the state machine has for the clients.
+async fn flush(sn: &SnCtx, sock: &UdpSocket) {
+    loop {
+        let next = {
+            let mut e = sn.conn.engine.borrow_mut();
+            sn.gw.borrow_mut().pop_datagram(&mut e)
+        };
+        let Some((to, d)) = next else {
+            return;
+        };
+        if let Err(error) = sock.send_to(&d, to).await {
+            debug!(%to, %error, "MQTT-SN datagram not sent");
+        }
+    }
+}
+
+async fn recv_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>) {
+    let mut buf = vec![0u8; RECV_BUFFER];
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match sock.recv_from(&mut buf).await {
+            Ok((n, from)) => {
+                backoff = Duration::from_millis(10);
+                {
+                    let mut e = sn.conn.engine.borrow_mut();
+                    let mut gw = sn.gw.borrow_mut();
+                    e.count_received(n);
+                    gw.handle_datagram(&mut e, from, &buf[..n], clock::now());
+                    sn.settle(&mut e, &mut gw);
+                }
+                flush(&sn, &sock).await;
+            }
+            Err(error) => {
+                warn!(listener = "gateway.mqttsn", %error, retry_in = ?backoff, "receiving failed");
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Waits until the engine wakes a client or `deadline` (a retransmission) comes.
+async fn woken(ready: &Ready, deadline: Option<crate::core::time::Timestamp>) {
+    let notified = poll_fn(|cx| {
+        if !ready
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return Poll::Ready(());
+        }
+        *ready.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        // A wake between the check and here left its id: look again.
+        if ready
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    });
+    match deadline {
+        Some(at) => {
+            let wait = at.since(clock::now()) + Duration::from_millis(1);
+            future::or(notified, glommio::timer::sleep(wait)).await
+        }
+        None => notified.await,
+    }
+}
+
+async fn poll_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>) {
+    loop {
+        let deadline = sn.gw.borrow().next_deadline();
+        woken(&sn.ready, deadline).await;
+        {
+            let mut e = sn.conn.engine.borrow_mut();
+            let mut gw = sn.gw.borrow_mut();
+            let now = clock::now();
+            let woken = sn.ready.take();
+            for &id in &woken {
+                gw.poll_conn(&mut e, id, now);
+            }
+            gw.tick(&mut e, now);
+            sn.settle(&mut e, &mut gw);
+            sn.rearm(&mut e, &woken);
+        }
+        flush(&sn, &sock).await;
+    }
+}
+
+async fn advertise_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>, to: SocketAddr, every: Duration) {
+    let secs = every.as_secs().min(u64::from(u16::MAX)) as u16;
+    loop {
+        let d = sn.gw.borrow().advertise(secs);
+        if let Err(error) = sock.send_to(&d, to).await {
+            debug!(%to, %error, "ADVERTISE not sent");
+        }
+        glommio::timer::sleep(every).await;
+    }
+}
+
+/// What a running gateway holds: its tasks and its socket.
+pub type Running = (Vec<Task<()>>, Rc<UdpSocket>);
+
+/// Binds the gateway's socket (`ctl.binds[0]`) and starts its tasks. Returns what runs and
+/// the bound address, or why the socket could not bind.
+pub fn bind(ctl: &GatewayCtl, sn: &Rc<SnCtx>) -> Result<(Running, Vec<SocketAddr>), String> {
+    let addr = ctl.binds[0];
+    let mut sock = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
+    sock.set_buffer_size(RECV_BUFFER);
+    let bound = sock.local_addr().unwrap_or(addr);
+    if sn.advertise.is_some() {
+        // A broadcast address needs it; a unicast one is not affected.
+        let _ = sock.set_broadcast(true);
+    }
+    let sock = Rc::new(sock);
+    let mut tasks = vec![
+        spawn_local(recv_loop(sn.clone(), sock.clone())),
+        spawn_local(poll_loop(sn.clone(), sock.clone())),
+    ];
+    if let Some((to, every)) = sn.advertise {
+        tasks.push(spawn_local(advertise_loop(
+            sn.clone(),
+            sock.clone(),
+            to,
+            every,
+        )));
+    }
+    Ok(((tasks, sock), vec![bound]))
+}
+
+/// Starts and stops the gateway on its shard as `ctl` asks (`running`: what the start
+/// already bound), until the shard stops. Unloading sends every client DISCONNECT and ends
+/// their sessions as after a network error (wills published), then closes the socket.
+pub async fn supervise(ctl: Arc<GatewayCtl>, sn: Rc<SnCtx>, mut running: Option<Running>) {
+    loop {
+        let want = poll_fn(|cx| ctl.poll_change(cx, running.is_some())).await;
+        if want {
+            match bind(&ctl, &sn) {
+                Ok((r, addrs)) => {
+                    running = Some(r);
+                    info!(listener = "gateway.mqttsn", addrs = ?addrs, "MQTT-SN gateway loaded");
+                    ctl.settle(GatewayState::Running(addrs));
+                }
+                Err(e) => {
+                    warn!(listener = "gateway.mqttsn", error = %e, "MQTT-SN gateway cannot load");
+                    ctl.settle(GatewayState::Failed(e));
+                }
+            }
+        } else if let Some((tasks, sock)) = running.take() {
+            drop(tasks);
+            let closed = {
+                let mut e = sn.conn.engine.borrow_mut();
+                let mut gw = sn.gw.borrow_mut();
+                let n = gw.close_all(&mut e, clock::now());
+                sn.settle(&mut e, &mut gw);
+                n
+            };
+            flush(&sn, &sock).await;
+            drop(sock);
+            sn.ready.take();
+            sn.wakers.borrow_mut().clear();
+            info!(
+                listener = "gateway.mqttsn",
+                closed, "MQTT-SN gateway unloaded"
+            );
+            ctl.settle(GatewayState::Stopped);
+        }
+    }
+}
