@@ -136,12 +136,12 @@ pub enum GatewaysCommand {
     List,
     /// Starts a gateway on its shard.
     Load {
-        /// The gateway (tcp).
+        /// The gateway (tcp, mqttsn).
         name: String,
     },
     /// Stops a gateway: its listener closes and its devices are disconnected.
     Unload {
-        /// The gateway (tcp).
+        /// The gateway (tcp, mqttsn).
         name: String,
     },
 }

@@ -325,7 +325,7 @@ fn unload_and_load_through_the_admin_api() {
         200
     );
     assert_eq!(
-        http(admin, "POST", "/api/v1/gateways/mqttsn/load", &[], "").status,
+        http(admin, "POST", "/api/v1/gateways/coap/load", &[], "").status,
         404
     );
     assert_eq!(

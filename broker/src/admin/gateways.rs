@@ -55,10 +55,11 @@ pub async fn set(ctx: &Ctx, name: &str, action: &str) -> Result<Reply, ApiError>
         .find(|g| g.name == name)
         .cloned()
     else {
+        let known: Vec<&str> = ctx.shards.gateways().iter().map(|g| g.name).collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
-            format!("no gateway {name:?} (there is: tcp)"),
+            format!("no gateway {name:?} (there are: {})", known.join(", ")),
         ));
     };
     let running = matches!(g.state(), GatewayState::Running(_));

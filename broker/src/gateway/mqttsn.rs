@@ -276,10 +276,9 @@ async fn advertise_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>, to: SocketAddr, ever
 /// What a running gateway holds: its tasks and its socket.
 pub type Running = (Vec<Task<()>>, Rc<UdpSocket>);
 
-/// Binds the gateway's socket (`ctl.binds[0]`) and starts its tasks. Returns what runs and
-/// the bound address, or why the socket could not bind.
-pub fn bind(ctl: &GatewayCtl, sn: &Rc<SnCtx>) -> Result<(Running, Vec<SocketAddr>), String> {
-    let addr = ctl.binds[0];
+/// Binds the gateway's socket to `addr` and starts its tasks. Returns what runs and the
+/// bound address, or why the socket could not bind.
+pub fn bind(addr: SocketAddr, sn: &Rc<SnCtx>) -> Result<(Running, Vec<SocketAddr>), String> {
     let mut sock = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
     sock.set_buffer_size(RECV_BUFFER);
     let bound = sock.local_addr().unwrap_or(addr);
@@ -304,15 +303,23 @@ pub fn bind(ctl: &GatewayCtl, sn: &Rc<SnCtx>) -> Result<(Running, Vec<SocketAddr
 }
 
 /// Starts and stops the gateway on its shard as `ctl` asks (`running`: what the start
-/// already bound), until the shard stops. Unloading sends every client DISCONNECT and ends
-/// their sessions as after a network error (wills published), then closes the socket.
-pub async fn supervise(ctl: Arc<GatewayCtl>, sn: Rc<SnCtx>, mut running: Option<Running>) {
+/// already bound), until the shard stops; a reload binds `addr` (the first bound address,
+/// so a port 0 in the configuration keeps the port it got). Unloading sends every client
+/// DISCONNECT and ends their sessions as after a network error (wills published), then
+/// closes the socket.
+pub async fn supervise(
+    ctl: Arc<GatewayCtl>,
+    sn: Rc<SnCtx>,
+    mut running: Option<Running>,
+    mut addr: SocketAddr,
+) {
     loop {
         let want = poll_fn(|cx| ctl.poll_change(cx, running.is_some())).await;
         if want {
-            match bind(&ctl, &sn) {
+            match bind(addr, &sn) {
                 Ok((r, addrs)) => {
                     running = Some(r);
+                    addr = addrs[0];
                     info!(listener = "gateway.mqttsn", addrs = ?addrs, "MQTT-SN gateway loaded");
                     ctl.settle(GatewayState::Running(addrs));
                 }

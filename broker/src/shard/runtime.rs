@@ -673,6 +673,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             names.push(("gateway.tcp.ssl".into(), tls));
         }
     }
+    if let crate::gateway::GatewayState::Running(a) = sn_ctl.state() {
+        names.push(("gateway.mqttsn".into(), a[0]));
+    }
     let mut handle = BrokerHandle {
         listeners: names,
         shutdown,
@@ -1139,10 +1142,12 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
             ctl.gates[0].clone(),
         ));
         let mut running = None;
+        let mut addr = ctl.binds[0];
         if ctl.wanted() {
-            match mqttsn::bind(&ctl, &sn) {
+            match mqttsn::bind(addr, &sn) {
                 Ok((r, addrs)) => {
                     running = Some(r);
+                    addr = addrs[0];
                     ctl.settle(crate::gateway::GatewayState::Running(addrs));
                 }
                 Err(e) => {
@@ -1152,7 +1157,12 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                 }
             }
         }
-        sn_task = Some(spawn_local(mqttsn::supervise(ctl, sn.clone(), running)));
+        sn_task = Some(spawn_local(mqttsn::supervise(
+            ctl,
+            sn.clone(),
+            running,
+            addr,
+        )));
         sn_ctx = Some(sn);
     }
     let _ = report.send(Ok(()));
