@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: the third-party MQTT clients
 # used by scripts/interop.sh (mosquitto_pub/mosquitto_sub from Debian, paho-mqtt from PyPI),
+# python3-venv for the MQTT-SN client from PyPI (scripts/mqttsn-test.sh),
 # openssl for the throwaway test certificates (scripts/gen-test-certs.sh), curl and jq for the
 # admin API's checks,
 # and for scripts/browser-test.sh a real browser (Debian's chromium) and Node.js with npm
@@ -34,6 +35,11 @@ if ! command -v openssl >/dev/null; then
 fi
 if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("2.") else 1)' 2>/dev/null; then
   python3 -m pip install -q --root-user-action=ignore 'paho-mqtt==2.2.0'
+fi
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  # scripts/mqttsn-test.sh installs the MQTT-SN client (mqtt-sn-12) in a venv under target/.
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
 fi
 if ! command -v chromium >/dev/null; then
   $SUDO apt-get update -qq

@@ -45,6 +45,9 @@ scripts/interop.sh target/debug/shardmq
 step "the TCP gateway with an independent Python client"
 scripts/tcpgw-test.sh target/debug/shardmq
 
+step "the MQTT-SN gateway with mqtt-sn-12 (PyPI) and an independent raw-UDP client"
+scripts/mqttsn-test.sh target/debug/shardmq
+
 step "the Debian package: installed in a scratch root, checked, started"
 scripts/package-check.sh
 
