@@ -18,11 +18,12 @@ wait_port() {
 # ShardMQ's settings wherever it is compared, the counterpart of mosquitto_conf (environment
 # for the broker process; every other setting is its default): 100 unacknowledged deliveries
 # per client and a queue that does not drop in the standard scenarios (fan-in keeps 16,000
-# messages on their way to one subscriber). The admin API (idle meanwhile) takes a free port, so
-# a broker already running on this host does not stop the benchmark's.
+# messages on their way to one subscriber). The admin API and the gateways (idle meanwhile) take
+# free ports, so a broker already running on this host does not stop the benchmark's.
 shardmq_compared_env=(SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000
   SHARDMQ_LISTENER__WS__EXTERNAL__ENABLE=false SHARDMQ_ADMIN__BIND=127.0.0.1:0
-  SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0)
+  SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_MQTT__SN__BIND=127.0.0.1
+  SHARDMQ_MQTT__SN__PORT=0)
 
 # mosquitto_conf PORT FILE: Mosquitto as compared everywhere — anonymous, no persistence, no
 # logging, no connection limit, 100 unacknowledged deliveries per client, no limit on queued

@@ -343,6 +343,7 @@ mod tests {
                 raw: false,
                 tcpgw: None,
                 tcpgw_port: 8090,
+                mqttsn_port: None,
             }),
             threads: 1,
             cpus: None,

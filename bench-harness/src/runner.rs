@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod sn;
+
 /// The broker under test.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -786,7 +788,14 @@ async fn pubsub_worker(w: usize, plan: Arc<Plan>, coord: Arc<Coord>) -> WorkerOu
     wait_phase(&coord, PUBS).await;
     let pubs: Vec<_> = (w..plan.sc.publishers)
         .step_by(plan.threads)
-        .map(|i| spawn_local(publisher(i, plan.clone(), coord.clone(), local.clone())))
+        .map(|i| {
+            let (plan, coord, local) = (plan.clone(), coord.clone(), local.clone());
+            if plan.sc.mqttsn_port.is_some() {
+                spawn_local(sn::publisher(i, plan, coord, local))
+            } else {
+                spawn_local(publisher(i, plan, coord, local))
+            }
+        })
         .collect();
     let mut out = WorkerOut::default();
     for p in pubs {

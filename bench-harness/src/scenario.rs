@@ -109,6 +109,14 @@ pub struct PubsubScenario {
     #[arg(long, default_value_t = 8090)]
     #[serde(default = "default_tcpgw_port")]
     pub tcpgw_port: u16,
+    /// Through ShardMQ's MQTT-SN gateway on this UDP port of the broker's host: the
+    /// publishers are MQTT-SN clients (CONNECT, REGISTER their topic, PUBLISH by topic id) and
+    /// the subscribers MQTT clients. p2p, QoS 0 or 1; at QoS 1 each publisher waits for the
+    /// PUBACK of one message before the next (as MQTT-SN clients do) and sends it again after
+    /// a second without one.
+    #[arg(long)]
+    #[serde(default)]
+    pub mqttsn_port: Option<u16>,
 }
 
 /// Which side of a `--tcpgw` run the devices are.
@@ -196,6 +204,14 @@ impl Scenario {
                 }
                 if p.tcpgw.is_some() && p.payload.0 > 65_535 {
                     return fail("--tcpgw payloads are at most 65535 bytes (one DATATRANS)");
+                }
+                if p.mqttsn_port.is_some()
+                    && (p.pattern != Pattern::P2p || p.qos > 1 || p.raw || p.tcpgw.is_some())
+                {
+                    return fail("--mqttsn-port runs p2p at QoS 0 or 1, without --raw or --tcpgw");
+                }
+                if p.mqttsn_port.is_some() && p.payload.0 > 60_000 {
+                    return fail("--mqttsn-port payloads are at most 60000 bytes (one datagram)");
                 }
                 if p.qos > 2 {
                     return fail("qos must be 0, 1 or 2");

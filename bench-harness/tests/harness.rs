@@ -13,6 +13,7 @@ fn broker() -> (shardmq::shard::BrokerHandle, std::net::SocketAddr) {
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.admin.enable = false;
     c.gateway.tcp.enable = false;
+    c.gateway.mqttsn.enable = false;
     c.listener.ws.get_mut("external").unwrap().enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
@@ -134,6 +135,7 @@ fn every_transport_delivers_exactly_once() {
     c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     c.admin.enable = false;
     c.gateway.tcp.enable = false;
+    c.gateway.mqttsn.enable = false;
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     let ssl = c.listener.ssl.get_mut("external").unwrap();
     ssl.bind = "127.0.0.1:0".parse().unwrap();
@@ -235,6 +237,7 @@ fn tcp_gateway_runs_deliver_every_message_both_ways() {
     c.admin.enable = false;
     c.tcp.listener.external.bind = "127.0.0.1:0".parse().unwrap();
     c.tcp.listener.external.max_conn_rate = 0;
+    c.gateway.mqttsn.enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
     let gw = h.addr("gateway.tcp").unwrap();
@@ -254,6 +257,41 @@ fn tcp_gateway_runs_deliver_every_message_both_ways() {
         );
         assert_exactly_once(&v);
         assert_eq!(v["scenario"]["tcpgw"], dir);
+    }
+    drop(h);
+}
+
+/// `--mqttsn-port`: MQTT-SN clients over UDP as the publishers of a p2p run, at QoS 0 and 1,
+/// every message delivered once.
+#[test]
+fn mqttsn_runs_deliver_every_message() {
+    let mut c = Config::default();
+    c.shards.cpus = Selection::List(available_cpus().into_iter().take(2).collect());
+    c.listener.tcp.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
+    c.listener.ws.get_mut("external").unwrap().enable = false;
+    c.admin.enable = false;
+    c.gateway.tcp.enable = false;
+    c.mqtt.sn.bind = [127, 0, 0, 1].into();
+    c.mqtt.sn.port = 0;
+    let h = shardmq::shard::start(&c).expect("broker starts");
+    let addr = h.addr("external").unwrap();
+    let gw = h.addr("gateway.mqttsn").unwrap();
+    for qos in ["0", "1"] {
+        let v = run(
+            addr,
+            &[
+                "--mqttsn-port",
+                &gw.port().to_string(),
+                "--qos",
+                qos,
+                "--publishers",
+                "4",
+                "--subscribers",
+                "4",
+            ],
+        );
+        assert_exactly_once(&v);
+        assert_eq!(v["scenario"]["mqttsn_port"], gw.port());
     }
     drop(h);
 }

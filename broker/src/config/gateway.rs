@@ -234,6 +234,10 @@ pub struct MqttSnConfig {
     /// Topic ids one client may register (REGISTER, SUBSCRIBE by name, the gateway's own
     /// registrations); beyond it REGISTER gets 0x03 and SUBSCRIBE 0x02.
     pub max_registered_topics: usize,
+    /// The socket's receive buffer (SO_RCVBUF): datagrams that arrive while it is full are
+    /// lost. The kernel caps it at `net.core.rmem_max` (docs/tuning.md); "0" = the system's
+    /// default.
+    pub recbuf: ByteSize,
     /// Predefined topics: id (1–65534) → topic name. EMQX: `mqtt.sn.predefined.topic.N`.
     pub predefined: BTreeMap<String, String>,
 }
@@ -255,6 +259,7 @@ impl Default for MqttSnConfig {
             max_retries: 5,
             max_clients: 100_000,
             max_registered_topics: 1000,
+            recbuf: ByteSize(4 << 20),
             predefined: BTreeMap::new(),
         }
     }

@@ -112,6 +112,8 @@ pub struct SnCtx {
     gate: Arc<Gate>,
     /// `mqtt.sn.advertise_address` and `advertise_duration`, when set.
     advertise: Option<(SocketAddr, Duration)>,
+    /// `mqtt.sn.recbuf` (0: the system's default).
+    recbuf: usize,
 }
 
 impl SnCtx {
@@ -128,6 +130,7 @@ impl SnCtx {
                 .advertise_to()
                 .filter(|_| !cfg.advertise_address.trim().is_empty())
                 .map(|to| (to, cfg.advertise_duration.0)),
+            recbuf: cfg.recbuf.as_usize(),
         }
     }
 
@@ -273,6 +276,43 @@ async fn advertise_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>, to: SocketAddr, ever
     }
 }
 
+/// Asks for a receive buffer of `bytes` (the kernel caps it at `net.core.rmem_max`; what it
+/// gave is logged when less).
+fn set_recbuf(sock: &UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt and getsockopt read and write the c_int we pass, on our own socket.
+    let got = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&want as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let mut got: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut got as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        got
+    };
+    // Linux reports twice what it grants (its bookkeeping share included).
+    if (got as usize) < bytes {
+        info!(
+            listener = "gateway.mqttsn",
+            asked = bytes,
+            granted = got / 2,
+            "UDP receive buffer capped by net.core.rmem_max (mqtt.sn.recbuf)"
+        );
+    }
+}
+
 /// What a running gateway holds: its tasks and its socket.
 pub type Running = (Vec<Task<()>>, Rc<UdpSocket>);
 
@@ -281,6 +321,9 @@ pub type Running = (Vec<Task<()>>, Rc<UdpSocket>);
 pub fn bind(addr: SocketAddr, sn: &Rc<SnCtx>) -> Result<(Running, Vec<SocketAddr>), String> {
     let mut sock = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
     sock.set_buffer_size(RECV_BUFFER);
+    if sn.recbuf > 0 {
+        set_recbuf(&sock, sn.recbuf);
+    }
     let bound = sock.local_addr().unwrap_or(addr);
     if sn.advertise.is_some() {
         // A broadcast address needs it; a unicast one is not affected.
