@@ -532,10 +532,16 @@ impl SnGateway {
                     return self.poll_client(e, id, now);
                 }
                 _ => {
-                    // Starts over: the old connection goes quietly (no will), the new one
-                    // finds the session as a clean or persistent reconnect would.
+                    // Starts over: the old connection goes quietly, the new one finds the
+                    // session as a clean or persistent reconnect would. The same client
+                    // leaves no will; another one at its address (the old one is gone) does.
                     self.clients.get_mut(&id).expect("known").quiet = true;
-                    e.close_conn(id, EndReason::Normal, now);
+                    let reason = if same {
+                        EndReason::Normal
+                    } else {
+                        EndReason::Closed
+                    };
+                    e.close_conn(id, reason, now);
                     self.finish(e, id, now);
                 }
             }
@@ -1377,6 +1383,14 @@ impl SnClient {
                 if self.discarding.remove(&pid) {
                     return self.ack(cx, Packet::Pubcomp(pid));
                 }
+                if self
+                    .inflight
+                    .get(&pid)
+                    .is_some_and(|o| o.stage == Stage::Pubcomp)
+                {
+                    // The session resending a PUBREL the gateway already resends.
+                    return;
+                }
                 let d = self.send_kept(cx, &Message::Pubrel(pid));
                 let resend = Resend::new(d, cx);
                 match self.inflight.get_mut(&pid) {
@@ -1451,6 +1465,11 @@ impl SnClient {
 
     /// Sends `p`, or starts registering its topic and gives it back.
     fn try_send(&mut self, cx: &mut Cx<'_>, p: Publish) -> Result<(), Publish> {
+        if p.qos != QoS::AtMostOnce && self.inflight.contains_key(&p.packet_id) {
+            // The session resending (`mqtt.retry_interval`) what the gateway is already
+            // resending on its own clock, whose count of tries must go on.
+            return Ok(());
+        }
         let name: &str = &p.topic;
         let topic = if let Some(&id) = cx.pre.by_name.get(name) {
             Topic::Predefined(id)

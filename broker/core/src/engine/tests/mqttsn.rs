@@ -1089,3 +1089,34 @@ fn unloading_closes_every_client_and_publishes_wills() {
     );
     assert_eq!(cl.engines[0].connection_count(), 0);
 }
+
+/// The session's own resends (`mqtt.retry_interval`, shorter here than the gateway's) are not
+/// sent on top of the gateway's and do not restart its count of tries.
+#[test]
+fn the_sessions_resends_do_not_restart_the_gateways_count() {
+    let mut cl = Cluster::with(2, |c| {
+        c.limits.retry_interval = Some(Duration::from_secs(4))
+    });
+    let mut sn = Sn::new(&mut cl, settings());
+    let publisher = steady(&mut cl, "publisher");
+    sn.connect(&mut cl, 1000, "deaf", true, 600);
+    sn.subscribe(&mut cl, 1000, Topic::Short(*b"ab"), Qos::AtLeastOnce);
+    cl.publish(publisher, "ab", "m", QoS::AtLeastOnce, false, 1);
+    assert_eq!(sn.recv(&mut cl, 1000).len(), 1);
+    let mut resent = 0;
+    for _ in 0..20 {
+        sn.advance(&mut cl, Duration::from_secs(2));
+        for m in sn.recv(&mut cl, 1000) {
+            match m {
+                Message::Publish { dup: true, .. } => resent += 1,
+                Message::Disconnect(None) => {
+                    assert_eq!(resent, 3, "max_retries, on the gateway's clock");
+                    assert_eq!(sn.gw.client_count(), 0);
+                    return;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    panic!("never given up on ({resent} resends)");
+}
