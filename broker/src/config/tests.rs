@@ -108,6 +108,36 @@ fn bad_values_name_their_key() {
             "[listener.wss.external]\npath = \"mqtt\"\n",
             "listener.wss.external.path",
         ),
+        (
+            "[mqtt.sn.predefined]\n0 = \"reserved\"\n",
+            "mqtt.sn.predefined.0",
+        ),
+        (
+            "[mqtt.sn.predefined]\nseven = \"a/b\"\n",
+            "mqtt.sn.predefined.seven",
+        ),
+        (
+            "[mqtt.sn.predefined]\n3 = \"a/+\"\n",
+            "mqtt.sn.predefined.3",
+        ),
+        (
+            "[mqtt.sn.predefined]\n3 = \"a\"\n4 = \"a\"\n",
+            "mqtt.sn.predefined.4",
+        ),
+        (
+            "[mqtt.sn]\nadvertise_address = \"everyone\"\n",
+            "mqtt.sn.advertise_address",
+        ),
+        (
+            "[mqtt.sn]\nadvertise_address = \"127.0.0.1:1884\"\nadvertise_duration = \"2d\"\n",
+            "mqtt.sn.advertise_duration",
+        ),
+        ("[mqtt.sn]\nmax_clients = 0\n", "mqtt.sn.max_clients"),
+        (
+            "[mqtt.sn]\nretry_interval = \"0s\"\n",
+            "mqtt.sn.retry_interval",
+        ),
+        ("[mqtt.sn]\nbind = \"0.0.0.0:1884\"\n", "mqtt.sn.bind"),
     ];
     for (text, key) in cases {
         let e = from_toml_str(text).expect_err(text).to_string();
@@ -238,4 +268,27 @@ fn the_admin_api_needs_credentials_off_loopback_and_good_ones() {
     let c = with("[admin]\napi_key = \"0123456789abcdef\"\n").unwrap();
     assert!(c.admin.needs_credentials());
     assert!(!Config::default().admin.needs_credentials());
+}
+
+#[test]
+fn mqttsn_predefined_topics_and_addresses() {
+    let c = from_toml_str(
+        "[mqtt.sn]\nport = 2442\nbind = \"127.0.0.1\"\nadvertise_address = \"127.0.0.1:2000\"\n\
+         [mqtt.sn.predefined]\n1 = \"a/b\"\n65534 = \"c\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.mqtt.sn.bind_addr(), "127.0.0.1:2442".parse().unwrap());
+    assert_eq!(
+        c.mqtt.sn.advertise_to(),
+        Some("127.0.0.1:2000".parse().unwrap())
+    );
+    assert_eq!(
+        c.mqtt.sn.predefined_topics().unwrap(),
+        vec![(1, "a/b".to_string()), (65534, "c".to_string())]
+    );
+    assert_eq!(
+        Config::default().mqtt.sn.advertise_to(),
+        None,
+        "off by default"
+    );
 }
