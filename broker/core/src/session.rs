@@ -237,10 +237,21 @@ impl OfflineQueues {
         self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether a message of `size` more bytes may be queued (shards that check at the same
-    /// time may together pass the cap by what they queue meanwhile).
-    pub fn admits(&self, size: usize) -> bool {
-        self.cap == 0 || self.bytes().saturating_add(size) <= self.cap
+    /// Reserves `size` bytes for a message about to be queued, if they fit under the cap:
+    /// check and add are one atomic step, so shards queueing at the same time never pass the
+    /// cap together. The queueing then settles the count with [`OfflineQueues::moved`] from
+    /// the share plus `size`.
+    pub fn reserve(&self, size: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.cap == 0 {
+            self.bytes.fetch_add(size, Relaxed);
+            return true;
+        }
+        self.bytes
+            .fetch_update(Relaxed, Relaxed, |b| {
+                b.checked_add(size).filter(|&n| n <= self.cap)
+            })
+            .is_ok()
     }
 
     /// A session's share went from `before` to `after` bytes.

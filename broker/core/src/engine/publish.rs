@@ -391,7 +391,8 @@ impl Deliverer<'_> {
     ) -> bool {
         let lim = &self.cfg.limits;
         let (Some(id), Some(c)) = (a.conn, attached(self.conns, a.conn)) else {
-            if !self.offline.admits(crate::session::queued_size(msg)) {
+            let size = crate::session::queued_size(msg);
+            if !self.offline.reserve(size) {
                 // `mqtt.max_mqueue_bytes_total`: offline queues together are full.
                 self.metrics.dropped_queue_total += 1;
                 return false;
@@ -400,7 +401,8 @@ impl Deliverer<'_> {
             let delivery = a
                 .session
                 .deliver::<Sink>(msg, qos, retain, self.now, lim, None);
-            self.offline.moved(before, a.session.offline_bytes());
+            // Settles the reservation: what was queued, less what made room for it.
+            self.offline.moved(before + size, a.session.offline_bytes());
             match delivery {
                 Delivery::Queued { dropped_oldest } => {
                     self.metrics.dropped_queue_full += u64::from(dropped_oldest)

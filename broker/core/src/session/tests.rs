@@ -472,3 +472,23 @@ fn a_retry_that_finds_the_outbox_full_waits_another_interval() {
     assert_eq!(full.len(), 4, "nothing written");
     assert_eq!(s.next_deadline(true, &l), Some(Timestamp(20_000)));
 }
+
+/// `mqtt.max_mqueue_bytes_total`: shards reserving at the same time never pass the cap
+/// together, and a reservation settled by what was queued leaves the exact count.
+#[test]
+fn offline_reservations_never_pass_the_cap_together() {
+    let q = std::sync::Arc::new(OfflineQueues::new(10 * 1024));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let q = q.clone();
+            std::thread::spawn(move || (0..100).filter(|_| q.reserve(1024)).count())
+        })
+        .collect();
+    let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(admitted, 10);
+    assert_eq!(q.bytes(), 10 * 1024);
+    // A reservation whose message was not queued (QoS 0 offline) is given back.
+    q.moved(10 * 1024, 9 * 1024);
+    assert!(q.reserve(1024));
+    assert!(!q.reserve(1));
+}
