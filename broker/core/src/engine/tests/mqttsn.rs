@@ -1120,3 +1120,98 @@ fn the_sessions_resends_do_not_restart_the_gateways_count() {
     }
     panic!("never given up on ({resent} resends)");
 }
+
+#[test]
+fn unsubscribe_by_name_predefined_id_and_short_name() {
+    let mut cl = Cluster::new(2);
+    let mut sn = Sn::new(&mut cl, settings());
+    let publisher = steady(&mut cl, "publisher");
+    sn.connect(&mut cl, 1000, "unsub", true, 60);
+    sn.subscribe(&mut cl, 1000, Topic::Name("u/#".into()), Qos::AtMostOnce);
+    sn.subscribe(&mut cl, 1000, Topic::Predefined(1), Qos::AtMostOnce);
+    sn.subscribe(&mut cl, 1000, Topic::Short(*b"uu"), Qos::AtMostOnce);
+    for (i, topic) in [
+        Topic::Name("u/#".into()),
+        Topic::Predefined(1),
+        Topic::Short(*b"uu"),
+        // Unknown: answered all the same.
+        Topic::Predefined(99),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let msg_id = 20 + i as u16;
+        sn.send(&mut cl, 1000, &Message::Unsubscribe { msg_id, topic });
+        assert_eq!(sn.recv(&mut cl, 1000), vec![Message::Unsuback(msg_id)]);
+    }
+    for t in ["uu", "u/x", "pre/one"] {
+        cl.publish(publisher, t, "x", QoS::AtMostOnce, false, 0);
+    }
+    assert_eq!(sn.recv(&mut cl, 1000), vec![], "no subscription left");
+}
+
+/// The access rules see an MQTT-SN client under its client id: a denied publish is dropped
+/// (acknowledged), a denied subscription is SUBACK 3; ids owned by either shard.
+#[test]
+fn the_access_rules_apply_to_mqttsn_clients() {
+    use crate::acl::{Acl, Action, Pattern, Permission, Rule, Subject};
+    for owner in 0..2 {
+        let mut cl = Cluster::new(2);
+        let acl = Some(std::sync::Arc::new(Acl {
+            rules: vec![
+                Rule {
+                    permission: Permission::Allow,
+                    action: Action::Publish,
+                    subject: Subject::All,
+                    topics: vec![Pattern::parse("sensors/%c")],
+                },
+                Rule {
+                    permission: Permission::Allow,
+                    action: Action::Subscribe,
+                    subject: Subject::All,
+                    topics: vec![Pattern::parse("sensors/#")],
+                },
+            ],
+            nomatch: Permission::Deny,
+        }));
+        for e in &mut cl.engines {
+            e.set_acl(acl.clone());
+        }
+        let mut sn = Sn::new(&mut cl, settings());
+        let cid = id_owned_by(&format!("acl{owner}-"), owner, 2);
+        let watcher = steady(&mut cl, "watcher");
+        cl.subscribe(watcher, &[("sensors/#", QoS::AtMostOnce)]);
+        sn.connect(&mut cl, 1000, &cid, true, 60);
+        let mine = sn.register(&mut cl, 1000, &format!("sensors/{cid}"));
+        let other = sn.register(&mut cl, 1000, "sensors/someone-else");
+        for (id, msg_id) in [(mine, 1), (other, 2)] {
+            sn.send(
+                &mut cl,
+                1000,
+                &publish_msg(Topic::Id(id), Qos::AtLeastOnce, msg_id, "t"),
+            );
+            assert_eq!(
+                sn.recv(&mut cl, 1000),
+                vec![Message::Puback {
+                    topic_id: id,
+                    msg_id,
+                    rc: rc::ACCEPTED
+                }]
+            );
+        }
+        let got = publishes(&cl.recv(watcher));
+        assert_eq!(
+            got,
+            vec![(format!("sensors/{cid}"), "t".into(), QoS::AtMostOnce, false)],
+            "owner {owner}"
+        );
+        assert!(matches!(
+            sn.subscribe(&mut cl, 1000, Topic::Name("secret".into()), Qos::AtMostOnce),
+            Message::Suback {
+                rc: rc::NOT_SUPPORTED,
+                ..
+            }
+        ));
+        assert_eq!(metric(&cl, |m| m.acl_denied_publish), 1);
+    }
+}
