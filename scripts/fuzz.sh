@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../broker/fuzz"
 secs=${1:-15}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(mqtt_decode engine_input tcpgw_decode mqttsn_decode)
+[ ${#targets[@]} -gt 0 ] || targets=(mqtt_decode engine_input tcpgw_decode mqttsn_decode lwm2m_decode)
 triple=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

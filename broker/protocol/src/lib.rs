@@ -10,6 +10,7 @@
 //! load generator's scenario files share.
 
 pub mod bytestr;
+pub mod lwm2m;
 pub mod mqtt;
 pub mod mqttsn;
 pub mod tcpgw;
