@@ -1,0 +1,4 @@
+//! The LwM2M gateway's sans-IO parts: the object registry that types the values devices send
+//! ([`registry`]).
+
+pub mod registry;
