@@ -24,6 +24,9 @@ pub mod link;
 pub mod senml;
 pub mod tlv;
 
+/// The CoAP codec the gateway builds on (so the crates above use the same version).
+pub use coap_lite;
+
 use bytes::Bytes;
 use std::fmt;
 use thiserror::Error;
