@@ -197,6 +197,30 @@ metrics! {
     /// Deliveries an MQTT-SN client could not be given (its REGISTER refused, the datagram
     /// too large, its topic registry full).
     mqttsn_undeliverable,
+    /// LwM2M (CoAP) datagrams received.
+    lwm2m_datagrams_received,
+    /// LwM2M (CoAP) datagrams sent.
+    lwm2m_datagrams_sent,
+    /// LwM2M datagrams that were not CoAP (dropped).
+    lwm2m_bad_datagrams,
+    /// LwM2M registrations accepted.
+    lwm2m_registrations,
+    /// LwM2M registrations refused (bad parameters, authentication, `lwm2m.max_endpoints`).
+    lwm2m_registrations_refused,
+    /// LwM2M registrations that outlived their lifetime.
+    lwm2m_registrations_expired,
+    /// LwM2M commands taken from MQTT.
+    lwm2m_commands,
+    /// LwM2M commands refused for their JSON (answered 4.00 on the response topic).
+    lwm2m_bad_commands,
+    /// LwM2M requests sent again for want of an acknowledgement.
+    lwm2m_retransmits,
+    /// LwM2M requests a device never answered (answered 5.04 on the response topic).
+    lwm2m_timeouts,
+    /// LwM2M notifications published.
+    lwm2m_notifications,
+    /// LwM2M commands and messages dropped (a full command queue, input held back).
+    lwm2m_dropped,
     /// CONNECTs refused because their client id, username or address is banned.
     connects_banned,
     /// Client ids banned for reconnecting too often (`flapping.*`).

@@ -1710,6 +1710,15 @@ pub(super) fn credentials_connect(
     }))
 }
 
+/// An MQTT client on shard 1 without keepalive (the simulated clock runs for minutes).
+fn steady(cl: &mut Cluster, cid: &str) -> Client {
+    let c = cl.open(1);
+    cl.connect_unsettled(c, cid, true, 0);
+    cl.settle();
+    cl.recv(c);
+    c
+}
+
 pub(super) fn id_owned_by(prefix: &str, shard: usize, shards: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
@@ -1946,5 +1955,6 @@ mod admin;
 mod auth;
 mod bans;
 mod limits;
+mod lwm2m;
 mod mqttsn;
 mod tcpgw;

@@ -4,3 +4,4 @@
 pub mod coap;
 pub mod command;
 pub mod registry;
+pub mod server;

@@ -159,15 +159,6 @@ impl Sn {
     }
 }
 
-/// An MQTT client on shard 1 without keepalive (the simulated clock runs for minutes).
-fn steady(cl: &mut Cluster, cid: &str) -> Client {
-    let c = cl.open(1);
-    cl.connect_unsettled(c, cid, true, 0);
-    cl.settle();
-    cl.recv(c);
-    c
-}
-
 fn metric(cl: &Cluster, f: impl Fn(&crate::metrics::Metrics) -> u64) -> u64 {
     cl.engines.iter().map(|e| f(&e.metrics)).sum()
 }
