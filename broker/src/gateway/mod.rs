@@ -6,6 +6,7 @@
 
 pub mod mqttsn;
 pub mod tcp;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

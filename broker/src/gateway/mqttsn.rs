@@ -1,32 +1,18 @@
-//! The MQTT-SN gateway's driver: one UDP socket on the gateway's shard (`mqtt.sn.bind`,
-//! `mqtt.sn.port`), and three tasks around the [`SnGateway`] state machine: one receives
-//! datagrams, one polls the clients the engine woke and runs the retransmission timer, one
-//! sends ADVERTISE when `mqtt.sn.advertise_address` is set. Each task sends what the state
-//! machine has for the clients after its step.
+//! The MQTT-SN gateway on the datagram driver ([`super::udp`]): its settings from
+//! `mqtt.sn.*`, and the [`SnGateway`] state machine as a [`DatagramGateway`], with ADVERTISE
+//! as the driver's announcement when `mqtt.sn.advertise_address` is set.
 
+use super::udp::{DatagramGateway, UdpCtx};
 use crate::config::MqttSnConfig;
 use crate::core::engine::{ConnId, Engine, ListenerProtocol};
 use crate::core::gateway::mqttsn::{SnGateway, SnSettings};
-use crate::gateway::{GatewayCtl, GatewayState};
-use crate::shard::clock;
+use crate::core::time::Timestamp;
 use crate::shard::connection::ConnCtx;
 use crate::shard::listener::Gate;
 use bytes::Bytes;
-use futures_lite::future;
-use glommio::net::UdpSocket;
-use glommio::{spawn_local, Task};
-use std::cell::RefCell;
-use std::collections::HashMap;
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
-use std::task::{Poll, Wake, Waker};
-use std::time::Duration;
-use tracing::{debug, info, warn};
-
-/// The largest datagram read (a UDP payload cannot be larger).
-const RECV_BUFFER: usize = 65_536;
+use std::sync::Arc;
 
 /// How the engine names the gateway's clients, and how long they may take to CONNECT.
 pub fn protocol(cfg: &MqttSnConfig) -> ListenerProtocol {
@@ -57,338 +43,71 @@ pub fn settings(cfg: &MqttSnConfig, listener: u16) -> SnSettings {
     }
 }
 
-/// Connections the engine woke, for the polling task.
-#[derive(Default)]
-struct Ready {
-    ids: Mutex<Vec<ConnId>>,
-    waker: Mutex<Option<Waker>>,
-}
-
-impl Ready {
-    fn take(&self) -> Vec<ConnId> {
-        let mut ids = std::mem::take(&mut *self.ids.lock().unwrap_or_else(|e| e.into_inner()));
-        ids.sort_unstable_by_key(|id| (id.idx, id.gen));
-        ids.dedup();
-        ids
-    }
-}
-
-/// The waker the engine holds for one client's connection: files it as ready.
-struct ConnWake {
-    ready: Arc<Ready>,
-    id: ConnId,
-}
-
-impl Wake for ConnWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.ready
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.id);
-        if let Some(w) = self
-            .ready
-            .waker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            w.wake();
-        }
-    }
-}
-
-/// What the gateway's tasks share.
-pub struct SnCtx {
+/// The gateway of `cfg` on the datagram driver, its clients counted under listener
+/// `listener` (whose gate is `gate`).
+pub fn ctx(
     conn: Rc<ConnCtx>,
-    gw: RefCell<SnGateway>,
-    ready: Arc<Ready>,
-    /// The waker of each client's connection (the engine takes it when it wakes one).
-    wakers: RefCell<HashMap<ConnId, Waker>>,
+    cfg: &MqttSnConfig,
+    listener: u16,
     gate: Arc<Gate>,
-    /// `mqtt.sn.advertise_address` and `advertise_duration`, when set.
-    advertise: Option<(SocketAddr, Duration)>,
-    /// `mqtt.sn.recbuf` (0: the system's default).
-    recbuf: usize,
+) -> UdpCtx<SnGateway> {
+    let gw = SnGateway::new(settings(cfg, listener));
+    let secs = cfg.advertise_duration.0.as_secs().min(u64::from(u16::MAX)) as u16;
+    let announce = cfg
+        .advertise_to()
+        .filter(|_| !cfg.advertise_address.trim().is_empty())
+        .map(|to| (to, cfg.advertise_duration.0, gw.advertise(secs)));
+    UdpCtx::new(
+        conn,
+        gw,
+        gate,
+        cfg.recbuf.as_usize(),
+        announce,
+        ("gateway.mqttsn", "MQTT-SN"),
+    )
 }
 
-impl SnCtx {
-    /// The gateway of `cfg`, its clients counted under listener `listener` (whose gate is
-    /// `gate`).
-    pub fn new(conn: Rc<ConnCtx>, cfg: &MqttSnConfig, listener: u16, gate: Arc<Gate>) -> SnCtx {
-        SnCtx {
-            conn,
-            gw: RefCell::new(SnGateway::new(settings(cfg, listener))),
-            ready: Arc::new(Ready::default()),
-            wakers: RefCell::new(HashMap::new()),
-            gate,
-            advertise: cfg
-                .advertise_to()
-                .filter(|_| !cfg.advertise_address.trim().is_empty())
-                .map(|to| (to, cfg.advertise_duration.0)),
-            recbuf: cfg.recbuf.as_usize(),
-        }
+impl DatagramGateway for SnGateway {
+    fn datagram(
+        &mut self,
+        e: &mut Engine,
+        from: SocketAddr,
+        data: &[u8],
+        _vouched: Option<&str>,
+        now: Timestamp,
+    ) {
+        self.handle_datagram(e, from, data, now)
     }
 
-    /// After a step: wakers for the connections it opened, the client count for the gate.
-    fn settle(&self, e: &mut Engine, gw: &mut SnGateway) {
-        let mut wakers = self.wakers.borrow_mut();
-        for id in gw.take_opened() {
-            let waker = Waker::from(Arc::new(ConnWake {
-                ready: self.ready.clone(),
-                id,
-            }));
-            e.set_conn_waker(id, &waker);
-            wakers.insert(id, waker);
-        }
-        self.gate.set_open(gw.client_count());
+    fn poll_conn(&mut self, e: &mut Engine, id: ConnId, now: Timestamp) {
+        SnGateway::poll_conn(self, e, id, now)
     }
 
-    /// Registers again the wakers of connections the engine woke (it takes them), and
-    /// forgets those of connections that are gone.
-    fn rearm(&self, e: &mut Engine, woken: &[ConnId]) {
-        let mut wakers = self.wakers.borrow_mut();
-        for id in woken {
-            if e.conn_status(*id).is_none() {
-                wakers.remove(id);
-            } else if let Some(w) = wakers.get(id) {
-                e.set_conn_waker(*id, w);
-            }
-        }
+    fn tick(&mut self, e: &mut Engine, now: Timestamp) {
+        SnGateway::tick(self, e, now)
     }
 
-    /// The broker stops: the engine closed every connection; the gateway forgets its clients.
-    pub fn forget_all(&self) {
-        let mut e = self.conn.engine.borrow_mut();
-        let mut gw = self.gw.borrow_mut();
-        gw.forget_all(&mut e, clock::now());
-        self.wakers.borrow_mut().clear();
-        self.gate.set_open(0);
+    fn next_deadline(&self) -> Option<Timestamp> {
+        SnGateway::next_deadline(self)
     }
-}
 
-/// Sends what the state machine has for the clients.
-async fn flush(sn: &SnCtx, sock: &UdpSocket) {
-    loop {
-        let next = {
-            let mut e = sn.conn.engine.borrow_mut();
-            sn.gw.borrow_mut().pop_datagram(&mut e)
-        };
-        let Some((to, d)) = next else {
-            return;
-        };
-        if let Err(error) = sock.send_to(&d, to).await {
-            debug!(%to, %error, "MQTT-SN datagram not sent");
-        }
+    fn pop_datagram(&mut self, e: &mut Engine) -> Option<(SocketAddr, Bytes)> {
+        SnGateway::pop_datagram(self, e)
     }
-}
 
-async fn recv_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>) {
-    let mut buf = vec![0u8; RECV_BUFFER];
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        match sock.recv_from(&mut buf).await {
-            Ok((n, from)) => {
-                backoff = Duration::from_millis(10);
-                {
-                    let mut e = sn.conn.engine.borrow_mut();
-                    let mut gw = sn.gw.borrow_mut();
-                    e.count_received(n);
-                    gw.handle_datagram(&mut e, from, &buf[..n], clock::now());
-                    sn.settle(&mut e, &mut gw);
-                }
-                flush(&sn, &sock).await;
-            }
-            Err(error) => {
-                warn!(listener = "gateway.mqttsn", %error, retry_in = ?backoff, "receiving failed");
-                glommio::timer::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
+    fn take_opened(&mut self) -> Vec<ConnId> {
+        SnGateway::take_opened(self)
     }
-}
 
-/// Waits until the engine wakes a client or `deadline` (a retransmission) comes.
-async fn woken(ready: &Ready, deadline: Option<crate::core::time::Timestamp>) {
-    let notified = poll_fn(|cx| {
-        if !ready
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-        {
-            return Poll::Ready(());
-        }
-        *ready.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
-        // A wake between the check and here left its id: look again.
-        if ready
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-        {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    });
-    match deadline {
-        Some(at) => {
-            let wait = at.since(clock::now()) + Duration::from_millis(1);
-            future::or(notified, glommio::timer::sleep(wait)).await
-        }
-        None => notified.await,
+    fn client_count(&self) -> usize {
+        SnGateway::client_count(self)
     }
-}
 
-async fn poll_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>) {
-    loop {
-        let deadline = sn.gw.borrow().next_deadline();
-        woken(&sn.ready, deadline).await;
-        {
-            let mut e = sn.conn.engine.borrow_mut();
-            let mut gw = sn.gw.borrow_mut();
-            let now = clock::now();
-            let woken = sn.ready.take();
-            for &id in &woken {
-                gw.poll_conn(&mut e, id, now);
-            }
-            gw.tick(&mut e, now);
-            sn.settle(&mut e, &mut gw);
-            sn.rearm(&mut e, &woken);
-        }
-        flush(&sn, &sock).await;
+    fn close_all(&mut self, e: &mut Engine, now: Timestamp) -> usize {
+        SnGateway::close_all(self, e, now)
     }
-}
 
-async fn advertise_loop(sn: Rc<SnCtx>, sock: Rc<UdpSocket>, to: SocketAddr, every: Duration) {
-    let secs = every.as_secs().min(u64::from(u16::MAX)) as u16;
-    loop {
-        let d = sn.gw.borrow().advertise(secs);
-        if let Err(error) = sock.send_to(&d, to).await {
-            debug!(%to, %error, "ADVERTISE not sent");
-        }
-        glommio::timer::sleep(every).await;
-    }
-}
-
-/// Asks for a receive buffer of `bytes` (the kernel caps it at `net.core.rmem_max`; what it
-/// gave is logged when less).
-fn set_recbuf(sock: &UdpSocket, bytes: usize) {
-    use std::os::fd::AsRawFd;
-    let fd = sock.as_raw_fd();
-    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt and getsockopt read and write the c_int we pass, on our own socket.
-    let got = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let mut got: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        got
-    };
-    // Linux reports twice what it grants (its bookkeeping share included).
-    if (got as usize) < bytes {
-        info!(
-            listener = "gateway.mqttsn",
-            asked = bytes,
-            granted = got / 2,
-            "UDP receive buffer capped by net.core.rmem_max (mqtt.sn.recbuf)"
-        );
-    }
-}
-
-/// What a running gateway holds: its tasks and its socket.
-pub type Running = (Vec<Task<()>>, Rc<UdpSocket>);
-
-/// Binds the gateway's socket to `addr` and starts its tasks. Returns what runs and the
-/// bound address, or why the socket could not bind.
-pub fn bind(addr: SocketAddr, sn: &Rc<SnCtx>) -> Result<(Running, Vec<SocketAddr>), String> {
-    let mut sock = UdpSocket::bind(addr).map_err(|e| format!("cannot bind UDP {addr}: {e}"))?;
-    sock.set_buffer_size(RECV_BUFFER);
-    if sn.recbuf > 0 {
-        set_recbuf(&sock, sn.recbuf);
-    }
-    let bound = sock.local_addr().unwrap_or(addr);
-    if sn.advertise.is_some() {
-        // A broadcast address needs it; a unicast one is not affected.
-        let _ = sock.set_broadcast(true);
-    }
-    let sock = Rc::new(sock);
-    let mut tasks = vec![
-        spawn_local(recv_loop(sn.clone(), sock.clone())),
-        spawn_local(poll_loop(sn.clone(), sock.clone())),
-    ];
-    if let Some((to, every)) = sn.advertise {
-        tasks.push(spawn_local(advertise_loop(
-            sn.clone(),
-            sock.clone(),
-            to,
-            every,
-        )));
-    }
-    Ok(((tasks, sock), vec![bound]))
-}
-
-/// Starts and stops the gateway on its shard as `ctl` asks (`running`: what the start
-/// already bound), until the shard stops; a reload binds `addr` (the first bound address,
-/// so a port 0 in the configuration keeps the port it got). Unloading sends every client
-/// DISCONNECT and ends their sessions as after a network error (wills published), then
-/// closes the socket.
-pub async fn supervise(
-    ctl: Arc<GatewayCtl>,
-    sn: Rc<SnCtx>,
-    mut running: Option<Running>,
-    mut addr: SocketAddr,
-) {
-    loop {
-        let want = poll_fn(|cx| ctl.poll_change(cx, running.is_some())).await;
-        if want {
-            match bind(addr, &sn) {
-                Ok((r, addrs)) => {
-                    running = Some(r);
-                    addr = addrs[0];
-                    info!(listener = "gateway.mqttsn", addrs = ?addrs, "MQTT-SN gateway loaded");
-                    ctl.settle(GatewayState::Running(addrs));
-                }
-                Err(e) => {
-                    warn!(listener = "gateway.mqttsn", error = %e, "MQTT-SN gateway cannot load");
-                    ctl.settle(GatewayState::Failed(e));
-                }
-            }
-        } else if let Some((tasks, sock)) = running.take() {
-            drop(tasks);
-            let closed = {
-                let mut e = sn.conn.engine.borrow_mut();
-                let mut gw = sn.gw.borrow_mut();
-                let n = gw.close_all(&mut e, clock::now());
-                sn.settle(&mut e, &mut gw);
-                n
-            };
-            flush(&sn, &sock).await;
-            drop(sock);
-            sn.ready.take();
-            sn.wakers.borrow_mut().clear();
-            info!(
-                listener = "gateway.mqttsn",
-                closed, "MQTT-SN gateway unloaded"
-            );
-            ctl.settle(GatewayState::Stopped);
-        }
+    fn forget_all(&mut self, e: &mut Engine, now: Timestamp) {
+        SnGateway::forget_all(self, e, now)
     }
 }

@@ -1129,13 +1129,13 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     let mut sn_task = None;
     let mut sn_ctx = None;
     if let Some(ctl) = sn_gateway {
-        use crate::gateway::mqttsn;
+        use crate::gateway::{mqttsn, udp};
         // Its listener number follows the TCP gateway's two.
         let number = listeners.len() as u16 + 2;
         engine
             .borrow_mut()
             .set_listener_protocol(number, mqttsn::protocol(&cfg.mqtt.sn));
-        let sn = Rc::new(mqttsn::SnCtx::new(
+        let sn = Rc::new(mqttsn::ctx(
             ctx.clone(),
             &cfg.mqtt.sn,
             number,
@@ -1144,7 +1144,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         let mut running = None;
         let mut addr = ctl.binds[0];
         if ctl.wanted() {
-            match mqttsn::bind(addr, &sn) {
+            match udp::bind(addr, &sn) {
                 Ok((r, addrs)) => {
                     running = Some(r);
                     addr = addrs[0];
@@ -1157,12 +1157,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                 }
             }
         }
-        sn_task = Some(spawn_local(mqttsn::supervise(
-            ctl,
-            sn.clone(),
-            running,
-            addr,
-        )));
+        sn_task = Some(spawn_local(udp::supervise(ctl, sn.clone(), running, addr)));
         sn_ctx = Some(sn);
     }
     let _ = report.send(Ok(()));
