@@ -23,7 +23,7 @@ wait_port() {
 shardmq_compared_env=(SHARDMQ_MQTT__MAX_INFLIGHT=100 SHARDMQ_MQTT__MAX_MQUEUE_LEN=100000
   SHARDMQ_LISTENER__WS__EXTERNAL__ENABLE=false SHARDMQ_ADMIN__BIND=127.0.0.1:0
   SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_MQTT__SN__BIND=127.0.0.1
-  SHARDMQ_MQTT__SN__PORT=0)
+  SHARDMQ_MQTT__SN__PORT=0 SHARDMQ_LWM2M__BIND=127.0.0.1 SHARDMQ_LWM2M__PORT=0)
 
 # mosquitto_conf PORT FILE: Mosquitto as compared everywhere — anonymous, no persistence, no
 # logging, no connection limit, 100 unacknowledged deliveries per client, no limit on queued

@@ -29,7 +29,7 @@ dpkg --root="$root" --force-script-chrootless --force-depends --log=/dev/null -i
 dpkg --root="$root" -s shardmq | grep -q '^Status: install ok installed' || fail "not installed"
 for f in usr/bin/shardmq etc/shardmq/shardmq.toml etc/shardmq/profiles/node.toml \
   etc/shardmq/profiles/baremetal-16core.toml lib/systemd/system/shardmq.service \
-  usr/share/doc/shardmq/configuration.md; do
+  usr/share/doc/shardmq/configuration.md usr/share/shardmq/lwm2m_xml/3.xml; do
   [ -e "$root/$f" ] || fail "/$f missing"
 done
 dpkg-deb -f "$deb" Depends | grep -q '^libc6 (>= ' || fail "no libc6 dependency"
@@ -51,7 +51,9 @@ args=(--config "$root/etc/shardmq/shardmq.toml" --profiles-dir "$root/etc/shardm
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 env -u RUST_LOG SHARDMQ_LISTENER__WS__EXTERNAL__ENABLE=false SHARDMQ_ADMIN__BIND=127.0.0.1:0 \
-  SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0 \
+  SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_MQTT__SN__BIND=127.0.0.1 \
+  SHARDMQ_MQTT__SN__PORT=0 SHARDMQ_LWM2M__BIND=127.0.0.1 SHARDMQ_LWM2M__PORT=0 \
+  SHARDMQ_LWM2M__XML_DIR="$root/usr/share/shardmq/lwm2m_xml" \
   "$bin" "${args[@]}" --bind 127.0.0.1 -p "$port" 2>"$log" &
 pid=$!
 for _ in $(seq 100); do

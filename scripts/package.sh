@@ -3,7 +3,8 @@
 #
 # It installs the binary (/usr/bin/shardmq), the configuration (/etc/shardmq/shardmq.toml and
 # /etc/shardmq/profiles/, kept as conffiles across upgrades), the systemd unit
-# (/lib/systemd/system/shardmq.service, not enabled) and the docs (/usr/share/doc/shardmq/);
+# (/lib/systemd/system/shardmq.service, not enabled), the LwM2M object definitions
+# (/usr/share/shardmq/lwm2m_xml/) and the docs (/usr/share/doc/shardmq/);
 # its postinst creates the system user `shardmq`. See docs/tuning.md (running as a service).
 #
 # Usage: scripts/package.sh            (release build)
@@ -33,6 +34,9 @@ for p in configs/profiles/*.toml; do
   install -D -m 0644 "$p" "$root/etc/shardmq/profiles/$(basename "$p")"
 done
 install -D -m 0644 configs/systemd/shardmq.service "$root/lib/systemd/system/shardmq.service"
+for x in configs/lwm2m_xml/*; do
+  install -D -m 0644 "$x" "$root/usr/share/shardmq/lwm2m_xml/$(basename "$x")"
+done
 doc="$root/usr/share/doc/shardmq"
 install -D -m 0644 README.md "$doc/README.md"
 install -D -m 0644 configs/default.toml "$doc/default.toml"

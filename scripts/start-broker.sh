@@ -2,8 +2,8 @@
 # and sets BROKER_PID, BROKER_PORT (MQTT over TCP), BROKER_WS_PORT (over WebSocket),
 # BROKER_TLS_PORT and BROKER_WSS_PORT (over TLS and WSS, which start only when ENV gives them
 # a certificate) — each empty when its listener is off — BROKER_ADMIN_PORT (the admin API),
-# BROKER_TCPGW_PORT (the TCP gateway), BROKER_SN_PORT (the MQTT-SN gateway, UDP) and
-# BROKER_LOG; stop_broker stops it
+# BROKER_TCPGW_PORT (the TCP gateway), BROKER_SN_PORT (the MQTT-SN gateway, UDP),
+# BROKER_LWM2M_PORT (the LwM2M gateway, UDP) and BROKER_LOG; stop_broker stops it
 # (SIGTERM, then checks the exit status).
 
 # listener_port NAME: the port of listener NAME from the broker's "listening" line.
@@ -25,6 +25,7 @@ start_broker() {
     SHARDMQ_LISTENER__WSS__EXTERNAL__BIND=127.0.0.1:0 SHARDMQ_ADMIN__BIND=127.0.0.1:0 \
     SHARDMQ_TCP__LISTENER__EXTERNAL__BIND=127.0.0.1:0 \
     SHARDMQ_MQTT__SN__BIND=127.0.0.1 SHARDMQ_MQTT__SN__PORT=0 \
+    SHARDMQ_LWM2M__BIND=127.0.0.1 SHARDMQ_LWM2M__PORT=0 \
     SHARDMQ_LOG__LEVEL="$level" \
     "$bin" >"$BROKER_LOG" 2>&1 &
   BROKER_PID=$!
@@ -37,6 +38,7 @@ start_broker() {
       BROKER_ADMIN_PORT=$(sed -n 's/.*admin API listening.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
       BROKER_TCPGW_PORT=$(sed -n 's/.*listening for the TCP gateway.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
       BROKER_SN_PORT=$(sed -n 's/.*listening for MQTT-SN.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
+      BROKER_LWM2M_PORT=$(sed -n 's/.*listening for LwM2M.* addr=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$BROKER_LOG" | head -n 1)
       [ -n "$BROKER_PORT" ] && return 0
     fi
     if ! kill -0 "$BROKER_PID" 2>/dev/null; then

@@ -14,6 +14,7 @@ fn broker() -> (shardmq::shard::BrokerHandle, std::net::SocketAddr) {
     c.admin.enable = false;
     c.gateway.tcp.enable = false;
     c.gateway.mqttsn.enable = false;
+    c.gateway.lwm2m.enable = false;
     c.listener.ws.get_mut("external").unwrap().enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
@@ -136,6 +137,7 @@ fn every_transport_delivers_exactly_once() {
     c.admin.enable = false;
     c.gateway.tcp.enable = false;
     c.gateway.mqttsn.enable = false;
+    c.gateway.lwm2m.enable = false;
     c.listener.ws.get_mut("external").unwrap().bind = "127.0.0.1:0".parse().unwrap();
     let ssl = c.listener.ssl.get_mut("external").unwrap();
     ssl.bind = "127.0.0.1:0".parse().unwrap();
@@ -238,6 +240,7 @@ fn tcp_gateway_runs_deliver_every_message_both_ways() {
     c.tcp.listener.external.bind = "127.0.0.1:0".parse().unwrap();
     c.tcp.listener.external.max_conn_rate = 0;
     c.gateway.mqttsn.enable = false;
+    c.gateway.lwm2m.enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
     let gw = h.addr("gateway.tcp").unwrap();
@@ -273,6 +276,7 @@ fn mqttsn_runs_deliver_every_message() {
     c.gateway.tcp.enable = false;
     c.mqtt.sn.bind = [127, 0, 0, 1].into();
     c.mqtt.sn.port = 0;
+    c.gateway.lwm2m.enable = false;
     let h = shardmq::shard::start(&c).expect("broker starts");
     let addr = h.addr("external").unwrap();
     let gw = h.addr("gateway.mqttsn").unwrap();

@@ -470,7 +470,11 @@ fn ctl_talks_to_a_running_broker() {
     assert!(ok(&["gateways", "unload", "tcp"]).contains("gateway tcp stopped"));
     assert!(ok(&["gateways", "list"]).contains("stopped"));
     assert!(ok(&["gateways", "load", "tcp"]).contains("gateway tcp running"));
-    let unknown = ctl(&["gateways", "load", "lwm2m"]);
+    let list = ok(&["gateways", "list"]);
+    assert!(list.contains("mqttsn") && list.contains("lwm2m"), "{list}");
+    assert!(ok(&["gateways", "unload", "lwm2m"]).contains("gateway lwm2m stopped"));
+    assert!(ok(&["gateways", "load", "lwm2m"]).contains("gateway lwm2m running"));
+    let unknown = ctl(&["gateways", "load", "coap"]);
     assert!(!unknown.status.success());
 
     // SAFETY: kill(2) on our own child.

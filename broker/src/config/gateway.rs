@@ -1,11 +1,12 @@
 //! `gateway.*` (which gateways run, on which shard), `tcp.*` (the private TCP gateway: the
 //! seed document's `tcp.proto.*` and `tcp.listener.*` keys) and `mqtt.sn.*` (the MQTT-SN
-//! gateway, the seed document's keys and a few of ShardMQ's).
+//! gateway, the seed document's keys and a few of ShardMQ's) and `lwm2m.*` (the LwM2M gateway).
 
 use super::{invalid, parse_force_shutdown, values, ByteSize, ConfigError, Duration};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 /// `gateway.*`
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -15,6 +16,8 @@ pub struct GatewaysConfig {
     pub tcp: GatewaySlot,
     /// `gateway.mqttsn.*`: the MQTT-SN gateway (its settings are `mqtt.sn.*`).
     pub mqttsn: GatewaySlot,
+    /// `gateway.lwm2m.*`: the LwM2M gateway (its settings are `lwm2m.*`).
+    pub lwm2m: GatewaySlot,
 }
 
 /// Whether a gateway runs, and where.
@@ -327,6 +330,161 @@ impl MqttSnConfig {
                 "mqtt.sn.max_registered_topics",
                 "must be at least 1",
             ));
+        }
+        Ok(())
+    }
+}
+
+/// `lwm2m.topics.*`: the MQTT topics of an endpoint (`%e`: its name).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lwm2mTopicsConfig {
+    /// Commands to the endpoint. EMQX: `lwm2m.topics.command`.
+    pub command: String,
+    /// Responses to commands. EMQX: `lwm2m.topics.response`.
+    pub response: String,
+    /// Observe notifications. EMQX: `lwm2m.topics.notify`.
+    pub notify: String,
+    /// Register events. EMQX: `lwm2m.topics.register`.
+    pub register: String,
+    /// Update events. EMQX: `lwm2m.topics.update`.
+    pub update: String,
+}
+
+impl Default for Lwm2mTopicsConfig {
+    fn default() -> Self {
+        Lwm2mTopicsConfig {
+            command: "lwm2m/%e/command".into(),
+            response: "lwm2m/%e/response".into(),
+            notify: "lwm2m/%e/notify".into(),
+            register: "lwm2m/%e/register".into(),
+            update: "lwm2m/%e/update".into(),
+        }
+    }
+}
+
+/// `lwm2m.*`: the LwM2M gateway (EMQX's emqx-lwm2m).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lwm2mConfig {
+    /// UDP port of CoAP. EMQX: `lwm2m.port`.
+    pub port: u16,
+    /// The IP address the sockets bind.
+    pub bind: IpAddr,
+    /// Where the object definitions are: every `.xml` file in it (relative to the working
+    /// directory). EMQX: `lwm2m.xml_dir`.
+    pub xml_dir: PathBuf,
+    /// Shortest lifetime a device may register with. EMQX: `lwm2m.lifetime_min`.
+    pub lifetime_min: Duration,
+    /// Longest lifetime. EMQX: `lwm2m.lifetime_max`.
+    pub lifetime_max: Duration,
+    /// How long a queue-mode device listens after it sent something. EMQX:
+    /// `lwm2m.qmode_time_window`.
+    pub qmode_time_window: Duration,
+    /// Observe every object instance a device registers. EMQX: `lwm2m.auto_observe`.
+    pub auto_observe: bool,
+    /// When an Update publishes an update event: `contains_object_list` (EMQX's default) or
+    /// `always`. EMQX 5: `update_msg_publish_condition`.
+    pub update_msg_publish_condition: String,
+    /// The MQTT topics.
+    pub topics: Lwm2mTopicsConfig,
+    /// CoAP's ACK_TIMEOUT: the first wait for a device's acknowledgement (then doubling).
+    pub ack_timeout: Duration,
+    /// CoAP's MAX_RETRANSMIT: sends after the first before a command is answered 5.04.
+    pub max_retransmit: u32,
+    /// Endpoints registered at once; more get 5.03.
+    pub max_endpoints: usize,
+    /// Commands waiting per endpoint (queue mode, or behind the one in flight); more are
+    /// answered 5.03.
+    pub max_queued: usize,
+    /// Largest reply assembled from blocks (Block2).
+    pub max_payload: ByteSize,
+    /// SO_RCVBUF of the sockets (capped by `net.core.rmem_max`); "0" = the system's default.
+    pub recbuf: ByteSize,
+}
+
+impl Default for Lwm2mConfig {
+    fn default() -> Self {
+        Lwm2mConfig {
+            port: 5683,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            xml_dir: PathBuf::from("configs/lwm2m_xml"),
+            lifetime_min: Duration::secs(1),
+            lifetime_max: Duration::secs(86_400),
+            qmode_time_window: Duration::secs(22),
+            auto_observe: false,
+            update_msg_publish_condition: "contains_object_list".into(),
+            topics: Lwm2mTopicsConfig::default(),
+            ack_timeout: Duration::secs(2),
+            max_retransmit: 4,
+            max_endpoints: 100_000,
+            max_queued: 100,
+            max_payload: ByteSize(64 << 10),
+            recbuf: ByteSize(4 << 20),
+        }
+    }
+}
+
+impl Lwm2mConfig {
+    /// The address the CoAP socket binds.
+    pub fn bind_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    /// Checks the values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let secs = |d: Duration| d.0.as_secs();
+        if secs(self.lifetime_min) == 0 || secs(self.lifetime_min) > secs(self.lifetime_max) {
+            return Err(invalid(
+                "lwm2m.lifetime_min",
+                "must be at least 1s and at most lwm2m.lifetime_max",
+            ));
+        }
+        if secs(self.lifetime_max) > u64::from(u32::MAX) {
+            return Err(invalid("lwm2m.lifetime_max", "must be at most 4294967295s"));
+        }
+        if !matches!(
+            self.update_msg_publish_condition.as_str(),
+            "contains_object_list" | "always"
+        ) {
+            return Err(invalid(
+                "lwm2m.update_msg_publish_condition",
+                format!(
+                    "{:?} is not contains_object_list or always",
+                    self.update_msg_publish_condition
+                ),
+            ));
+        }
+        let t = &self.topics;
+        for (key, topic) in [
+            ("lwm2m.topics.command", &t.command),
+            ("lwm2m.topics.response", &t.response),
+            ("lwm2m.topics.notify", &t.notify),
+            ("lwm2m.topics.register", &t.register),
+            ("lwm2m.topics.update", &t.update),
+        ] {
+            let probe = topic.replace("%e", "e");
+            let wild = probe.contains(['+', '#']);
+            if probe.is_empty() || (wild && key != "lwm2m.topics.command") {
+                return Err(invalid(key, format!("{topic:?} is not a topic name")));
+            }
+        }
+        if self.ack_timeout.enabled().is_none() {
+            return Err(invalid("lwm2m.ack_timeout", "must be more than 0s"));
+        }
+        if self.max_retransmit > 10 {
+            return Err(invalid("lwm2m.max_retransmit", "must be at most 10"));
+        }
+        for (key, v) in [
+            ("lwm2m.max_endpoints", self.max_endpoints),
+            ("lwm2m.max_queued", self.max_queued),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.max_payload.0 < 16 {
+            return Err(invalid("lwm2m.max_payload", "must be at least 16B"));
         }
         Ok(())
     }

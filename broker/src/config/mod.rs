@@ -12,8 +12,8 @@ mod load;
 pub mod values;
 
 pub use gateway::{
-    GatewaySlot, GatewaysConfig, MqttSnConfig, TcpGatewayConfig, TcpGwListenerConfig,
-    TcpGwListeners, TcpGwSslListeners, TcpProtoConfig,
+    GatewaySlot, GatewaysConfig, Lwm2mConfig, Lwm2mTopicsConfig, MqttSnConfig, TcpGatewayConfig,
+    TcpGwListenerConfig, TcpGwListeners, TcpGwSslListeners, TcpProtoConfig,
 };
 pub use load::{env_var, from_toml_str, load, LoadOptions, Loaded, ENV_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,8 @@ pub struct Config {
     pub gateway: GatewaysConfig,
     /// `tcp.*`: the private TCP gateway.
     pub tcp: TcpGatewayConfig,
+    /// `lwm2m.*`: the LwM2M gateway.
+    pub lwm2m: Lwm2mConfig,
 }
 
 /// The log levels a filter may name.
@@ -1347,6 +1349,7 @@ impl Config {
         self.flapping.validate()?;
         self.tcp.validate()?;
         self.mqtt.sn.validate()?;
+        self.lwm2m.validate()?;
         self.admin.validate()
     }
 
@@ -1356,6 +1359,7 @@ impl Config {
         for (key, shard) in [
             ("gateway.tcp.shard", self.gateway.tcp.shard),
             ("gateway.mqttsn.shard", self.gateway.mqttsn.shard),
+            ("gateway.lwm2m.shard", self.gateway.lwm2m.shard),
         ] {
             if shard >= shards {
                 return Err(invalid(

@@ -74,6 +74,9 @@ pub enum StartError {
     /// The password file (or another authentication backend) cannot be used.
     #[error("{0}")]
     Auth(String),
+    /// A gateway's data cannot be used (an LwM2M object definition that does not parse).
+    #[error("{0}")]
+    Gateway(String),
     /// The admin API cannot listen.
     #[error("admin.bind: cannot listen on {addr}: {error}")]
     Admin {
@@ -285,6 +288,11 @@ struct ShardCtx {
     tcp_gateway: Option<(Arc<GatewayCtl>, Option<TlsSettings>)>,
     /// The MQTT-SN gateway's lifecycle, on the shard that hosts it.
     sn_gateway: Option<Arc<GatewayCtl>>,
+    /// The LwM2M gateway's lifecycle and object definitions, on the shard that hosts it.
+    lwm2m_gateway: Option<(
+        Arc<GatewayCtl>,
+        Arc<crate::core::gateway::lwm2m::registry::Registry>,
+    )>,
 }
 
 fn memlock_soft_limit() -> Option<u64> {
@@ -353,6 +361,19 @@ fn debug_panic_after(shard: usize) -> Option<Duration> {
 
 /// Each executor locks its I/O buffer (`shards.io_memory`): the memory lock limit must allow
 /// all of them.
+/// The LwM2M object definitions of `lwm2m.xml_dir` (a warning when there are none: the
+/// gateway then passes every value on untyped).
+fn lwm2m_registry(
+    cfg: &Config,
+) -> Result<crate::core::gateway::lwm2m::registry::Registry, StartError> {
+    let dir = &cfg.lwm2m.xml_dir;
+    let r = crate::gateway::lwm2m::load_registry(dir).map_err(StartError::Gateway)?;
+    if r.is_empty() && cfg.gateway.lwm2m.enable {
+        warn!(xml_dir = %dir.display(), "lwm2m.xml_dir holds no object definitions: LwM2M values are passed on untyped");
+    }
+    Ok(r)
+}
+
 fn check_memlock(cfg: &Config, shards: usize) -> Result<(), StartError> {
     if let Some(have) = memlock_soft_limit() {
         let need = cfg.shards.io_memory.0 * shards as u64;
@@ -409,6 +430,15 @@ pub fn check(cfg: &Config) -> Result<String, StartError> {
             "gateway.mqttsn udp {} (shard {})",
             cfg.mqtt.sn.bind_addr(),
             cfg.gateway.mqttsn.shard
+        ));
+    }
+    if cfg.gateway.lwm2m.enable {
+        let r = lwm2m_registry(cfg)?;
+        listeners.push(format!(
+            "gateway.lwm2m udp {} (shard {}, {} object definitions)",
+            cfg.lwm2m.bind_addr(),
+            cfg.gateway.lwm2m.shard,
+            r.len()
         ));
     }
     AuthChain::from_config(&cfg.auth).map_err(StartError::Auth)?;
@@ -566,6 +596,17 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     // Then the MQTT-SN gateway's, which counts its clients itself.
     let sn_gate = Arc::new(Gate::new(usize::MAX, 0));
     gates.push(sn_gate.clone());
+    // Then the LwM2M gateway's, which counts its endpoints itself.
+    let lwm2m_gate = Arc::new(Gate::new(usize::MAX, 0));
+    gates.push(lwm2m_gate.clone());
+    let lwm2m_ctl = Arc::new(GatewayCtl::new(
+        "lwm2m",
+        cfg.gateway.lwm2m.shard,
+        vec![cfg.lwm2m.bind_addr()],
+        vec![lwm2m_gate],
+        cfg.gateway.lwm2m.enable,
+    ));
+    let registry = Arc::new(lwm2m_registry(cfg)?);
     let gates = Arc::new(gates);
     let sn_ctl = Arc::new(GatewayCtl::new(
         "mqttsn",
@@ -616,6 +657,8 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             tcp_gateway: (shard == cfg.gateway.tcp.shard)
                 .then(|| (tcp_ctl.clone(), gw_tls.clone())),
             sn_gateway: (shard == cfg.gateway.mqttsn.shard).then(|| sn_ctl.clone()),
+            lwm2m_gateway: (shard == cfg.gateway.lwm2m.shard)
+                .then(|| (lwm2m_ctl.clone(), registry.clone())),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -676,6 +719,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     if let crate::gateway::GatewayState::Running(a) = sn_ctl.state() {
         names.push(("gateway.mqttsn".into(), a[0]));
     }
+    if let crate::gateway::GatewayState::Running(a) = lwm2m_ctl.state() {
+        names.push(("gateway.lwm2m".into(), a[0]));
+    }
     let mut handle = BrokerHandle {
         listeners: names,
         shutdown,
@@ -688,7 +734,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             started: SystemTime::now(),
             auth,
             acl_file: cfg.auth.acl_file.clone().map(|p| (p, cfg.auth.nomatch())),
-            gateways: Arc::new(vec![tcp_ctl, sn_ctl]),
+            gateways: Arc::new(vec![tcp_ctl, sn_ctl, lwm2m_ctl]),
         },
         admin: None,
     };
@@ -739,16 +785,16 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
             }
         }
     }
-    for ctl in handle
-        .shards
-        .gateways()
-        .iter()
-        .filter(|g| g.name == "mqttsn")
-    {
+    for ctl in handle.shards.gateways().iter() {
+        let (listener, what) = match ctl.name {
+            "mqttsn" => ("gateway.mqttsn", "listening for MQTT-SN over UDP"),
+            "lwm2m" => ("gateway.lwm2m", "listening for LwM2M over CoAP (UDP)"),
+            _ => continue,
+        };
         if let crate::gateway::GatewayState::Running(addrs) = ctl.state() {
             let shard = ctl.shard;
             for addr in addrs {
-                info!(listener = "gateway.mqttsn", %addr, shard, "listening for MQTT-SN over UDP");
+                info!(listener, %addr, shard, "{what}");
             }
         }
     }
@@ -945,6 +991,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         offline,
         tcp_gateway,
         sn_gateway,
+        lwm2m_gateway,
     } = ctx;
     // Whatever way this function ends, the mailbox stops taking requests.
     struct CloseOnDrop(Arc<Mailbox>);
@@ -1160,15 +1207,54 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         sn_task = Some(spawn_local(udp::supervise(ctl, sn.clone(), running, addr)));
         sn_ctx = Some(sn);
     }
+    let mut lwm2m_task = None;
+    let mut lwm2m_ctx = None;
+    if let Some((ctl, registry)) = lwm2m_gateway {
+        use crate::gateway::{lwm2m, udp};
+        // Its listener number follows the MQTT-SN gateway's.
+        let number = listeners.len() as u16 + 3;
+        engine
+            .borrow_mut()
+            .set_listener_protocol(number, lwm2m::protocol());
+        let gw = Rc::new(lwm2m::ctx(
+            ctx.clone(),
+            &cfg.lwm2m,
+            registry,
+            number,
+            ctl.gates[0].clone(),
+        ));
+        let mut running = None;
+        let mut addr = ctl.binds[0];
+        if ctl.wanted() {
+            match udp::bind(addr, &gw) {
+                Ok((r, addrs)) => {
+                    running = Some(r);
+                    addr = addrs[0];
+                    ctl.settle(crate::gateway::GatewayState::Running(addrs));
+                }
+                Err(e) => {
+                    let msg = format!("listener gateway.lwm2m: {e}");
+                    let _ = report.send(Err(msg.clone()));
+                    return Err(msg);
+                }
+            }
+        }
+        lwm2m_task = Some(spawn_local(udp::supervise(ctl, gw.clone(), running, addr)));
+        lwm2m_ctx = Some(gw);
+    }
     let _ = report.send(Ok(()));
     wait_for_shutdown(&shutdown).await;
     drop(accept_tasks);
     drop(gateway_task);
     drop(sn_task);
+    drop(lwm2m_task);
     listening.into_iter().for_each(listener::stop_listening);
     engine.borrow_mut().close_all(clock::now());
     if let Some(sn) = sn_ctx.take() {
         sn.forget_all();
+    }
+    if let Some(gw) = lwm2m_ctx.take() {
+        gw.forget_all();
     }
     let started = Instant::now();
     while engine.borrow().connection_count() > 0 && started.elapsed() < DRAIN_TIMEOUT {

@@ -36,6 +36,9 @@ pub fn config(shards: usize) -> Config {
     c.tcp.listener.external.bind = "127.0.0.1:0".parse().unwrap();
     c.mqtt.sn.bind = [127, 0, 0, 1].into();
     c.mqtt.sn.port = 0;
+    c.lwm2m.bind = [127, 0, 0, 1].into();
+    c.lwm2m.port = 0;
+    c.lwm2m.xml_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/lwm2m_xml");
     c.log.level = "warn".into();
     c
 }
@@ -556,6 +559,8 @@ pub mod process {
         c.env("SHARDMQ_TCP__LISTENER__EXTERNAL__BIND", "127.0.0.1:0");
         c.env("SHARDMQ_MQTT__SN__BIND", "127.0.0.1");
         c.env("SHARDMQ_MQTT__SN__PORT", "0");
+        c.env("SHARDMQ_LWM2M__BIND", "127.0.0.1");
+        c.env("SHARDMQ_LWM2M__PORT", "0");
         c
     }
 
