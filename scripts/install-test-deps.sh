@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: the third-party MQTT clients
 # used by scripts/interop.sh (mosquitto_pub/mosquitto_sub from Debian, paho-mqtt from PyPI),
-# python3-venv for the MQTT-SN client from PyPI (scripts/mqttsn-test.sh),
+# python3-venv for the MQTT-SN client and aiocoap from PyPI (scripts/mqttsn-test.sh,
+# scripts/lwm2m-test.sh),
 # openssl for the throwaway test certificates (scripts/gen-test-certs.sh), curl and jq for the
 # admin API's checks,
 # and for scripts/browser-test.sh a real browser (Debian's chromium) and Node.js with npm

@@ -48,6 +48,9 @@ scripts/tcpgw-test.sh target/debug/shardmq
 step "the MQTT-SN gateway with mqtt-sn-12 (PyPI) and an independent raw-UDP client"
 scripts/mqttsn-test.sh target/debug/shardmq
 
+step "the LwM2M gateway with an independent device on aiocoap"
+scripts/lwm2m-test.sh target/debug/shardmq
+
 step "the Debian package: installed in a scratch root, checked, started"
 scripts/package-check.sh
 
