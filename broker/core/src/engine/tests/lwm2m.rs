@@ -878,3 +878,129 @@ fn bad_commands_and_a_full_queue_are_answered_not_dropped_silently() {
     assert_eq!(r["data"]["code"], "4.04");
     assert_eq!(lw.recv(&mut cl, 5000).len(), 0);
 }
+
+#[test]
+fn a_device_registering_again_replaces_its_registration_once_accepted() {
+    for owner in 0..2 {
+        let mut cl = Cluster::new(2);
+        let mut lw = Lw::new(&mut cl, settings());
+        let ep = id_owned_by(&format!("again{owner}-"), owner, 2);
+        let app = App::new(&mut cl, &ep);
+        let first = lw.register(&mut cl, 5000, &ep, &["lt=300"], "</3/0>");
+        // It rebooted and registers from another port: a new location; the old one is gone.
+        let second = lw.register(&mut cl, 5001, &ep, &["lt=300"], "</3/0>,</3303/0>");
+        assert_ne!(first, second);
+        assert_eq!(lw.gw.endpoint_count(), 1, "owner {owner}");
+        assert_eq!(lw.gw.endpoint_peer(&ep), Some(addr(5001)));
+        let upd = lw.device_request(code::POST, &["rd", &first], &[], b"");
+        lw.send(&mut cl, 5000, &upd);
+        assert_eq!(c::code_of(&lw.one(&mut cl, 5000)), code::NOT_FOUND);
+        app.got(&mut cl);
+        // Commands go to the new one.
+        app.command(
+            &mut cl,
+            &ep,
+            json!({"reqID": 1, "msgType": "read", "data": {"path": "/3/0/9"}}),
+        );
+        assert_eq!(lw.recv(&mut cl, 5001).len(), 1);
+    }
+}
+
+#[test]
+fn duplicate_blocks_reobserving_and_payloads_ending_in_ff() {
+    let mut cl = Cluster::new(2);
+    let mut lw = Lw::new(&mut cl, settings());
+    let app = App::new(&mut cl, "blk");
+    lw.register(&mut cl, 5000, "blk", &["lt=300"], "</3/0>");
+    app.got(&mut cl);
+    // Block 0 arrives twice (the first request was sent again): the transfer goes on.
+    app.command(
+        &mut cl,
+        "blk",
+        json!({"reqID": 1, "msgType": "read", "data": {"path": "/3/0/0"}}),
+    );
+    let get = lw.one(&mut cl, 5000);
+    let mut b0 = c::response(&get, code::CONTENT);
+    c::set_uint(&mut b0, CoapOption::ContentFormat, u32::from(format::TEXT));
+    c::set_uint(&mut b0, CoapOption::Block2, c::block2_value(0, 16) | 8);
+    b0.payload = b"0123456789abcdef".to_vec();
+    lw.send(&mut cl, 5000, &b0);
+    let next = lw.one(&mut cl, 5000);
+    lw.send(&mut cl, 5000, &b0);
+    assert_eq!(
+        app.got(&mut cl).len(),
+        0,
+        "a stale block does not end the transfer"
+    );
+    let mut b1 = c::response(&next, code::CONTENT);
+    c::set_uint(&mut b1, CoapOption::ContentFormat, u32::from(format::TEXT));
+    c::set_uint(&mut b1, CoapOption::Block2, c::block2_value(1, 16));
+    b1.payload = b"!".to_vec();
+    lw.send(&mut cl, 5000, &b1);
+    assert_eq!(
+        app.one(&mut cl).1["data"]["content"][0]["value"],
+        "0123456789abcdef!"
+    );
+    // A TLV integer of -1 ends in 0xFF: a reply, not a malformed message.
+    app.command(
+        &mut cl,
+        "blk",
+        json!({"reqID": 2, "msgType": "read", "data": {"path": "/3/0/9"}}),
+    );
+    let get = lw.one(&mut cl, 5000);
+    lw.answer(
+        &mut cl,
+        5000,
+        &get,
+        code::CONTENT,
+        Some(format::TLV),
+        &[0xC1, 0x09, 0xFF],
+    );
+    assert_eq!(app.one(&mut cl).1["data"]["content"][0]["value"], -1);
+    // Observing a path twice: the later observation replaces the earlier.
+    let mut tokens = Vec::new();
+    for req in [3, 4] {
+        app.command(
+            &mut cl,
+            "blk",
+            json!({"reqID": req, "msgType": "observe", "data": {"path": "/3/0/9"}}),
+        );
+        let obs = lw.one(&mut cl, 5000);
+        let mut r = c::response(&obs, code::CONTENT);
+        c::set_uint(&mut r, CoapOption::Observe, 1);
+        c::set_uint(&mut r, CoapOption::ContentFormat, u32::from(format::TEXT));
+        r.payload = b"5".to_vec();
+        lw.send(&mut cl, 5000, &r);
+        app.one(&mut cl);
+        tokens.push(obs.get_token().to_vec());
+    }
+    app.command(
+        &mut cl,
+        "blk",
+        json!({"reqID": 5, "msgType": "cancel-observe", "data": {"path": "/3/0/9"}}),
+    );
+    let cancel = lw.one(&mut cl, 5000);
+    assert_eq!(
+        cancel.get_token(),
+        tokens[1].as_slice(),
+        "the live observation's token"
+    );
+    // An empty write-attr is refused before anything is sent.
+    lw.answer(
+        &mut cl,
+        5000,
+        &cancel,
+        code::CONTENT,
+        Some(format::TEXT),
+        b"5",
+    );
+    app.got(&mut cl);
+    app.command(
+        &mut cl,
+        "blk",
+        json!({"reqID": 6, "msgType": "write-attr", "data": {"path": "/3/0/9"}}),
+    );
+    lw.settle(&mut cl);
+    assert_eq!(app.one(&mut cl).1["data"]["code"], "4.00");
+    assert_eq!(lw.recv(&mut cl, 5000).len(), 0);
+}

@@ -100,12 +100,8 @@ pub fn parse(datagram: &[u8]) -> Result<Packet, String> {
     if datagram[0] >> 6 != 1 {
         return Err(format!("CoAP version {}", datagram[0] >> 6));
     }
-    if datagram.last() == Some(&0xFF) && datagram.len() > 4 {
-        // A marker at the end is an error, unless it is the last byte of the token.
-        let tkl = usize::from(datagram[0] & 0x0F);
-        if datagram.len() > 4 + tkl {
-            return Err("payload marker without a payload".into());
-        }
+    if marker_without_payload(datagram) {
+        return Err("payload marker without a payload".into());
     }
     let p = Packet::from_bytes(datagram).map_err(|e| format!("{e:?}"))?;
     if p.get_token().len() > 8 {
@@ -117,6 +113,43 @@ pub fn parse(datagram: &[u8]) -> Result<Packet, String> {
         return Err("an Empty message with a token, options or a payload".into());
     }
     Ok(p)
+}
+
+/// Whether the options end in a payload marker with nothing after it (RFC 7252 §3: a
+/// message format error), found by walking the options (a payload or option value may end in
+/// 0xFF legitimately).
+fn marker_without_payload(d: &[u8]) -> bool {
+    let mut i = 4 + usize::from(d[0] & 0x0F);
+    while i < d.len() {
+        let b = d[i];
+        if b == 0xFF {
+            return i + 1 == d.len();
+        }
+        let ext = |nibble: u8| match nibble {
+            13 => 1,
+            14 => 2,
+            _ => 0,
+        };
+        let (delta, len) = (b >> 4, b & 0x0F);
+        if delta == 15 || len == 15 {
+            // Malformed: coap-lite refuses it.
+            return false;
+        }
+        let mut j = i + 1 + ext(delta);
+        let value_len = match len {
+            13 => d.get(j).map(|&x| usize::from(x) + 13),
+            14 => d
+                .get(j..j + 2)
+                .map(|x| usize::from(u16::from_be_bytes([x[0], x[1]])) + 269),
+            n => Some(usize::from(n)),
+        };
+        let Some(value_len) = value_len else {
+            return false;
+        };
+        j += ext(len);
+        i = j + value_len;
+    }
+    false
 }
 
 /// Encodes a message (the gateway's own: always valid).
@@ -248,6 +281,13 @@ mod tests {
         marker.push(0xFF);
         assert!(parse(&marker).is_err(), "marker without payload");
         assert!(parse(&encode(&empty(MessageType::Reset, 3))).is_ok());
+        // A payload, or an option value, that ends in 0xFF is no marker.
+        let mut p = response(&request(code::GET, 1, &[9], &[]), code::CONTENT);
+        p.payload = vec![0xC1, 0x09, 0xFF];
+        assert_eq!(parse(&encode(&p)).unwrap().payload, vec![0xC1, 0x09, 0xFF]);
+        let mut o = request(code::GET, 1, &[0xFF], &["a".into()]);
+        o.add_option(CoapOption::UriQuery, vec![b'x', 0xFF]);
+        assert!(parse(&encode(&o)).is_ok());
     }
 
     #[test]

@@ -226,6 +226,10 @@ fn parse_op(c: &Map<String, Json>, registry: &Registry) -> Result<Op, String> {
                     return Err(format!("{k} {v:?} is not a number"));
                 }
             }
+            if attrs.is_empty() {
+                // A PUT without attributes would be a Write of nothing.
+                return Err("write-attr needs one of pmin, pmax, gt, lt, st".into());
+            }
             Op::WriteAttr { path, attrs }
         }
         "write" => {

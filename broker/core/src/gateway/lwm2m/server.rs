@@ -137,6 +137,8 @@ struct Exchange {
     /// Blocks received so far.
     blocks: Vec<u8>,
     next_block: u32,
+    /// The device accepted the observation (its first reply carried Observe).
+    observing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +159,8 @@ struct Endpoint {
     binding: String,
     sms: Option<String>,
     queue: bool,
+    /// The registration's `Q` parameter (LwM2M 1.1 queue mode, kept by Updates).
+    q_param: bool,
     /// Path prefix on the device (empty for `/`).
     alternate: String,
     objects: Vec<Path>,
@@ -518,20 +522,15 @@ impl Lwm2mGateway {
             );
         }
         let binding = get("b").unwrap_or_else(|| "U".into());
-        let queue = binding.contains('Q') || q.iter().any(|(k, _)| k == "Q");
+        let q_param = q.iter().any(|(k, _)| k == "Q");
+        let queue = binding.contains('Q') || q_param;
         let text = String::from_utf8_lossy(&req.payload);
         let list = match link::object_list(&text) {
             Ok(l) => l,
             Err(err) => return refuse(self, e, code::BAD_REQUEST, format!("object list: {err}")),
         };
-        // A device registering again (it rebooted) replaces its registration.
-        if let Some(old) = self.by_name.get(&name).copied() {
-            if let Some(ep) = self.endpoints.get_mut(&old) {
-                ep.quiet = true;
-            }
-            e.close_conn(old, EndReason::Normal, now);
-            self.finish(e, old, now);
-        }
+        // A device registering again (it rebooted) replaces its registration once the broker
+        // accepts the new one: the engine's takeover of the client id ends the old session.
         if self.endpoints.len() >= self.s.max_endpoints {
             return refuse(
                 self,
@@ -564,6 +563,7 @@ impl Lwm2mGateway {
             binding,
             sms: get("sms"),
             queue,
+            q_param,
             alternate,
             objects: list.objects,
             expires_at: now.after(Duration::from_secs(u64::from(lifetime))),
@@ -577,7 +577,6 @@ impl Lwm2mGateway {
         };
         self.endpoints.insert(id, ep);
         self.by_location.insert(location, id);
-        self.by_name.insert(name.clone(), id);
         self.by_peer.insert(from, id);
         if req.header.get_type() == MessageType::Confirmable {
             // Retransmissions wait for the answer.
@@ -641,7 +640,7 @@ impl Lwm2mGateway {
             ep.lifetime = lt;
         }
         if let Some(b) = get("b") {
-            ep.queue = b.contains('Q');
+            ep.queue = b.contains('Q') || ep.q_param;
             ep.binding = b;
         }
         if let Some(s) = get("sms") {
@@ -720,6 +719,13 @@ impl Lwm2mGateway {
     fn on_response(&mut self, e: &mut Engine, from: SocketAddr, p: &Packet, now: Timestamp) {
         let token = p.get_token().to_vec();
         let con = p.header.get_type() == MessageType::Confirmable;
+        if con && self.remembered.contains_key(&(from, p.header.message_id)) {
+            // A retransmitted separate response or notification (our ACK was lost): handled
+            // already, acknowledged again.
+            let ack = coap::empty(MessageType::Acknowledgement, p.header.message_id);
+            self.send(from, &ack);
+            return;
+        }
         let Some(id) = self.by_token.get(&token).copied() else {
             if con {
                 // Nobody asked: a notification of an observation we no longer hold.
@@ -731,10 +737,6 @@ impl Lwm2mGateway {
         if con {
             let ack = coap::empty(MessageType::Acknowledgement, p.header.message_id);
             self.send(from, &ack);
-            if self.remembered.contains_key(&(from, p.header.message_id)) {
-                // A retransmitted separate response or notification: handled already.
-                return;
-            }
             self.remember(from, p.header.message_id, None, now);
         }
         let is_active = self
@@ -759,6 +761,13 @@ impl Lwm2mGateway {
         let Some(x) = ep.active.as_mut() else {
             return;
         };
+        if p.header.get_type() == MessageType::Acknowledgement && p.header.message_id != x.msg_id {
+            // The answer to an earlier send of this exchange (a block asked for again): stale.
+            return;
+        }
+        if x.blocks.is_empty() && p.get_first_option(CoapOption::Observe).is_some() {
+            x.observing = true;
+        }
         let negotiable = matches!(
             (&x.job.cmd.op, c),
             (Op::Read(_) | Op::Observe(_), code::NOT_ACCEPTABLE)
@@ -771,10 +780,15 @@ impl Lwm2mGateway {
             tracing::debug!(endpoint = %ep.name, tried = ?x.format.map(format::name), next = ?next.map(format::name), "LwM2M device refused the format; trying another");
             let job = ep.active.take().expect("active").job;
             self.by_token.remove(p.get_token());
-            return self.send_job(e, id, job, Some((next, rest)), now);
+            self.send_job(e, id, job, Some((next, rest)), now);
+            return self.start_next(e, id, now);
         }
         if let Some((num, more, size)) = coap::block2(p) {
-            if c == code::CONTENT && num == x.next_block {
+            if c == code::CONTENT && num != x.next_block {
+                // A block we did not ask for (a duplicate): not the end of the transfer.
+                return;
+            }
+            if c == code::CONTENT {
                 if x.blocks.len() + p.payload.len() > self.s.max_payload {
                     return self.complete(
                         e,
@@ -851,9 +865,7 @@ impl Lwm2mGateway {
                             data.insert("payload".into(), json!(lwm2m::base64(&p.payload)));
                         }
                     }
-                    if matches!(op, Op::Observe(_))
-                        && p.get_first_option(CoapOption::Observe).is_some()
-                    {
+                    if matches!(op, Op::Observe(_)) && x.observing {
                         observed = true;
                     }
                 }
@@ -887,6 +899,18 @@ impl Lwm2mGateway {
         let original = x.job.cmd.original.clone();
         let topic = expand(&self.s.topics.response, &ep.name);
         if observed {
+            // The device keeps one observation per path (RFC 7641): older ones are gone.
+            let path = op.path();
+            let stale: Vec<Vec<u8>> = ep
+                .observes
+                .iter()
+                .filter(|(_, o)| o.path == path)
+                .map(|(t, _)| t.clone())
+                .collect();
+            for t in stale {
+                ep.observes.remove(&t);
+                self.by_token.remove(&t);
+            }
             ep.observes.insert(
                 x.token.clone(),
                 Observation {
@@ -1037,6 +1061,7 @@ impl Lwm2mGateway {
                     tracing::warn!(endpoint = %ep.name, "LwM2M endpoint may not subscribe to its command topic (access rules)");
                 }
                 ep.phase = Phase::Registered;
+                self.by_name.insert(ep.name.clone(), id);
                 e.metrics.lwm2m_registrations += 1;
                 tracing::debug!(endpoint = %ep.name, lifetime = ep.lifetime, queue = ep.queue, "LwM2M endpoint registered");
                 let topic = expand(&self.s.topics.register, &ep.name);
@@ -1112,20 +1137,23 @@ impl Lwm2mGateway {
     }
 
     /// Sends the next waiting command if nothing is in flight and the device listens.
+    /// (A loop, not recursion: commands answered without a request follow one another.)
     fn start_next(&mut self, e: &mut Engine, id: ConnId, now: Timestamp) {
-        let Some(ep) = self.endpoints.get_mut(&id) else {
-            return;
-        };
-        if ep.active.is_some() || ep.phase != Phase::Registered {
-            return;
+        loop {
+            let Some(ep) = self.endpoints.get_mut(&id) else {
+                return;
+            };
+            if ep.active.is_some() || ep.phase != Phase::Registered {
+                return;
+            }
+            if ep.queue && now >= ep.awake_until {
+                return;
+            }
+            let Some(job) = ep.waiting.pop_front() else {
+                return;
+            };
+            self.send_job(e, id, job, None, now);
         }
-        if ep.queue && now >= ep.awake_until {
-            return;
-        }
-        let Some(job) = ep.waiting.pop_front() else {
-            return;
-        };
-        self.send_job(e, id, job, None, now);
     }
 
     /// Sends `job` (`retry`: the format to use now and those left, after a refusal).
@@ -1177,8 +1205,8 @@ impl Lwm2mGateway {
                     let topic = expand(&self.s.topics.response, &ep.name);
                     let data = json!({"reqPath": path.to_string(), "code": "4.04", "codeMsg": "not_found", "error": "the path is not observed"});
                     let msg = command::response(&job.cmd.original, None, data);
-                    self.publish(e, id, &topic, &msg, now);
-                    return self.start_next(e, id, now);
+                    // The caller goes on with the next command.
+                    return self.publish(e, id, &topic, &msg, now);
                 }
             }
         }
@@ -1276,6 +1304,7 @@ impl Lwm2mGateway {
             untried,
             blocks: Vec::new(),
             next_block: 0,
+            observing: false,
         });
         self.arm(id);
     }
@@ -1288,8 +1317,8 @@ impl Lwm2mGateway {
         let topic = expand(&self.s.topics.response, &ep.name);
         let data = json!({"reqPath": job.cmd.op.path().to_string(), "code": "4.00", "codeMsg": "bad_request", "error": why});
         let msg = command::response(&job.cmd.original, None, data);
+        // The caller goes on with the next command.
         self.publish(e, id, &topic, &msg, now);
-        self.start_next(e, id, now);
     }
 
     /// The request in flight again, for its next block.
@@ -1342,6 +1371,16 @@ impl Lwm2mGateway {
             ep.timer_at = due;
             self.timers.push(Reverse((due, id.idx, id.gen)));
         }
+        // Entries of endpoints gone or re-armed wait in the heap until their time: past twice
+        // the live ones, the heap is rebuilt from the endpoints' armed times.
+        if self.timers.len() > 2 * self.endpoints.len() + 64 {
+            self.timers = self
+                .endpoints
+                .iter()
+                .filter(|(_, ep)| ep.timer_at != Timestamp::NEVER)
+                .map(|(id, ep)| Reverse((ep.timer_at, id.idx, id.gen)))
+                .collect();
+        }
     }
 
     /// Runs what is due at `now`: retransmissions, give-ups, expired registrations.
@@ -1393,9 +1432,14 @@ impl Lwm2mGateway {
 
     /// The endpoint's connection ended (or is ending): forgotten, the engine told.
     fn finish(&mut self, e: &mut Engine, id: ConnId, now: Timestamp) {
-        let Some(ep) = self.endpoints.remove(&id) else {
+        let Some(mut ep) = self.endpoints.remove(&id) else {
             return;
         };
+        if let Some(r) = ep.reply.take() {
+            // Ended before the broker took it (a timeout, a takeover): the device may try again.
+            let reply = coap::response(&r.request, code::UNAVAILABLE);
+            self.answer(ep.peer, &r.request, &reply, now);
+        }
         if self.by_location.get(&ep.location) == Some(&id) {
             self.by_location.remove(&ep.location);
         }
