@@ -169,3 +169,157 @@ fn unload_and_load_through_the_admin_api() {
     let mut dev = Device::open(gw);
     dev.register("reloaded-dev");
 }
+
+/// A device over DTLS with a pre-shared key, as a dimpl client (independent of the broker's
+/// server side): the handshake, a registration whose PSK identity becomes the endpoint's
+/// username, a read through MQTT; a wrong key is refused.
+#[test]
+fn a_device_over_dtls_with_a_pre_shared_key() {
+    use dimpl::{Config, Dtls, Output, PskResolver};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    struct Key(Vec<u8>);
+    impl PskResolver for Key {
+        fn resolve(&self, _identity: &[u8]) -> Option<Vec<u8>> {
+            Some(self.0.clone())
+        }
+    }
+
+    let dir = temp_dir("lwm2m-dtls");
+    let psk = dir.join("lwm2m.psk");
+    std::fs::write(
+        &psk,
+        "# identity:hexkey\nsensor-psk:000102030405060708090a0b0c0d0e0f\n",
+    )
+    .unwrap();
+    let mut cfg = config(2);
+    cfg.lwm2m.psk_file = Some(psk);
+    cfg.lwm2m.dtls_port = 0;
+    let b = Broker::start(cfg);
+    let dtls_addr = b.handle().addr("gateway.lwm2m.dtls").expect("DTLS listens");
+
+    /// Runs a client handshake; the session, or None if refused.
+    fn handshake(sock: &UdpSocket, key: &[u8]) -> Option<Dtls> {
+        let config = Config::builder()
+            .with_psk_client(b"sensor-psk".to_vec(), Arc::new(Key(key.to_vec())))
+            .build()
+            .unwrap();
+        let mut d = Dtls::new_12_psk(Arc::new(config), Instant::now());
+        d.set_active(true);
+        d.handle_timeout(Instant::now()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut rx = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            loop {
+                match d.poll_output(&mut buf) {
+                    Output::Packet(p) => {
+                        sock.send(p).unwrap();
+                    }
+                    Output::Connected => return Some(d),
+                    Output::Timeout(_) => break,
+                    _ => {}
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            sock.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            match sock.recv(&mut rx) {
+                Ok(n) => {
+                    if d.handle_timeout(Instant::now()).is_err()
+                        || d.handle_packet(&rx[..n]).is_err()
+                    {
+                        return None;
+                    }
+                }
+                Err(_) => {
+                    if d.handle_timeout(Instant::now()).is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a CoAP message in the session and returns the next CoAP message received.
+    fn exchange(sock: &UdpSocket, d: &mut Dtls, p: Option<&Packet>) -> Packet {
+        if let Some(p) = p {
+            d.send_application_data(&p.to_bytes().unwrap()).unwrap();
+        }
+        let mut buf = vec![0u8; 4096];
+        let mut rx = [0u8; 4096];
+        loop {
+            let mut got = None;
+            loop {
+                match d.poll_output(&mut buf) {
+                    Output::Packet(x) => {
+                        sock.send(x).unwrap();
+                    }
+                    Output::ApplicationData(a) => got = Some(a.to_vec()),
+                    Output::Timeout(_) => break,
+                    _ => {}
+                }
+            }
+            if let Some(a) = got {
+                return Packet::from_bytes(&a).unwrap();
+            }
+            sock.set_read_timeout(Some(WAIT)).unwrap();
+            let n = sock.recv(&mut rx).expect("a DTLS record within the wait");
+            d.handle_timeout(Instant::now()).unwrap();
+            d.handle_packet(&rx[..n]).unwrap();
+        }
+    }
+
+    // A wrong key: no session.
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(dtls_addr).unwrap();
+    assert!(
+        handshake(&sock, &[9; 16]).is_none(),
+        "a wrong key is refused"
+    );
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(dtls_addr).unwrap();
+    let mut d = handshake(&sock, &(0u8..16).collect::<Vec<_>>()).expect("the handshake completes");
+    let mut app = Raw::ok(b.addr, "dtls-app");
+    app.subscribe(&[("lwm2m/dtls-dev/response", QoS::AtMostOnce)]);
+    let mut dev = Device::open(dtls_addr);
+    let reg = dev.request(0x02, &["rd"], &["ep=dtls-dev", "lt=300"], b"</3/0>");
+    let ack = exchange(&sock, &mut d, Some(&reg));
+    assert_eq!(u8::from(ack.header.code), 0x41, "2.01 over DTLS");
+    let admin = b.handle().admin_addr().unwrap();
+    let v = http(admin, "GET", "/api/v1/clients/dtls-dev", &[], "").json();
+    assert_eq!(
+        v["username"], "sensor-psk",
+        "the PSK identity names the user: {v}"
+    );
+    app.publish(
+        "lwm2m/dtls-dev/command",
+        br#"{"reqID":1,"msgType":"read","data":{"path":"/3/0/0"}}"#,
+        QoS::AtMostOnce,
+        false,
+        0,
+    );
+    let get = exchange(&sock, &mut d, None);
+    assert_eq!(u8::from(get.header.code), 0x01);
+    let mut reply = Packet::new();
+    reply.header.set_type(MessageType::Acknowledgement);
+    reply.header.message_id = get.header.message_id;
+    reply.header.code = MessageClass::from(0x45);
+    reply.set_token(get.get_token().to_vec());
+    reply.add_option(CoapOption::ContentFormat, vec![]);
+    reply.payload = b"ACME".to_vec();
+    d.send_application_data(&reply.to_bytes().unwrap()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    while let Output::Packet(x) = d.poll_output(&mut buf) {
+        sock.send(x).unwrap();
+    }
+    let resp: serde_json::Value = serde_json::from_slice(&app.next_publish().payload).unwrap();
+    assert_eq!(resp["data"]["content"][0]["value"], "ACME", "{resp}");
+    b.wait_metrics("the refused handshake counted", |m| {
+        m.tls_handshake_failures >= 1
+    });
+}

@@ -401,6 +401,17 @@ pub struct Lwm2mConfig {
     pub max_payload: ByteSize,
     /// SO_RCVBUF of the sockets (capped by `net.core.rmem_max`); "0" = the system's default.
     pub recbuf: ByteSize,
+    /// UDP port of CoAP over DTLS; it listens once `certfile` or `psk_file` is set. EMQX:
+    /// `lwm2m.bind.dtls`.
+    pub dtls_port: u16,
+    /// The DTLS certificate (PEM; its key must be ECDSA P-256 or P-384). EMQX:
+    /// `lwm2m.certfile`.
+    pub certfile: Option<PathBuf>,
+    /// Its private key (PEM). EMQX: `lwm2m.keyfile`.
+    pub keyfile: Option<PathBuf>,
+    /// Pre-shared keys, one `identity:hexkey` per line; the identity a device proves becomes
+    /// its username.
+    pub psk_file: Option<PathBuf>,
 }
 
 impl Default for Lwm2mConfig {
@@ -421,11 +432,25 @@ impl Default for Lwm2mConfig {
             max_queued: 100,
             max_payload: ByteSize(64 << 10),
             recbuf: ByteSize(4 << 20),
+            dtls_port: 5684,
+            certfile: None,
+            keyfile: None,
+            psk_file: None,
         }
     }
 }
 
 impl Lwm2mConfig {
+    /// Whether CoAP over DTLS listens (a certificate or a PSK file is set).
+    pub fn dtls(&self) -> bool {
+        self.certfile.is_some() || self.psk_file.is_some()
+    }
+
+    /// The address the DTLS socket binds.
+    pub fn dtls_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.dtls_port)
+    }
+
     /// The address the CoAP socket binds.
     pub fn bind_addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
@@ -485,6 +510,18 @@ impl Lwm2mConfig {
         }
         if self.max_payload.0 < 16 {
             return Err(invalid("lwm2m.max_payload", "must be at least 16B"));
+        }
+        match (&self.certfile, &self.keyfile) {
+            (Some(_), None) => {
+                return Err(invalid("lwm2m.keyfile", "is needed with lwm2m.certfile"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("lwm2m.certfile", "is needed with lwm2m.keyfile"))
+            }
+            _ => {}
+        }
+        if self.dtls() && self.dtls_port == self.port && self.dtls_port != 0 {
+            return Err(invalid("lwm2m.dtls_port", "must differ from lwm2m.port"));
         }
         Ok(())
     }

@@ -138,6 +138,21 @@ fn bad_values_name_their_key() {
             "mqtt.sn.retry_interval",
         ),
         ("[mqtt.sn]\nbind = \"0.0.0.0:1884\"\n", "mqtt.sn.bind"),
+        ("[lwm2m]\ncertfile = \"/a.crt\"\n", "lwm2m.keyfile"),
+        (
+            "[lwm2m]\npsk_file = \"/p\"\ndtls_port = 5683\n",
+            "lwm2m.dtls_port",
+        ),
+        ("[lwm2m]\nlifetime_min = \"0s\"\n", "lwm2m.lifetime_min"),
+        (
+            "[lwm2m]\nupdate_msg_publish_condition = \"never\"\n",
+            "lwm2m.update_msg_publish_condition",
+        ),
+        (
+            "[lwm2m.topics]\nresponse = \"lwm2m/+/r\"\n",
+            "lwm2m.topics.response",
+        ),
+        ("[lwm2m]\nmax_retransmit = 50\n", "lwm2m.max_retransmit"),
     ];
     for (text, key) in cases {
         let e = from_toml_str(text).expect_err(text).to_string();

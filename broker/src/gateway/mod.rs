@@ -4,6 +4,7 @@
 //! so routing, retained, wills, authentication, ACL, takeover, metrics and `$SYS` events treat
 //! them as any client.
 
+pub mod dtls;
 pub mod lwm2m;
 pub mod mqttsn;
 pub mod tcp;

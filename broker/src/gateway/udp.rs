@@ -8,6 +8,7 @@
 
 use crate::core::engine::{ConnId, Engine};
 use crate::core::time::Timestamp;
+use crate::gateway::dtls::DtlsLayer;
 use crate::gateway::{GatewayCtl, GatewayState};
 use crate::shard::clock;
 use crate::shard::connection::ConnCtx;
@@ -23,7 +24,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// The largest datagram read (a UDP payload cannot be larger).
@@ -118,6 +119,8 @@ pub struct UdpCtx<G> {
     recbuf: usize,
     /// The listener's name in logs (`gateway.mqttsn`) and the protocol's (`MQTT-SN`).
     names: (&'static str, &'static str),
+    /// The DTLS sessions, when the socket speaks DTLS.
+    dtls: Option<RefCell<DtlsLayer>>,
 }
 
 impl<G: DatagramGateway> UdpCtx<G> {
@@ -141,7 +144,14 @@ impl<G: DatagramGateway> UdpCtx<G> {
             announce,
             recbuf,
             names,
+            dtls: None,
         }
+    }
+
+    /// The same over DTLS: every datagram goes through the peer's DTLS session.
+    pub fn with_dtls(mut self, layer: DtlsLayer) -> UdpCtx<G> {
+        self.dtls = Some(RefCell::new(layer));
+        self
     }
 
     /// After a step: wakers for the connections it opened, the client count for the gate.
@@ -183,16 +193,37 @@ impl<G: DatagramGateway> UdpCtx<G> {
 
 /// Sends what the state machine has for the clients.
 async fn flush<G: DatagramGateway>(sn: &UdpCtx<G>, sock: &UdpSocket) {
+    let mut sealed = Vec::new();
     loop {
         let next = {
             let mut e = sn.conn.engine.borrow_mut();
             sn.gw.borrow_mut().pop_datagram(&mut e)
         };
         let Some((to, d)) = next else {
-            return;
+            break;
         };
+        match &sn.dtls {
+            // In the peer's DTLS session; a peer without one is not written to.
+            Some(layer) => {
+                if !layer.borrow_mut().send(to, &d, &mut sealed) {
+                    debug!(listener = sn.names.0, %to, "no DTLS session for this peer: datagram dropped");
+                }
+            }
+            None => {
+                if let Err(error) = sock.send_to(&d, to).await {
+                    debug!(listener = sn.names.0, %to, %error, "datagram not sent");
+                }
+            }
+        }
+    }
+    send_all(sn, sock, sealed).await;
+}
+
+/// Sends DTLS records.
+async fn send_all<G>(sn: &UdpCtx<G>, sock: &UdpSocket, records: Vec<(SocketAddr, Vec<u8>)>) {
+    for (to, d) in records {
         if let Err(error) = sock.send_to(&d, to).await {
-            debug!(listener = sn.names.0, %to, %error, "datagram not sent");
+            debug!(listener = sn.names.0, %to, %error, "DTLS record not sent");
         }
     }
 }
@@ -204,13 +235,28 @@ async fn recv_loop<G: DatagramGateway + 'static>(sn: Rc<UdpCtx<G>>, sock: Rc<Udp
         match sock.recv_from(&mut buf).await {
             Ok((n, from)) => {
                 backoff = Duration::from_millis(10);
+                let mut records = Vec::new();
                 {
                     let mut e = sn.conn.engine.borrow_mut();
                     let mut gw = sn.gw.borrow_mut();
                     e.count_received(n);
-                    gw.datagram(&mut e, from, &buf[..n], None, clock::now());
+                    match &sn.dtls {
+                        Some(layer) => {
+                            let mut layer = layer.borrow_mut();
+                            let failed = layer.failures;
+                            let plain =
+                                layer.receive(from, &buf[..n], Instant::now(), &mut records);
+                            e.metrics.tls_handshake_failures += layer.failures - failed;
+                            drop(layer);
+                            for (d, identity) in plain {
+                                gw.datagram(&mut e, from, &d, identity.as_deref(), clock::now());
+                            }
+                        }
+                        None => gw.datagram(&mut e, from, &buf[..n], None, clock::now()),
+                    }
                     sn.settle(&mut e, &mut gw);
                 }
+                send_all(&sn, &sock, records).await;
                 flush(&sn, &sock).await;
             }
             Err(error) => {
@@ -223,7 +269,7 @@ async fn recv_loop<G: DatagramGateway + 'static>(sn: Rc<UdpCtx<G>>, sock: Rc<Udp
 }
 
 /// Waits until the engine wakes a client or `deadline` (a retransmission) comes.
-async fn woken(ready: &Ready, deadline: Option<Timestamp>) {
+async fn woken(ready: &Ready, deadline: Option<Duration>) {
     let notified = poll_fn(|cx| {
         if !ready
             .ids
@@ -247,18 +293,39 @@ async fn woken(ready: &Ready, deadline: Option<Timestamp>) {
         }
     });
     match deadline {
-        Some(at) => {
-            let wait = at.since(clock::now()) + Duration::from_millis(1);
-            future::or(notified, glommio::timer::sleep(wait)).await
-        }
+        Some(wait) => future::or(notified, glommio::timer::sleep(wait)).await,
         None => notified.await,
     }
 }
 
 async fn poll_loop<G: DatagramGateway + 'static>(sn: Rc<UdpCtx<G>>, sock: Rc<UdpSocket>) {
     loop {
-        let deadline = sn.gw.borrow().next_deadline();
-        woken(&sn.ready, deadline).await;
+        let gw_due = sn
+            .gw
+            .borrow()
+            .next_deadline()
+            .map(|at| at.since(clock::now()) + Duration::from_millis(1));
+        let dtls_due = sn
+            .dtls
+            .as_ref()
+            .and_then(|l| l.borrow().next_timeout())
+            .map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1));
+        let wait = match (gw_due, dtls_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        woken(&sn.ready, wait).await;
+        if let Some(cell) = &sn.dtls {
+            let mut records = Vec::new();
+            {
+                let mut layer = cell.borrow_mut();
+                let failed = layer.failures;
+                layer.handle_timeouts(Instant::now(), &mut records);
+                sn.conn.engine.borrow_mut().metrics.tls_handshake_failures +=
+                    layer.failures - failed;
+            }
+            send_all(&sn, &sock, records).await;
+        }
         {
             let mut e = sn.conn.engine.borrow_mut();
             let mut gw = sn.gw.borrow_mut();
@@ -363,49 +430,99 @@ pub fn bind<G: DatagramGateway + 'static>(
     Ok(((tasks, sock), vec![bound]))
 }
 
-/// Starts and stops the gateway on its shard as `ctl` asks (`running`: what the start
-/// already bound), until the shard stops; a reload binds `addr` (the first bound address,
-/// so a port 0 in the configuration keeps the port it got). Unloading sends every client
-/// DISCONNECT and ends their sessions as after a network error (wills published), then
-/// closes the socket.
+/// One socket of a gateway: its context, the address it binds (after the first bind, the
+/// bound one, so a port 0 keeps the port it got) and what runs while it is loaded.
+pub struct Socket<G> {
+    ctx: Rc<UdpCtx<G>>,
+    addr: SocketAddr,
+    running: Option<Running>,
+}
+
+impl<G: DatagramGateway + 'static> Socket<G> {
+    /// A socket of `ctx` to bind at `addr`, not bound yet.
+    pub fn new(ctx: Rc<UdpCtx<G>>, addr: SocketAddr) -> Socket<G> {
+        Socket {
+            ctx,
+            addr,
+            running: None,
+        }
+    }
+
+    /// Its context.
+    pub fn ctx(&self) -> &Rc<UdpCtx<G>> {
+        &self.ctx
+    }
+}
+
+/// Binds every socket of a gateway (all or none): the bound addresses, or why one failed.
+pub fn bind_all<G: DatagramGateway + 'static>(
+    socks: &mut [Socket<G>],
+) -> Result<Vec<SocketAddr>, String> {
+    let mut addrs = Vec::new();
+    for i in 0..socks.len() {
+        match bind(socks[i].addr, &socks[i].ctx) {
+            Ok((r, a)) => {
+                socks[i].running = Some(r);
+                socks[i].addr = a[0];
+                addrs.extend(a);
+            }
+            Err(e) => {
+                for s in socks[..i].iter_mut() {
+                    s.running = None;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+/// Starts and stops the gateway on its shard as `ctl` asks (`socks`: its sockets, bound
+/// already if the start loaded it), until the shard stops. Unloading ends every client's
+/// session as after a network error (wills published; MQTT-SN clients get DISCONNECT), then
+/// closes the sockets.
 pub async fn supervise<G: DatagramGateway + 'static>(
     ctl: Arc<GatewayCtl>,
-    sn: Rc<UdpCtx<G>>,
-    mut running: Option<Running>,
-    mut addr: SocketAddr,
+    mut socks: Vec<Socket<G>>,
 ) {
+    let (listener, what) = socks
+        .first()
+        .map_or(("gateway", "datagram"), |s| s.ctx.names);
     loop {
-        let want = poll_fn(|cx| ctl.poll_change(cx, running.is_some())).await;
+        let loaded = socks.iter().any(|s| s.running.is_some());
+        let want = poll_fn(|cx| ctl.poll_change(cx, loaded)).await;
         if want {
-            match bind(addr, &sn) {
-                Ok((r, addrs)) => {
-                    running = Some(r);
-                    addr = addrs[0];
-                    info!(listener = sn.names.0, addrs = ?addrs, "{} gateway loaded", sn.names.1);
+            match bind_all(&mut socks) {
+                Ok(addrs) => {
+                    info!(listener, addrs = ?addrs, "{what} gateway loaded");
                     ctl.settle(GatewayState::Running(addrs));
                 }
                 Err(e) => {
-                    warn!(listener = sn.names.0, error = %e, "{} gateway cannot load", sn.names.1);
+                    warn!(listener, error = %e, "{what} gateway cannot load");
                     ctl.settle(GatewayState::Failed(e));
                 }
             }
-        } else if let Some((tasks, sock)) = running.take() {
-            drop(tasks);
-            let closed = {
-                let mut e = sn.conn.engine.borrow_mut();
-                let mut gw = sn.gw.borrow_mut();
-                let n = gw.close_all(&mut e, clock::now());
-                sn.settle(&mut e, &mut gw);
-                n
-            };
-            flush(&sn, &sock).await;
-            drop(sock);
-            sn.ready.take();
-            sn.wakers.borrow_mut().clear();
-            info!(
-                listener = sn.names.0,
-                closed, "{} gateway unloaded", sn.names.1
-            );
+        } else {
+            let mut closed = 0;
+            for s in socks.iter_mut() {
+                let Some((tasks, sock)) = s.running.take() else {
+                    continue;
+                };
+                drop(tasks);
+                let sn = &s.ctx;
+                closed += {
+                    let mut e = sn.conn.engine.borrow_mut();
+                    let mut gw = sn.gw.borrow_mut();
+                    let n = gw.close_all(&mut e, clock::now());
+                    sn.settle(&mut e, &mut gw);
+                    n
+                };
+                flush(sn, &sock).await;
+                drop(sock);
+                sn.ready.take();
+                sn.wakers.borrow_mut().clear();
+            }
+            info!(listener, closed, "{what} gateway unloaded");
             ctl.settle(GatewayState::Stopped);
         }
     }

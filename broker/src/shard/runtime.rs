@@ -292,6 +292,7 @@ struct ShardCtx {
     lwm2m_gateway: Option<(
         Arc<GatewayCtl>,
         Arc<crate::core::gateway::lwm2m::registry::Registry>,
+        Option<crate::gateway::dtls::DtlsSettings>,
     )>,
 }
 
@@ -361,6 +362,17 @@ fn debug_panic_after(shard: usize) -> Option<Duration> {
 
 /// Each executor locks its I/O buffer (`shards.io_memory`): the memory lock limit must allow
 /// all of them.
+/// The LwM2M gateway's DTLS settings, when a certificate or PSK file is configured.
+fn lwm2m_dtls(cfg: &Config) -> Result<Option<crate::gateway::dtls::DtlsSettings>, StartError> {
+    let l = &cfg.lwm2m;
+    let cert = match (&l.certfile, &l.keyfile) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    crate::gateway::dtls::DtlsSettings::load(cert, l.psk_file.as_deref(), l.max_endpoints)
+        .map_err(|e| StartError::Tls(format!("lwm2m DTLS: {e}")))
+}
+
 /// The LwM2M object definitions of `lwm2m.xml_dir` (a warning when there are none: the
 /// gateway then passes every value on untyped).
 fn lwm2m_registry(
@@ -434,6 +446,9 @@ pub fn check(cfg: &Config) -> Result<String, StartError> {
     }
     if cfg.gateway.lwm2m.enable {
         let r = lwm2m_registry(cfg)?;
+        if lwm2m_dtls(cfg)?.is_some() {
+            listeners.push(format!("gateway.lwm2m.dtls udp {}", cfg.lwm2m.dtls_addr()));
+        }
         listeners.push(format!(
             "gateway.lwm2m udp {} (shard {}, {} object definitions)",
             cfg.lwm2m.bind_addr(),
@@ -597,13 +612,21 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     let sn_gate = Arc::new(Gate::new(usize::MAX, 0));
     gates.push(sn_gate.clone());
     // Then the LwM2M gateway's, which counts its endpoints itself.
-    let lwm2m_gate = Arc::new(Gate::new(usize::MAX, 0));
-    gates.push(lwm2m_gate.clone());
+    let lwm2m_gates = [
+        Arc::new(Gate::new(usize::MAX, 0)),
+        Arc::new(Gate::new(usize::MAX, 0)),
+    ];
+    gates.extend(lwm2m_gates.iter().cloned());
+    let dtls = lwm2m_dtls(cfg)?;
+    let mut lwm2m_binds = vec![cfg.lwm2m.bind_addr()];
+    if dtls.is_some() {
+        lwm2m_binds.push(cfg.lwm2m.dtls_addr());
+    }
     let lwm2m_ctl = Arc::new(GatewayCtl::new(
         "lwm2m",
         cfg.gateway.lwm2m.shard,
-        vec![cfg.lwm2m.bind_addr()],
-        vec![lwm2m_gate],
+        lwm2m_binds.clone(),
+        lwm2m_gates[..lwm2m_binds.len()].to_vec(),
         cfg.gateway.lwm2m.enable,
     ));
     let registry = Arc::new(lwm2m_registry(cfg)?);
@@ -658,7 +681,7 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
                 .then(|| (tcp_ctl.clone(), gw_tls.clone())),
             sn_gateway: (shard == cfg.gateway.mqttsn.shard).then(|| sn_ctl.clone()),
             lwm2m_gateway: (shard == cfg.gateway.lwm2m.shard)
-                .then(|| (lwm2m_ctl.clone(), registry.clone())),
+                .then(|| (lwm2m_ctl.clone(), registry.clone(), dtls.clone())),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{shard}"))
@@ -721,6 +744,9 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
     }
     if let crate::gateway::GatewayState::Running(a) = lwm2m_ctl.state() {
         names.push(("gateway.lwm2m".into(), a[0]));
+        if let Some(&d) = a.get(1) {
+            names.push(("gateway.lwm2m.dtls".into(), d));
+        }
     }
     let mut handle = BrokerHandle {
         listeners: names,
@@ -793,8 +819,13 @@ pub fn start(cfg: &Config) -> Result<BrokerHandle, StartError> {
         };
         if let crate::gateway::GatewayState::Running(addrs) = ctl.state() {
             let shard = ctl.shard;
-            for addr in addrs {
-                info!(listener, %addr, shard, "{what}");
+            for (i, addr) in addrs.into_iter().enumerate() {
+                match i {
+                    0 => info!(listener, %addr, shard, "{what}"),
+                    _ => {
+                        info!(listener = "gateway.lwm2m.dtls", %addr, shard, "listening for LwM2M over CoAP over DTLS")
+                    }
+                }
             }
         }
     }
@@ -1188,15 +1219,10 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
             number,
             ctl.gates[0].clone(),
         ));
-        let mut running = None;
-        let mut addr = ctl.binds[0];
+        let mut socks = vec![udp::Socket::new(sn.clone(), ctl.binds[0])];
         if ctl.wanted() {
-            match udp::bind(addr, &sn) {
-                Ok((r, addrs)) => {
-                    running = Some(r);
-                    addr = addrs[0];
-                    ctl.settle(crate::gateway::GatewayState::Running(addrs));
-                }
+            match udp::bind_all(&mut socks) {
+                Ok(addrs) => ctl.settle(crate::gateway::GatewayState::Running(addrs)),
                 Err(e) => {
                     let msg = format!("listener gateway.mqttsn: {e}");
                     let _ = report.send(Err(msg.clone()));
@@ -1204,12 +1230,12 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                 }
             }
         }
-        sn_task = Some(spawn_local(udp::supervise(ctl, sn.clone(), running, addr)));
+        sn_task = Some(spawn_local(udp::supervise(ctl, socks)));
         sn_ctx = Some(sn);
     }
     let mut lwm2m_task = None;
     let mut lwm2m_ctx = None;
-    if let Some((ctl, registry)) = lwm2m_gateway {
+    if let Some((ctl, registry, dtls)) = lwm2m_gateway {
         use crate::gateway::{lwm2m, udp};
         // Its listener number follows the MQTT-SN gateway's.
         let number = listeners.len() as u16 + 3;
@@ -1219,19 +1245,31 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
         let gw = Rc::new(lwm2m::ctx(
             ctx.clone(),
             &cfg.lwm2m,
-            registry,
+            registry.clone(),
             number,
             ctl.gates[0].clone(),
         ));
-        let mut running = None;
-        let mut addr = ctl.binds[0];
+        let mut socks = vec![udp::Socket::new(gw.clone(), ctl.binds[0])];
+        if let Some(dtls) = dtls {
+            // CoAP over DTLS: a second gateway on its own socket and listener number.
+            let d = Rc::new(
+                lwm2m::ctx(
+                    ctx.clone(),
+                    &cfg.lwm2m,
+                    registry.clone(),
+                    number + 1,
+                    ctl.gates[1].clone(),
+                )
+                .with_dtls(crate::gateway::dtls::DtlsLayer::new(dtls)),
+            );
+            engine
+                .borrow_mut()
+                .set_listener_protocol(number + 1, lwm2m::protocol());
+            socks.push(udp::Socket::new(d, ctl.binds[1]));
+        }
         if ctl.wanted() {
-            match udp::bind(addr, &gw) {
-                Ok((r, addrs)) => {
-                    running = Some(r);
-                    addr = addrs[0];
-                    ctl.settle(crate::gateway::GatewayState::Running(addrs));
-                }
+            match udp::bind_all(&mut socks) {
+                Ok(addrs) => ctl.settle(crate::gateway::GatewayState::Running(addrs)),
                 Err(e) => {
                     let msg = format!("listener gateway.lwm2m: {e}");
                     let _ = report.send(Err(msg.clone()));
@@ -1239,8 +1277,9 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
                 }
             }
         }
-        lwm2m_task = Some(spawn_local(udp::supervise(ctl, gw.clone(), running, addr)));
-        lwm2m_ctx = Some(gw);
+        let ctxs: Vec<_> = socks.iter().map(|s| s.ctx().clone()).collect();
+        lwm2m_task = Some(spawn_local(udp::supervise(ctl, socks)));
+        lwm2m_ctx = Some(ctxs);
     }
     let _ = report.send(Ok(()));
     wait_for_shutdown(&shutdown).await;
@@ -1253,7 +1292,7 @@ async fn shard_main(ctx: ShardCtx) -> Result<(), String> {
     if let Some(sn) = sn_ctx.take() {
         sn.forget_all();
     }
-    if let Some(gw) = lwm2m_ctx.take() {
+    for gw in lwm2m_ctx.take().into_iter().flatten() {
         gw.forget_all();
     }
     let started = Instant::now();
