@@ -1004,3 +1004,73 @@ fn duplicate_blocks_reobserving_and_payloads_ending_in_ff() {
     assert_eq!(app.one(&mut cl).1["data"]["code"], "4.00");
     assert_eq!(lw.recv(&mut cl, 5000).len(), 0);
 }
+
+#[test]
+fn large_writes_go_block_by_block_and_auto_observe() {
+    let mut cl = Cluster::new(2);
+    let mut lw = Lw::new(
+        &mut cl,
+        Lwm2mSettings {
+            auto_observe: true,
+            ..settings()
+        },
+    );
+    let app = App::new(&mut cl, "fw");
+    let reg = lw.device_request(
+        code::POST,
+        &["rd"],
+        &["ep=fw", "lt=300"],
+        b"</0/0>,</1/0>,</5/0>",
+    );
+    lw.send(&mut cl, 5000, &reg);
+    let mut got = lw.recv(&mut cl, 5000);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(c::code_of(&got[0]), code::CREATED);
+    app.got(&mut cl);
+    // auto_observe: each object instance but Security (0), one at a time, once registered.
+    let first = got.remove(1);
+    assert_eq!(
+        (path_of(&first), c::uint_option(&first, CoapOption::Observe)),
+        ("/1/0".to_string(), Some(0))
+    );
+    lw.answer(
+        &mut cl,
+        5000,
+        &first,
+        code::CONTENT,
+        Some(format::TLV),
+        &[0xC1, 0x00, 0x01],
+    );
+    let second = lw.one(&mut cl, 5000);
+    assert_eq!(path_of(&second), "/5/0");
+    lw.answer(&mut cl, 5000, &second, code::NOT_FOUND, None, b"");
+    let auto = app.got(&mut cl);
+    assert_eq!(auto.len(), 2, "{auto:?}");
+    assert_eq!(auto[0].1["msgType"], "observe");
+    // A 2,500-byte package: Block1 in 1 KiB blocks, the device asking for 512 after the first.
+    let package: String = "ab".repeat(1250);
+    app.command(&mut cl, "fw", json!({"reqID": 1, "msgType": "write", "data": {"path": "/5/0/0", "type": "Opaque", "value": package}}));
+    let mut got = Vec::new();
+    let mut req = lw.one(&mut cl, 5000);
+    loop {
+        let (num, more, size) = c::block_option(&req, CoapOption::Block1).expect("Block1");
+        assert_eq!(num as usize * size, got.len(), "in order");
+        got.extend_from_slice(&req.payload);
+        if !more {
+            lw.answer(&mut cl, 5000, &req, code::CHANGED, None, b"");
+            break;
+        }
+        let mut cont = c::response(&req, code::CONTINUE);
+        let want = if num == 0 { 512 } else { size };
+        c::set_uint(
+            &mut cont,
+            CoapOption::Block1,
+            c::block2_value(num, want) | 8,
+        );
+        lw.send(&mut cl, 5000, &cont);
+        req = lw.one(&mut cl, 5000);
+    }
+    let entries = tlv::decode(&got).unwrap();
+    assert_eq!(entries[0].value.len(), 2500);
+    assert_eq!(app.one(&mut cl).1["data"]["code"], "2.04");
+}

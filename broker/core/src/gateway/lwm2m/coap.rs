@@ -241,12 +241,17 @@ pub fn set_uint(p: &mut Packet, o: CoapOption, v: u32) {
 
 /// A Block2 option's (number, more, size).
 pub fn block2(p: &Packet) -> Option<(u32, bool, usize)> {
-    let v = uint_option(p, CoapOption::Block2)?;
+    block_option(p, CoapOption::Block2)
+}
+
+/// A block option's (number, more, size).
+pub fn block_option(p: &Packet, o: CoapOption) -> Option<(u32, bool, usize)> {
+    let v = uint_option(p, o)?;
     let szx = v & 7;
     (szx < 7).then(|| (v >> 4, v & 8 != 0, 16usize << szx))
 }
 
-/// The Block2 option asking for block `num` of `size` bytes.
+/// The value of a block option for block `num` of `size` bytes (without the "more" bit).
 pub fn block2_value(num: u32, size: usize) -> u32 {
     let szx = (size.max(16).trailing_zeros() - 4).min(6);
     num << 4 | szx

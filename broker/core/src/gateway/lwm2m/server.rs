@@ -49,6 +49,9 @@ use std::time::Duration;
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// Answers remembered at most, all peers together (the oldest forgotten first).
 const MAX_REMEMBERED: usize = 65_536;
+/// A request payload larger than this goes block by block (Block1, RFC 7959), in blocks
+/// of this size: what fits a datagram on any link LwM2M runs over.
+const BLOCK1_SIZE: usize = 1024;
 
 /// The MQTT topics of an endpoint (`%e`: its name).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +142,8 @@ struct Exchange {
     next_block: u32,
     /// The device accepted the observation (its first reply carried Observe).
     observing: bool,
+    /// A payload sent block by block: all of it, the block size, the next block's number.
+    upload: Option<(Vec<u8>, usize, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -783,6 +788,31 @@ impl Lwm2mGateway {
             self.send_job(e, id, job, Some((next, rest)), now);
             return self.start_next(e, id, now);
         }
+        if c == code::CONTINUE {
+            // The device took a block of ours: the next (at the size it asks, if smaller).
+            if let Some((body, size, next)) = x.upload.as_mut() {
+                if let Some((_, _, theirs)) = coap::block_option(p, CoapOption::Block1) {
+                    if theirs < *size {
+                        *next = (*next * *size as u32) / theirs as u32;
+                        *size = theirs;
+                    }
+                }
+                let from = *next as usize * *size;
+                if from < body.len() {
+                    let to = (from + *size).min(body.len());
+                    let more = if to < body.len() { 8 } else { 0 };
+                    let value = coap::block2_value(*next, *size) | more;
+                    let chunk = body[from..to].to_vec();
+                    *next += 1;
+                    let req = self.request_for(id, None).map(|mut r| {
+                        coap::set_uint(&mut r, CoapOption::Block1, value);
+                        r.payload = chunk;
+                        r
+                    });
+                    return self.resend_with(id, req, now);
+                }
+            }
+        }
         if let Some((num, more, size)) = coap::block2(p) {
             if c == code::CONTENT && num != x.next_block {
                 // A block we did not ask for (a duplicate): not the end of the transfer.
@@ -1286,6 +1316,18 @@ impl Lwm2mGateway {
             Op::CancelObserve(_) => coap::set_uint(&mut req, CoapOption::Observe, 1),
             _ => {}
         }
+        // Too large for one datagram: the first block, the rest after each 2.31 Continue.
+        let mut upload = None;
+        if req.payload.len() > BLOCK1_SIZE {
+            let body = std::mem::take(&mut req.payload);
+            req.payload = body[..BLOCK1_SIZE].to_vec();
+            coap::set_uint(
+                &mut req,
+                CoapOption::Block1,
+                coap::block2_value(0, BLOCK1_SIZE) | 8,
+            );
+            upload = Some((body, BLOCK1_SIZE, 1));
+        }
         let peer = ep.peer;
         let datagram = self.send(peer, &req);
         self.by_token.insert(token.clone(), id);
@@ -1305,6 +1347,7 @@ impl Lwm2mGateway {
             blocks: Vec::new(),
             next_block: 0,
             observing: false,
+            upload,
         });
         self.arm(id);
     }
