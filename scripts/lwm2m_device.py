@@ -350,7 +350,8 @@ class App:
             except queue.Empty:
                 await asyncio.sleep(0.02)
                 continue
-            if t.endswith(topic_end):
+            # An "ack" (the device will answer separately) is not the response itself.
+            if t.endswith(topic_end) and m.get("msgType") != "ack":
                 return m
         return None
 

@@ -616,6 +616,11 @@ fn separate_responses_retransmission_and_time_outs() {
         5000,
         &c::empty(MessageType::Acknowledgement, get.header.message_id),
     );
+    // The application learns the device has the command.
+    assert_eq!(
+        app.one(&mut cl).1,
+        json!({"reqID": 1, "msgType": "ack", "data": {"reqPath": "/3/0/9"}})
+    );
     lw.advance(&mut cl, Duration::from_secs(5));
     assert_eq!(
         lw.recv(&mut cl, 5000).len(),

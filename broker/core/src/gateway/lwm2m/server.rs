@@ -422,7 +422,7 @@ impl Lwm2mGateway {
                 self.on_request(e, from, &p, c, vouched, now);
             }
             (MessageType::Acknowledgement, MessageClass::Empty) => {
-                self.on_empty_ack(from, p.header.message_id, now);
+                self.on_empty_ack(e, from, p.header.message_id, now);
             }
             (MessageType::Reset, _) => self.on_reset(e, from, p.header.message_id, now),
             (_, MessageClass::Response(_)) => self.on_response(e, from, &p, now),
@@ -682,16 +682,31 @@ impl Lwm2mGateway {
         self.arm(id);
     }
 
-    fn on_empty_ack(&mut self, from: SocketAddr, msg_id: u16, now: Timestamp) {
+    /// The device acknowledged a request and will answer separately: no more resends (but a
+    /// bound on the wait), and the command published back with `msgType` `ack` (as EMQX did),
+    /// so the application knows the device has it.
+    fn on_empty_ack(&mut self, e: &mut Engine, from: SocketAddr, msg_id: u16, now: Timestamp) {
         let Some(id) = self.endpoint_at(from) else {
             return;
         };
+        let mut ack = None;
         if let Some(ep) = self.endpoints.get_mut(&id) {
-            if let Some(x) = ep.active.as_mut().filter(|x| x.msg_id == msg_id) {
-                // The answer comes separately; no more retransmissions, but a bound on the wait.
+            if let Some(x) = ep
+                .active
+                .as_mut()
+                .filter(|x| x.msg_id == msg_id && !x.acked)
+            {
                 x.acked = true;
                 x.due = now.after(self.s.ack_timeout * (1 << self.s.max_retransmit.min(6)));
+                let data = json!({"reqPath": x.job.cmd.op.path().to_string()});
+                ack = Some((
+                    expand(&self.s.topics.response, &ep.name),
+                    command::response(&x.job.cmd.original, Some("ack"), data),
+                ));
             }
+        }
+        if let Some((topic, msg)) = ack {
+            self.publish(e, id, &topic, &msg, now);
         }
         self.arm(id);
     }
