@@ -44,3 +44,25 @@ log_dest none
 user $(id -un)
 EOT
 }
+
+# run_scenarios NAME PORT PID OUT FILE: the load generator runs the scenarios of FILE against the
+# broker NAME on 127.0.0.1:PORT (process PID, for its memory); results in OUT/NAME and
+# OUT/NAME.txt.
+run_scenarios() {
+  target/release/shardmq-bench run --broker "127.0.0.1:$2" --broker-name "$1" --pid "$3" \
+    --quiet --out "$4/$1" "$5" | tee "$4/$1.txt"
+}
+
+# mosquitto_peer OUT FILE: the scenarios of FILE against a Mosquitto started for them with
+# mosquitto_conf (on a free port), stopped afterwards.
+mosquitto_peer() {
+  local port pid
+  port=$(free_port)
+  mosquitto_conf "$port" "$1/mosquitto.conf"
+  mosquitto -c "$1/mosquitto.conf" >"$1/mosquitto.log" 2>&1 &
+  pid=$!
+  wait_port "$port"
+  run_scenarios mosquitto "$port" "$pid" "$1" "$2"
+  kill "$pid"
+  wait "$pid" || true
+}

@@ -30,17 +30,8 @@ env "${shardmq_compared_env[@]}" SHARDMQ_LISTENER__TCP__EXTERNAL__BIND=127.0.0.1
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 wait_port "$mq"
-target/release/shardmq-bench run --broker "127.0.0.1:$mq" --broker-name shardmq --pid "$pid" \
-  --quiet --out "$out/shardmq" "$out/scenarios.toml" | tee "$out/shardmq.txt"
+run_scenarios shardmq "$mq" "$pid" "$out" "$out/scenarios.toml"
 kill -INT "$pid"
 wait "$pid" || true
 
-mp=$(free_port)
-mosquitto_conf "$mp" "$out/mosquitto.conf"
-mosquitto -c "$out/mosquitto.conf" >"$out/mosquitto.log" 2>&1 &
-pid=$!
-wait_port "$mp"
-target/release/shardmq-bench run --broker "127.0.0.1:$mp" --broker-name mosquitto --pid "$pid" \
-  --quiet --out "$out/mosquitto" "$out/mqtt-only.toml" | tee "$out/mosquitto.txt"
-kill "$pid"
-wait "$pid" || true
+mosquitto_peer "$out" "$out/mqtt-only.toml"

@@ -11,7 +11,6 @@ use crate::core::time::Timestamp;
 use crate::shard::connection::ConnCtx;
 use crate::shard::listener::Gate;
 use bytes::Bytes;
-use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
@@ -51,15 +50,11 @@ pub fn load_registry(dir: &Path) -> Result<Registry, String> {
     Ok(r)
 }
 
-/// A seed no other host can know (std's hasher keys come from the system's randomness).
+/// A seed no other host can know: from the system's randomness (the RNG the password file's
+/// salts come from).
 fn random_seed() -> u64 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    OsRng.next_u64()
 }
 
 /// The state machine's settings from `lwm2m.*`; its endpoints count under engine listener

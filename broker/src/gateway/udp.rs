@@ -361,34 +361,17 @@ async fn announce_loop<G: DatagramGateway>(
 /// gave is logged when less).
 fn set_recbuf(sock: &UdpSocket, bytes: usize, listener: &'static str) {
     use std::os::fd::AsRawFd;
-    let fd = sock.as_raw_fd();
-    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt and getsockopt read and write the c_int we pass, on our own socket.
-    let got = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let mut got: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        got
-    };
+    // SAFETY: the descriptor belongs to `sock`, which outlives the borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    let _ = sock.set_recv_buffer_size(bytes);
     // Linux reports twice what it grants (its bookkeeping share included).
-    if (got as usize) < bytes {
+    let granted = sock.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < bytes / 2 {
         info!(
             listener,
             asked = bytes,
-            granted = got / 2,
+            granted,
             "UDP receive buffer capped by net.core.rmem_max"
         );
     }

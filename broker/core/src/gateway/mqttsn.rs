@@ -29,6 +29,7 @@
 //! ([`SnGateway::poll_conn`]) and on [`SnGateway::next_deadline`] ([`SnGateway::tick`]), and
 //! sends what [`SnGateway::pop_datagram`] gives.
 
+use super::{Armed, Deadlines};
 use crate::engine::{ConnId, EndReason, Engine};
 use crate::sink::Sink;
 use crate::time::Timestamp;
@@ -39,8 +40,7 @@ use shardmq_protocol::mqtt::{
     Subscribe, Unsubscribe,
 };
 use shardmq_protocol::mqttsn::{self as sn, rc, Message, Qos, Topic, WillTopic};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -240,7 +240,7 @@ pub struct SnGateway {
     clients: HashMap<ConnId, SnClient>,
     by_peer: HashMap<SnPeer, ConnId>,
     by_client_id: HashMap<String, ConnId>,
-    timers: BinaryHeap<Reverse<(Timestamp, u32, u32)>>,
+    timers: Deadlines,
     out: Out,
     opened: Vec<ConnId>,
 }
@@ -291,7 +291,7 @@ impl SnGateway {
             clients: HashMap::new(),
             by_peer: HashMap::new(),
             by_client_id: HashMap::new(),
-            timers: BinaryHeap::new(),
+            timers: Deadlines::default(),
             out: Out::default(),
             opened: Vec::new(),
         }
@@ -339,7 +339,7 @@ impl SnGateway {
 
     /// When [`SnGateway::tick`] has work: a retransmission falls due.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        self.timers.peek().map(|Reverse((t, _, _))| *t)
+        self.timers.next()
     }
 
     /// A datagram from `from`.
@@ -706,33 +706,18 @@ impl SnGateway {
 
     /// Schedules the client's next retransmission if earlier than the one armed.
     fn arm(&mut self, id: ConnId) {
-        let Some(c) = self.clients.get_mut(&id) else {
+        let Some(due) = self.clients.get(&id).and_then(SnClient::next_due) else {
             return;
         };
-        let Some(due) = c.next_due() else {
-            return;
-        };
-        if due < c.timer_at {
-            c.timer_at = due;
-            self.timers.push(Reverse((due, id.idx, id.gen)));
-        }
+        self.timers.arm(&mut self.clients, id, due);
     }
 
     /// Runs the retransmissions due at `now`.
     pub fn tick(&mut self, e: &mut Engine, now: Timestamp) {
-        while let Some(Reverse((due, idx, gen))) = self.timers.peek().copied() {
-            if due > now {
-                break;
-            }
-            self.timers.pop();
-            let id = ConnId { idx, gen };
+        while let Some(id) = self.timers.pop_due(&mut self.clients, now) {
             let Some(c) = self.clients.get_mut(&id) else {
                 continue;
             };
-            if c.timer_at != due {
-                continue;
-            }
-            c.timer_at = Timestamp::NEVER;
             let mut cx = Cx {
                 e,
                 s: &self.s,
@@ -817,6 +802,12 @@ enum After {
     Gone,
 }
 
+impl Armed for SnClient {
+    fn armed(&mut self) -> &mut Timestamp {
+        &mut self.timer_at
+    }
+}
+
 impl Registry {
     fn name(&self, id: u16) -> Option<&String> {
         self.by_id.get(&id)
@@ -827,11 +818,7 @@ impl Registry {
         if let Some(&id) = self.by_name.get(name) {
             return Some(id);
         }
-        if self.by_id.len() >= max || self.next == 0xFFFF || self.next == 0 {
-            return None;
-        }
-        let id = self.next;
-        self.next += 1;
+        let id = self.reserve(max)?;
         self.by_id.insert(id, name.to_string());
         self.by_name.insert(name.to_string(), id);
         Some(id)

@@ -39,6 +39,69 @@ fn json_number(n: &serde_json::Number) -> Raw {
     }
 }
 
+/// The labels a JSON format gives each kind of value.
+struct Labels {
+    number: &'static str,
+    string: &'static str,
+    boolean: &'static str,
+    /// Base64 bytes (SenML only).
+    bytes: Option<&'static str>,
+    objlnk: &'static str,
+}
+
+const SENML_LABELS: Labels = Labels {
+    number: "v",
+    string: "vs",
+    boolean: "vb",
+    bytes: Some("vd"),
+    objlnk: "vlo",
+};
+
+const LWM2M_JSON_LABELS: Labels = Labels {
+    number: "v",
+    string: "sv",
+    boolean: "bv",
+    bytes: None,
+    objlnk: "ov",
+};
+
+/// The value of a JSON record (`None` when it has none), by the format's labels.
+fn json_value(
+    format: &'static str,
+    r: &Map<String, Json>,
+    l: &Labels,
+) -> Result<Option<Raw>, FormatError> {
+    let text = |key: &str, v: &Json| {
+        v.as_str()
+            .ok_or_else(|| malformed(format, format!("{key} is not a string")))
+            .map(str::to_string)
+    };
+    if let Some(v) = r.get(l.number) {
+        return match v {
+            Json::Number(n) => Ok(Some(json_number(n))),
+            _ => Err(malformed(format, format!("{} is not a number", l.number))),
+        };
+    }
+    if let Some(v) = r.get(l.string) {
+        return Ok(Some(Raw::String(text(l.string, v)?)));
+    }
+    if let Some(v) = r.get(l.boolean) {
+        let b = v
+            .as_bool()
+            .ok_or_else(|| malformed(format, format!("{} is not a boolean", l.boolean)))?;
+        return Ok(Some(Raw::Boolean(b)));
+    }
+    if let Some((key, v)) = l.bytes.and_then(|k| r.get(k).map(|v| (k, v))) {
+        let b = from_base64(&text(key, v)?)
+            .ok_or_else(|| malformed(format, format!("{key} is not base64")))?;
+        return Ok(Some(Raw::Opaque(Bytes::from(b))));
+    }
+    match r.get(l.objlnk) {
+        Some(v) => objlnk(format, &text(l.objlnk, v)?).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Decodes SenML JSON.
 pub fn decode_json(payload: &[u8]) -> Result<Vec<Record>, FormatError> {
     const F: &str = "SenML JSON";
@@ -67,36 +130,7 @@ pub fn decode_json(payload: &[u8]) -> Result<Vec<Record>, FormatError> {
                 .ok_or_else(|| malformed(F, "n is not a string"))?,
             None => "",
         };
-        let value = if let Some(v) = r.get("v") {
-            match v {
-                Json::Number(n) => json_number(n),
-                _ => return Err(malformed(F, "v is not a number")),
-            }
-        } else if let Some(v) = r.get("vs") {
-            Raw::String(
-                v.as_str()
-                    .ok_or_else(|| malformed(F, "vs is not a string"))?
-                    .into(),
-            )
-        } else if let Some(v) = r.get("vb") {
-            Raw::Boolean(
-                v.as_bool()
-                    .ok_or_else(|| malformed(F, "vb is not a boolean"))?,
-            )
-        } else if let Some(v) = r.get("vd") {
-            let s = v
-                .as_str()
-                .ok_or_else(|| malformed(F, "vd is not a string"))?;
-            Raw::Opaque(Bytes::from(
-                from_base64(s).ok_or_else(|| malformed(F, "vd is not base64"))?,
-            ))
-        } else if let Some(v) = r.get("vlo") {
-            objlnk(
-                F,
-                v.as_str()
-                    .ok_or_else(|| malformed(F, "vlo is not a string"))?,
-            )?
-        } else {
+        let Some(value) = json_value(F, r, &SENML_LABELS)? else {
             // A record without a value (a base-name-only record, or a Read-Composite request).
             continue;
         };
@@ -138,31 +172,8 @@ pub fn decode_lwm2m_json(payload: &[u8]) -> Result<Vec<Record>, FormatError> {
                 .ok_or_else(|| malformed(F, "n is not a string"))?,
             None => "",
         };
-        let value = if let Some(v) = r.get("v") {
-            match v {
-                Json::Number(n) => json_number(n),
-                _ => return Err(malformed(F, "v is not a number")),
-            }
-        } else if let Some(v) = r.get("sv") {
-            Raw::String(
-                v.as_str()
-                    .ok_or_else(|| malformed(F, "sv is not a string"))?
-                    .into(),
-            )
-        } else if let Some(v) = r.get("bv") {
-            Raw::Boolean(
-                v.as_bool()
-                    .ok_or_else(|| malformed(F, "bv is not a boolean"))?,
-            )
-        } else if let Some(v) = r.get("ov") {
-            objlnk(
-                F,
-                v.as_str()
-                    .ok_or_else(|| malformed(F, "ov is not a string"))?,
-            )?
-        } else {
-            return Err(malformed(F, "an entry without a value"));
-        };
+        let value = json_value(F, r, &LWM2M_JSON_LABELS)?
+            .ok_or_else(|| malformed(F, "an entry without a value"))?;
         out.push(Record {
             path: path_of(F, bn, n)?,
             value,

@@ -29,6 +29,7 @@ use super::coap::{self, code, Code};
 use super::command::{self, Command, Op};
 use super::registry::Registry;
 use crate::engine::{ConnId, EndReason, Engine};
+use crate::gateway::{Armed, Deadlines};
 use crate::sink::Sink;
 use crate::time::Timestamp;
 use bytes::Bytes;
@@ -39,8 +40,7 @@ use shardmq_protocol::mqtt::{
     Connack, Connect, ConnectReturnCode, Packet as Mqtt, ProtocolLevel, Publish, QoS, SubackCode,
     Subscribe,
 };
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -180,6 +180,12 @@ struct Endpoint {
     quiet: bool,
 }
 
+impl Armed for Endpoint {
+    fn armed(&mut self) -> &mut Timestamp {
+        &mut self.timer_at
+    }
+}
+
 impl Endpoint {
     fn info(&self) -> Json {
         let mut d = Map::new();
@@ -269,7 +275,7 @@ pub struct Lwm2mGateway {
     by_token: HashMap<Vec<u8>, ConnId>,
     remembered: HashMap<(SocketAddr, u16), Option<Bytes>>,
     remembered_order: VecDeque<(Timestamp, SocketAddr, u16)>,
-    timers: BinaryHeap<Reverse<(Timestamp, u32, u32)>>,
+    timers: Deadlines,
     out: VecDeque<(SocketAddr, Bytes)>,
     opened: Vec<ConnId>,
     next_msg_id: u16,
@@ -294,7 +300,7 @@ impl Lwm2mGateway {
             by_token: HashMap::new(),
             remembered: HashMap::new(),
             remembered_order: VecDeque::new(),
-            timers: BinaryHeap::new(),
+            timers: Deadlines::default(),
             out: VecDeque::new(),
             opened: Vec::new(),
             next_msg_id,
@@ -321,7 +327,7 @@ impl Lwm2mGateway {
 
     /// When [`Lwm2mGateway::tick`] has work.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        self.timers.peek().map(|Reverse((t, _, _))| *t)
+        self.timers.next()
     }
 
     /// The address the endpoint named `name` is reached at, if registered.
@@ -1418,44 +1424,22 @@ impl Lwm2mGateway {
     }
 
     fn arm(&mut self, id: ConnId) {
-        let Some(ep) = self.endpoints.get_mut(&id) else {
+        let Some(ep) = self.endpoints.get(&id) else {
             return;
         };
         let due = ep
             .active
             .as_ref()
             .map_or(ep.expires_at, |x| x.due.min(ep.expires_at));
-        if due < ep.timer_at {
-            ep.timer_at = due;
-            self.timers.push(Reverse((due, id.idx, id.gen)));
-        }
-        // Entries of endpoints gone or re-armed wait in the heap until their time: past twice
-        // the live ones, the heap is rebuilt from the endpoints' armed times.
-        if self.timers.len() > 2 * self.endpoints.len() + 64 {
-            self.timers = self
-                .endpoints
-                .iter()
-                .filter(|(_, ep)| ep.timer_at != Timestamp::NEVER)
-                .map(|(id, ep)| Reverse((ep.timer_at, id.idx, id.gen)))
-                .collect();
-        }
+        self.timers.arm(&mut self.endpoints, id, due);
     }
 
     /// Runs what is due at `now`: retransmissions, give-ups, expired registrations.
     pub fn tick(&mut self, e: &mut Engine, now: Timestamp) {
-        while let Some(Reverse((due, idx, gen))) = self.timers.peek().copied() {
-            if due > now {
-                break;
-            }
-            self.timers.pop();
-            let id = ConnId { idx, gen };
+        while let Some(id) = self.timers.pop_due(&mut self.endpoints, now) {
             let Some(ep) = self.endpoints.get_mut(&id) else {
                 continue;
             };
-            if ep.timer_at != due {
-                continue;
-            }
-            ep.timer_at = Timestamp::NEVER;
             if ep.expires_at <= now {
                 e.metrics.lwm2m_registrations_expired += 1;
                 tracing::debug!(endpoint = %ep.name, lifetime = ep.lifetime, "LwM2M registration expired");
