@@ -1206,3 +1206,56 @@ fn the_access_rules_apply_to_mqttsn_clients() {
         assert_eq!(metric(&cl, |m| m.acl_denied_publish), 1);
     }
 }
+
+/// A clean CONNECT from a new address replaces the client (its will not published: it is the
+/// same device), and an MQTT-SN CONNECT takes over a client id an MQTT client holds on the
+/// other shard; ids owned by either shard.
+#[test]
+fn connects_from_elsewhere_take_over_wherever_the_id_is_owned() {
+    for owner in 0..2 {
+        let mut cl = Cluster::new(2);
+        let mut sn = Sn::new(&mut cl, settings());
+        let cid = id_owned_by(&format!("move{owner}-"), owner, 2);
+        let watcher = steady(&mut cl, "watcher");
+        cl.subscribe(
+            watcher,
+            &[("gone", QoS::AtMostOnce), ("mv", QoS::AtMostOnce)],
+        );
+        sn.send(&mut cl, 1000, &connect_msg(&cid, false, true, 60));
+        sn.send(
+            &mut cl,
+            1000,
+            &Message::WillTopic(Some(WillTopic {
+                qos: Qos::AtMostOnce,
+                retain: false,
+                topic: "gone".into(),
+            })),
+        );
+        sn.send(&mut cl, 1000, &Message::WillMsg(Bytes::from_static(b"w")));
+        sn.recv(&mut cl, 1000);
+        sn.connect(&mut cl, 2000, &cid, true, 60);
+        assert_eq!(sn.gw.client_count(), 1, "owner {owner}");
+        sn.send(
+            &mut cl,
+            2000,
+            &publish_msg(Topic::Short(*b"mv"), Qos::AtMostOnce, 0, "from 2000"),
+        );
+        assert_eq!(
+            publishes(&cl.recv(watcher)),
+            vec![("mv".into(), "from 2000".into(), QoS::AtMostOnce, false)],
+            "no will, and the new address publishes"
+        );
+        // An MQTT client on the other shard had the id: the MQTT-SN CONNECT takes it over.
+        let other = 1 - owner;
+        let mqtt_cid = id_owned_by(&format!("held{owner}-"), owner, 2);
+        let held = cl.open(other);
+        cl.connect_unsettled(held, &mqtt_cid, true, 0);
+        cl.settle();
+        cl.recv(held);
+        sn.connect(&mut cl, 3000, &mqtt_cid, true, 60);
+        assert!(
+            cl.closing(held),
+            "owner {owner}: the MQTT client was taken over"
+        );
+    }
+}
